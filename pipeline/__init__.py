@@ -1,0 +1,1 @@
+"""Batch image classification library: catalog, training, registry, scoring. Knows nothing of Airflow."""

@@ -1,0 +1,152 @@
+"""MySQL access: connections and versioned, idempotent schema migrations."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+
+from pipeline.config import MySQLSettings
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK = "imgpipe_schema_migrations"
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class Database:
+    """Opens connections to one MySQL/MariaDB database; cheap to create, safe to pass around."""
+
+    def __init__(self, settings: MySQLSettings) -> None:
+        self.settings = settings
+
+    @property
+    def name(self) -> str:
+        return self.settings.database
+
+    def connect(self, *, autocommit: bool = False) -> pymysql.connections.Connection:
+        """A new connection (utf8mb4, UTC session time zone, dict rows off)."""
+        s = self.settings
+        try:
+            return pymysql.connect(
+                host=s.host,
+                port=s.port,
+                user=s.user,
+                password=s.password,
+                database=s.database,
+                charset="utf8mb4",
+                autocommit=autocommit,
+                connect_timeout=10,
+                init_command="SET time_zone = '+00:00'",
+            )
+        except pymysql.err.OperationalError as exc:
+            raise ConnectionError(
+                f"cannot connect to MySQL at {s.host}:{s.port} as {s.user!r} "
+                f"(database {s.database!r}): {exc.args[-1]}; check MYSQL_* in .env "
+                f"or the Airflow MySQL connection, and that `make up` ran"
+            ) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[pymysql.cursors.Cursor]:
+        """A cursor inside one transaction: committed on success, rolled back on error."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            conn.close()
+
+    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> list[dict]:
+        """Run one read query and return its rows as dicts."""
+        conn = self.connect(autocommit=True)
+        try:
+            with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                cur.execute(sql, args)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    def execute(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> int:
+        """Run one statement in its own transaction; returns affected rows."""
+        with self.transaction() as cur:
+            return cur.execute(sql, args)
+
+
+def available_migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every `pipeline/migrations/NNNN_name.sql`, in order."""
+    found = []
+    for entry in resources.files("pipeline.migrations").iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(versions) != len(set(versions)):
+        raise RuntimeError(f"duplicate migration numbers in pipeline/migrations: {versions}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration file on `;` at line ends, dropping `--` comment lines."""
+    lines = [ln for ln in sql.splitlines() if not ln.strip().startswith("--")]
+    statements, current = [], []
+    for line in lines:
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            statements.append("\n".join(current).strip().rstrip(";"))
+            current = []
+    tail = "\n".join(current).strip()
+    if tail:
+        statements.append(tail)
+    return [s for s in statements if s]
+
+
+def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
+    """Apply pending migrations in order; returns the versions applied now.
+
+    Safe to call from many processes at once: a named lock serialises them and each
+    version is recorded in `schema_migrations`, so every migration runs exactly once.
+    """
+    conn = db.connect(autocommit=True)
+    applied_now: list[int] = []
+    try:
+        with conn.cursor() as cur:
+            lock = f"{MIGRATION_LOCK}.{db.name}"
+            cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
+            if cur.fetchone()[0] != 1:
+                raise TimeoutError(f"could not take the migration lock within {timeout_s}s")
+            try:
+                cur.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INT PRIMARY KEY, name VARCHAR(200) NOT NULL,"
+                    " applied_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)"
+                    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+                )
+                cur.execute("SELECT version FROM schema_migrations")
+                done = {row[0] for row in cur.fetchall()}
+                for version, name, sql in available_migrations():
+                    if version in done:
+                        continue
+                    log.info("applying migration %04d_%s to %s", version, name, db.name)
+                    for statement in split_statements(sql):
+                        cur.execute(statement)
+                    cur.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, name),
+                    )
+                    applied_now.append(version)
+            finally:
+                cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+    finally:
+        conn.close()
+    return applied_now

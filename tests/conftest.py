@@ -1,0 +1,91 @@
+"""Shared fixtures: settings from `.env`, and throwaway MySQL databases, buckets and MLflow names."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from pipeline.config import Settings, load_settings
+
+
+def _suffix() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """The project's settings, read from `.env` like the CLI and Airflow do."""
+    return load_settings()
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator:
+    """A fresh, migrated database `<MYSQL_DATABASE>_test_<suffix>`, dropped afterwards."""
+    from pipeline.db import Database, migrate
+
+    name = f"{settings.mysql.database}_test_{_suffix()}"
+    admin = Database(settings.mysql).connect(autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    database = Database(replace(settings.mysql, database=name))
+    migrate(database)
+    try:
+        yield database
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.close()
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator:
+    """A fresh, empty bucket `test-<suffix>` on the real S3 endpoint, removed afterwards."""
+    from pipeline.store import ObjectStore
+
+    bucket = f"test-{_suffix()}"
+    s = ObjectStore(settings.s3, bucket)
+    s.ensure_bucket()
+    try:
+        yield s
+    finally:
+        s.delete_bucket()
+
+
+@pytest.fixture
+def mlflow_names(settings: Settings) -> Iterator[dict[str, str]]:
+    """A unique experiment and registered-model name on the real MLflow server, deleted after."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    names = {"experiment": f"test-{_suffix()}", "model_name": f"test-model-{_suffix()}"}
+    try:
+        yield names
+    finally:
+        client = MlflowClient(settings.mlflow_tracking_uri)
+        try:
+            client.delete_registered_model(names["model_name"])
+        except Exception:  # noqa: BLE001 - the test may not have registered one
+            pass
+        experiment = client.get_experiment_by_name(names["experiment"])
+        if experiment is not None:
+            client.delete_experiment(experiment.experiment_id)
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """A private image cache directory."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(path))
+    return path
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}integration{os.sep}" in path or f"{os.sep}dags{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
