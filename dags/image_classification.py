@@ -1,0 +1,245 @@
+"""
+### image_classification: catalog → train → gate → score, on a schedule or from the trigger form
+
+Catalogs `s3://<bucket>/<prefix>/<split>/<label>/<file>` into MySQL, trains a torchvision
+ResNet18 on the train split of the new dataset version, registers it in MLflow, promotes it to
+`@champion` only if it earns it, scores the test split and the unlabelled `inbox/` with the
+champion (one mapped task per shard) and writes every prediction to MySQL.
+
+**Connections** (ids from env `PIPELINE_S3_CONN_ID` / `PIPELINE_MYSQL_CONN_ID`):
+- `imgpipe_s3`: type `aws`, login/password = access key/secret, extra `{"endpoint_url": "http://minio:9000"}`
+- `imgpipe_mysql`: type `mysql`, schema = the project database
+
+**Environment**: `MLFLOW_TRACKING_URI`, `MODEL_NAME` (registered model), `PIPELINE_SCHEDULE` (cron,
+default nightly 02:00 UTC), `PIPELINE_CACHE_DIR` (image/checkpoint cache).
+
+**Params** (the trigger form; `airflow dags trigger -c '{...}'` and the REST API use the same names):
+`bucket`, `prefix`, `epochs`, `batch_size`, `learning_rate`, `image_size`, `weights`
+(`none` / `imagenet` / path / `s3://` state dict), `min_accuracy`, `promotion_margin`, `shards`,
+`force_retrain`, `score_only`, `rollback_to`, `model_ref`, ... Every value is validated again by the
+first task, because `dags test -c` and the REST API skip the form.
+
+**Nightly**: on an unchanged bucket the run skips training and scores only new images (seconds).
+
+**Tasks**: `check_services` → `scan_images` → `check_dataset` (short-circuits training when
+nothing changed) → `train_model` → `promote_model` → `publish_champion` → `plan_scoring` →
+`score_images` (mapped over shards) → `evaluate_model`. Each task also runs alone with
+`airflow tasks test image_classification <task_id> <date>`, reading its inputs from MySQL/MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, TriggerRule, dag, task
+from imgpipe_runtime import CATALOG_ASSET, CHAMPION_ASSET, DEFAULT_ARGS
+
+from pipeline.params import RUN_PARAMS
+
+
+def _form_params() -> dict[str, Param]:
+    return {
+        name: Param(spec.default, description=spec.description, section=spec.section, **spec.schema())
+        for name, spec in RUN_PARAMS.items()
+    }
+
+
+def _xcom(context, task_id: str):
+    """An upstream task's XCom in this run, or None (e.g. under `airflow tasks test`)."""
+    try:
+        return context["ti"].xcom_pull(task_ids=task_id)
+    except Exception:  # noqa: BLE001 - absent upstream means: read durable state instead
+        return None
+
+
+@dag(
+    dag_id="image_classification",
+    schedule=os.environ.get("PIPELINE_SCHEDULE", "0 2 * * *"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=_form_params(),
+    tags=["imgpipe", "ml", "training", "scoring"],
+    doc_md=__doc__,
+)
+def image_classification():
+    @task
+    def check_services(**context) -> dict:
+        """Validate params, then prove MySQL (and migrate), S3 read/write and MLflow work."""
+        import imgpipe_runtime as rt
+
+        from pipeline.preflight import run_checks
+
+        params = rt.run_params(context)
+        db, store = rt.database(), rt.object_store(params["bucket"])
+        return run_checks(db, store, params["prefix"], mysql_where=rt.where_to_fix("mysql"),
+                          s3_where=rt.where_to_fix("s3"))
+
+    @task(outlets=[CATALOG_ASSET])
+    def scan_images(**context) -> dict:
+        """Catalog the bucket into MySQL; returns the dataset version and counts."""
+        import imgpipe_runtime as rt
+
+        from pipeline import catalog
+
+        params = rt.run_params(context)
+        summary = catalog.scan(
+            rt.database(), rt.object_store(params["bucket"]), params["prefix"],
+            val_percent=params["val_percent"], leakage_policy=params["leakage_policy"],
+        )
+        rt.log.info("scan: %s", {k: summary.get(k) for k in ("dataset_version", "changed", "listed",
+                                                                "new", "changed_objects", "deleted", "ok",
+                                                                "rejected", "reasons")})
+        return {k: summary[k] for k in ("dataset_version", "changed") if k in summary} | {
+            "reasons": summary.get("reasons", {}),
+        }
+
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def check_dataset(**context) -> bool:
+        """Refuse bad datasets; return whether training should run (False skips train_model)."""
+        import imgpipe_runtime as rt
+
+        from pipeline import catalog, registry
+
+        params = rt.run_params(context)
+        scanned = _xcom(context, "scan_images")
+        db = rt.database()
+        info = (catalog.get_dataset(db, scanned["dataset_version"]) if scanned
+                else catalog.latest_dataset(db, params["bucket"], params["prefix"]))
+        if info is None:
+            raise ValueError(f"no dataset catalogued for s3://{params['bucket']}/{params['prefix']}: "
+                             "run scan_images first")
+        problems = catalog.check_dataset(info, min_images_per_label=params["min_images_per_label"])
+        if problems:
+            raise ValueError("dataset not trainable: " + "; ".join(problems))
+        if params["score_only"] or params["rollback_to"] is not None:
+            rt.log.info("score_only/rollback_to set: no training")
+            return False
+        if params["force_retrain"]:
+            return True
+        trained_on = registry.champion_dataset_version(rt.model_name())
+        if trained_on == info["dataset_version"]:
+            rt.log.info("dataset %s unchanged since the champion was trained: skipping training",
+                        info["dataset_version"])
+            return False
+        return True
+
+    @task(execution_timeout=timedelta(hours=6))
+    def train_model(**context) -> dict:
+        """Train ResNet18 on the dataset version; checkpoints per epoch; registers a version."""
+        import imgpipe_runtime as rt
+
+        from pipeline import catalog, train
+
+        params = rt.run_params(context)
+        db, store = rt.database(), rt.object_store(params["bucket"])
+        scanned = _xcom(context, "scan_images")
+        version = (scanned or catalog.latest_dataset(db, params["bucket"], params["prefix"]) or {}).get(
+            "dataset_version")
+        if not version:
+            raise ValueError("no dataset version: run scan_images first")
+        return train.train_model(
+            db, store, version, train.TrainParams.from_dict(train.params_from_run(params)),
+            model_name=rt.model_name(), run_key=context["run_id"], cache_dir=rt.cache_dir(),
+            checkpoint_store=train.S3CheckpointStore(store, "checkpoints"),
+            force_retrain=params["force_retrain"],
+        )
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def promote_model(**context) -> dict:
+        """Promotion gate (or rollback); records the decision in MLflow and MySQL."""
+        import imgpipe_runtime as rt
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline import registry
+
+        params = rt.run_params(context)
+        db = rt.database()
+        actor = f"airflow:{context['run_id']}"
+        if params["rollback_to"] is not None:
+            return registry.rollback(db, rt.model_name(), str(params["rollback_to"]), actor=actor,
+                                     reason="rollback_to param")
+        trained = _xcom(context, "train_model")
+        if not trained or trained.get("skipped") or not trained.get("model_version"):
+            raise AirflowSkipException("no new model version in this run")
+        return registry.promote(
+            db, rt.object_store(params["bucket"]), rt.model_name(), str(trained["model_version"]),
+            min_accuracy=params["min_accuracy"], promotion_margin=params["promotion_margin"],
+            actor=actor, cache_dir=rt.cache_dir(),
+        )
+
+    @task(outlets=[CHAMPION_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
+    def publish_champion(**context) -> str:
+        """Emit the champion asset event only when the champion actually moved."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        decision = _xcom(context, "promote_model") or {}
+        if decision.get("decision") not in ("promoted", "rolled_back"):
+            raise AirflowSkipException(f"champion unchanged ({decision.get('decision', 'no gate')})")
+        return str(decision.get("model_version"))
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def plan_scoring(**context) -> list[dict]:
+        """Resolve the model alias to one version for the whole run and split the work in shards."""
+        import imgpipe_runtime as rt
+
+        from pipeline import score
+
+        params = rt.run_params(context)
+        plan = score.plan_scoring(
+            rt.database(), params["bucket"], params["prefix"], model_name=rt.model_name(),
+            model_ref=params["model_ref"], shards=params["shards"], force=params["force_rescore"],
+        )
+        rt.log.info("scoring plan: %s", plan)
+        # One kwargs dict per shard task; nothing to score gives an empty (skipped) expansion.
+        if not plan.get("to_score"):
+            return []
+        return [{"shard": shard, "model_version": str(plan["model_version"])} for shard in plan["shards"]]
+
+    @task(execution_timeout=timedelta(hours=2))
+    def score_images(shard: int, model_version: str, **context) -> dict:
+        """Score one shard with the planned model version; idempotent per (image, model version)."""
+        import imgpipe_runtime as rt
+
+        from pipeline import score
+
+        params = rt.run_params(context)
+        return score.score_shard(
+            rt.database(), rt.object_store(params["bucket"]), model_name=rt.model_name(),
+            model_version=str(model_version), shard=shard, shards=params["shards"],
+            force=params["force_rescore"], airflow_run_id=context["run_id"], cache_dir=rt.cache_dir(),
+            precision=params["precision"],
+        )
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def evaluate_model(**context) -> dict:
+        """Evaluation of the scored model version on its labelled predictions; logged to MLflow."""
+        import imgpipe_runtime as rt
+
+        from pipeline import registry, score
+
+        params = rt.run_params(context)
+        plan = _xcom(context, "plan_scoring") or []
+        version = (plan[0]["model_version"] if plan else None) or registry.resolve_model_version(rt.model_name(),
+                                                                             params["model_ref"])
+        result = score.evaluate(rt.database(), model_name=rt.model_name(), model_version=str(version))
+        rt.log.info("evaluation of %s v%s: %s", rt.model_name(), version, result)
+        return result
+
+    checked = check_services()
+    scanned = scan_images()
+    needs_training = check_dataset()
+    trained = train_model()
+    promoted = promote_model()
+    published = publish_champion()
+    plan = plan_scoring()
+    scored = score_images.expand_kwargs(plan)
+    evaluated = evaluate_model()
+
+    checked >> scanned >> needs_training >> trained >> promoted >> published >> plan
+    scored >> evaluated
+
+
+image_classification()

@@ -1,0 +1,72 @@
+"""
+### image_classification_inbox: score new unlabelled images with the champion
+
+Scores every image under `<prefix>/inbox/` that the current `@champion` has not scored yet and
+writes the predictions to MySQL (`v_inbox_latest_predictions`). Runs when `image_classification`
+promotes a new champion (asset `imgpipe_champion`) and every hour on its own. Uses the same
+connections and environment as `image_classification`; catalogs the bucket first so new inbox
+files are seen, and never trains.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from imgpipe_runtime import CHAMPION_ASSET, DEFAULT_ARGS
+
+from pipeline.params import RUN_PARAMS
+
+_FORM = ("bucket", "prefix", "model_ref", "precision")
+
+
+@dag(
+    dag_id="image_classification_inbox",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("30 * * * *", timezone="UTC"), assets=CHAMPION_ASSET
+    ),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={
+        name: Param(RUN_PARAMS[name].default, description=RUN_PARAMS[name].description,
+                    **RUN_PARAMS[name].schema())
+        for name in _FORM
+    },
+    tags=["imgpipe", "ml", "scoring"],
+    doc_md=__doc__,
+)
+def image_classification_inbox():
+    @task(execution_timeout=timedelta(minutes=30))
+    def scan_images(**context) -> dict:
+        """Catalog the bucket so new inbox files are known (no training here)."""
+        import imgpipe_runtime as rt
+
+        from pipeline import catalog
+
+        params = rt.run_params(context)
+        summary = catalog.scan(rt.database(), rt.object_store(params["bucket"]), params["prefix"])
+        return {"dataset_version": summary.get("dataset_version")}
+
+    @task(execution_timeout=timedelta(hours=2))
+    def score_inbox(**context) -> dict:
+        """Plan and score every shard of the inbox with the version behind model_ref."""
+        import imgpipe_runtime as rt
+
+        from pipeline import score
+
+        params = rt.run_params(context)
+        db, store = rt.database(), rt.object_store(params["bucket"])
+        plan = score.plan_scoring(db, params["bucket"], params["prefix"], model_name=rt.model_name(),
+                                  model_ref=params["model_ref"], shards=1, subsets=("inbox",))
+        result = score.score_shard(db, store, model_name=rt.model_name(),
+                                   model_version=str(plan["model_version"]), shard=0, shards=1,
+                                   airflow_run_id=context["run_id"], cache_dir=rt.cache_dir(),
+                                   precision=params["precision"], subsets=("inbox",))
+        return {"model_version": plan["model_version"], **result}
+
+    scan_images() >> score_inbox()
+
+
+image_classification_inbox()

@@ -1,0 +1,113 @@
+"""Preflight: prove MySQL, the object store and MLflow work before an hour of training starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+from pipeline.config import Settings
+from pipeline.db import Database, migrate
+from pipeline.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one service check."""
+
+    service: str
+    ok: bool
+    detail: str
+
+
+def check_mysql(db: Database, where: str) -> Check:
+    """Connect, apply pending migrations and read the schema version."""
+    try:
+        applied = migrate(db)
+        version = db.query("SELECT MAX(version) AS v FROM schema_migrations")[0]["v"]
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message
+        return Check("mysql", False, f"{exc} (fix: {where})")
+    extra = f", applied migrations {applied}" if applied else ""
+    return Check("mysql", True, f"database {db.name} at schema version {version}{extra}")
+
+
+def check_object_store(store: ObjectStore, prefix: str, where: str) -> Check:
+    """Write, read back and delete a probe object in the bucket."""
+    key = f"{prefix.strip('/') + '/' if prefix.strip('/') else ''}_preflight/{uuid.uuid4().hex}"
+    try:
+        store.put_bytes(key, b"preflight")
+        if store.get_bytes(key) != b"preflight":
+            return Check("s3", False, f"s3://{store.bucket}/{key} read back different bytes")
+        store.delete(key)
+    except Exception as exc:  # noqa: BLE001
+        return Check("s3", False, f"cannot write/read s3://{store.bucket}: {exc} (fix: {where})")
+    return Check("s3", True, f"read/write ok in s3://{store.bucket}")
+
+
+def check_mlflow(tracking_uri: str | None = None) -> Check:
+    """Tracking server health, its database, and its artifact store (through the server)."""
+    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")).rstrip("/")
+    if not uri:
+        return Check("mlflow", False, "MLFLOW_TRACKING_URI is not set (fix: .env or the worker's environment)")
+    fix = f"is the tracking server at {uri} running? (`make up`, or MLFLOW_TRACKING_URI)"
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=10) as resp:
+            resp.read()
+        body = json.dumps({"max_results": 1}).encode()
+        req = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/experiments/search", data=body,
+            headers={"Content-Type": "application/json"}, method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as exc:
+        return Check("mlflow", False, f"tracking server: {exc}; {fix}")
+    try:
+        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow-artifacts/artifacts?path=", timeout=20) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        return Check("mlflow", False, f"artifact store behind {uri} failed: {exc.code} {detail} "
+                     "(fix: the server's --artifacts-destination bucket and its S3 credentials)")
+    except (urllib.error.URLError, OSError) as exc:
+        return Check("mlflow", False, f"artifact store: {exc}; {fix}")
+    return Check("mlflow", True, f"tracking, registry and artifact store ok at {uri}")
+
+
+def run_checks(
+    db: Database,
+    store: ObjectStore,
+    prefix: str,
+    *,
+    mysql_where: str = "MYSQL_* in .env",
+    s3_where: str = "S3_* / AWS_* in .env",
+) -> dict:
+    """All checks; raises RuntimeError listing every failure, else returns a summary."""
+    checks = [check_mysql(db, mysql_where), check_object_store(store, prefix, s3_where), check_mlflow()]
+    for c in checks:
+        log.info("preflight %s: %s - %s", c.service, "ok" if c.ok else "FAILED", c.detail)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise RuntimeError("preflight failed: " + " | ".join(f"{c.service}: {c.detail}" for c in failed))
+    return {c.service: c.detail for c in checks}
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bucket", help="bucket to probe (default: S3_BUCKET)")
+    parser.add_argument("--prefix", help="prefix to probe under (default: S3_PREFIX)")
+
+
+def cli_check(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.mysql)
+    store = ObjectStore(settings.s3, args.bucket or settings.s3.bucket)
+    summary = run_checks(db, store, args.prefix if args.prefix is not None else settings.s3.prefix)
+    for service, detail in summary.items():
+        print(f"{service:7s} ok  {detail}")
+    return 0
