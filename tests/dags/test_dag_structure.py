@@ -1,0 +1,90 @@
+"""DAG integrity, policy, edges and parse cost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import REPO_ROOT
+from pipeline.params import RUN_PARAMS
+
+DAG_ID = "image_classification"
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert {DAG_ID, "image_classification_inbox"} <= set(dagbag.dags)
+
+
+@pytest.mark.parametrize("dag_id", [DAG_ID, "image_classification_inbox"])
+def test_policy(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert "imgpipe" in dag.tags
+    assert dag.doc_md and "Connections" in dagbag.dags[DAG_ID].doc_md
+    for task in dag.tasks:
+        assert task.owner == "ml-platform"
+        assert task.retry_exponential_backoff
+        assert task.execution_timeout is not None
+        assert task.on_failure_callback
+
+
+def test_expected_edges(dagbag):
+    dag = dagbag.dags[DAG_ID]
+    edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+    assert edges == {
+        ("check_services", "scan_images"),
+        ("scan_images", "check_dataset"),
+        ("check_dataset", "train_model"),
+        ("train_model", "promote_model"),
+        ("promote_model", "publish_champion"),
+        ("publish_champion", "plan_scoring"),
+        ("plan_scoring", "score_images"),
+        ("score_images", "evaluate_model"),
+    }
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    assert isinstance(dag.get_task("score_images"), MappedOperator)
+
+
+def test_params_render_the_form_with_the_spec(dagbag):
+    params = dagbag.dags[DAG_ID].params
+    assert set(params.keys()) == set(RUN_PARAMS)
+    epochs = params.get_param("epochs")
+    assert epochs.schema["minimum"] == 1 and epochs.schema["type"] == "integer"
+    assert epochs.description
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [("epochs", 0), ("optimizer", "rmsprop"), ("min_accuracy", 1.5), ("bucket", "Bad_Bucket"), ("shards", "two")],
+)
+def test_form_refuses_bad_values(dagbag, name, bad):
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dagbag.dags[DAG_ID].params)
+    with pytest.raises(ParamValidationError):
+        params[name] = bad
+    params[name] = RUN_PARAMS[name].default  # and a good value passes
+
+
+def test_parsing_does_not_import_torch_or_mlflow_and_is_fast():
+    code = (
+        "import time, sys, importlib.util\n"
+        "import airflow\n"
+        "t = time.perf_counter()\n"
+        f"for name in ('image_classification', 'image_classification_inbox'):\n"
+        f"    spec = importlib.util.spec_from_file_location(name, r'{REPO_ROOT}/dags/' + name + '.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "elapsed = time.perf_counter() - t\n"
+        "print(elapsed, 'torch' in sys.modules, 'mlflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    elapsed, torch_loaded, mlflow_loaded = out.stdout.split()[-3:]
+    assert torch_loaded == "False" and mlflow_loaded == "False"
+    assert float(elapsed) < 1.0
