@@ -40,7 +40,9 @@ from pipeline.params import RUN_PARAMS
 
 def _form_params() -> dict[str, Param]:
     return {
-        name: Param(spec.default, description=spec.description, section=spec.section, **spec.schema())
+        name: Param(
+            spec.default, description=spec.description, section=spec.section, **spec.schema()
+        )
         for name, spec in RUN_PARAMS.items()
     }
 
@@ -74,8 +76,13 @@ def image_classification():
 
         params = rt.run_params(context)
         db, store = rt.database(), rt.object_store(params["bucket"])
-        return run_checks(db, store, params["prefix"], mysql_where=rt.where_to_fix("mysql"),
-                          s3_where=rt.where_to_fix("s3"))
+        return run_checks(
+            db,
+            store,
+            params["prefix"],
+            mysql_where=rt.where_to_fix("mysql"),
+            s3_where=rt.where_to_fix("s3"),
+        )
 
     @task(outlets=[CATALOG_ASSET])
     def scan_images(**context) -> dict:
@@ -86,12 +93,29 @@ def image_classification():
 
         params = rt.run_params(context)
         summary = catalog.scan(
-            rt.database(), rt.object_store(params["bucket"]), params["prefix"],
-            val_percent=params["val_percent"], leakage_policy=params["leakage_policy"],
+            rt.database(),
+            rt.object_store(params["bucket"]),
+            params["prefix"],
+            val_percent=params["val_percent"],
+            leakage_policy=params["leakage_policy"],
         )
-        rt.log.info("scan: %s", {k: summary.get(k) for k in ("dataset_version", "changed", "listed",
-                                                                "new", "changed_objects", "deleted", "ok",
-                                                                "rejected", "reasons")})
+        rt.log.info(
+            "scan: %s",
+            {
+                k: summary.get(k)
+                for k in (
+                    "dataset_version",
+                    "changed",
+                    "listed",
+                    "new",
+                    "changed_objects",
+                    "deleted",
+                    "ok",
+                    "rejected",
+                    "reasons",
+                )
+            },
+        )
         return {k: summary[k] for k in ("dataset_version", "changed") if k in summary} | {
             "reasons": summary.get("reasons", {}),
         }
@@ -106,11 +130,16 @@ def image_classification():
         params = rt.run_params(context)
         scanned = _xcom(context, "scan_images")
         db = rt.database()
-        info = (catalog.get_dataset(db, scanned["dataset_version"]) if scanned
-                else catalog.latest_dataset(db, params["bucket"], params["prefix"]))
+        info = (
+            catalog.get_dataset(db, scanned["dataset_version"])
+            if scanned
+            else catalog.latest_dataset(db, params["bucket"], params["prefix"])
+        )
         if info is None:
-            raise ValueError(f"no dataset catalogued for s3://{params['bucket']}/{params['prefix']}: "
-                             "run scan_images first")
+            raise ValueError(
+                f"no dataset catalogued for s3://{params['bucket']}/{params['prefix']}: "
+                "run scan_images first"
+            )
         problems = catalog.check_dataset(info, min_images_per_label=params["min_images_per_label"])
         if problems:
             raise ValueError("dataset not trainable: " + "; ".join(problems))
@@ -121,8 +150,10 @@ def image_classification():
             return True
         trained_on = registry.champion_dataset_version(rt.model_name())
         if trained_on == info["dataset_version"]:
-            rt.log.info("dataset %s unchanged since the champion was trained: skipping training",
-                        info["dataset_version"])
+            rt.log.info(
+                "dataset %s unchanged since the champion was trained: skipping training",
+                info["dataset_version"],
+            )
             return False
         return True
 
@@ -136,13 +167,19 @@ def image_classification():
         params = rt.run_params(context)
         db, store = rt.database(), rt.object_store(params["bucket"])
         scanned = _xcom(context, "scan_images")
-        version = (scanned or catalog.latest_dataset(db, params["bucket"], params["prefix"]) or {}).get(
-            "dataset_version")
+        version = (
+            scanned or catalog.latest_dataset(db, params["bucket"], params["prefix"]) or {}
+        ).get("dataset_version")
         if not version:
             raise ValueError("no dataset version: run scan_images first")
         return train.train_model(
-            db, store, version, train.TrainParams.from_dict(train.params_from_run(params)),
-            model_name=rt.model_name(), run_key=context["run_id"], cache_dir=rt.cache_dir(),
+            db,
+            store,
+            version,
+            train.TrainParams.from_dict(train.params_from_run(params)),
+            model_name=rt.model_name(),
+            run_key=context["run_id"],
+            cache_dir=rt.cache_dir(),
             checkpoint_store=train.S3CheckpointStore(store, "checkpoints"),
             force_retrain=params["force_retrain"],
         )
@@ -159,15 +196,25 @@ def image_classification():
         db = rt.database()
         actor = f"airflow:{context['run_id']}"
         if params["rollback_to"] is not None:
-            return registry.rollback(db, rt.model_name(), str(params["rollback_to"]), actor=actor,
-                                     reason="rollback_to param")
+            return registry.rollback(
+                db,
+                rt.model_name(),
+                str(params["rollback_to"]),
+                actor=actor,
+                reason="rollback_to param",
+            )
         trained = _xcom(context, "train_model")
         if not trained or trained.get("skipped") or not trained.get("model_version"):
             raise AirflowSkipException("no new model version in this run")
         return registry.promote(
-            db, rt.object_store(params["bucket"]), rt.model_name(), str(trained["model_version"]),
-            min_accuracy=params["min_accuracy"], promotion_margin=params["promotion_margin"],
-            actor=actor, cache_dir=rt.cache_dir(),
+            db,
+            rt.object_store(params["bucket"]),
+            rt.model_name(),
+            str(trained["model_version"]),
+            min_accuracy=params["min_accuracy"],
+            promotion_margin=params["promotion_margin"],
+            actor=actor,
+            cache_dir=rt.cache_dir(),
         )
 
     @task(outlets=[CHAMPION_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
@@ -177,7 +224,9 @@ def image_classification():
 
         decision = _xcom(context, "promote_model") or {}
         if decision.get("decision") not in ("promoted", "rolled_back"):
-            raise AirflowSkipException(f"champion unchanged ({decision.get('decision', 'no gate')})")
+            raise AirflowSkipException(
+                f"champion unchanged ({decision.get('decision', 'no gate')})"
+            )
         return str(decision.get("model_version"))
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
@@ -189,14 +238,22 @@ def image_classification():
 
         params = rt.run_params(context)
         plan = score.plan_scoring(
-            rt.database(), params["bucket"], params["prefix"], model_name=rt.model_name(),
-            model_ref=params["model_ref"], shards=params["shards"], force=params["force_rescore"],
+            rt.database(),
+            params["bucket"],
+            params["prefix"],
+            model_name=rt.model_name(),
+            model_ref=params["model_ref"],
+            shards=params["shards"],
+            force=params["force_rescore"],
         )
         rt.log.info("scoring plan: %s", plan)
         # One kwargs dict per shard task; nothing to score gives an empty (skipped) expansion.
         if not plan.get("to_score"):
             return []
-        return [{"shard": shard, "model_version": str(plan["model_version"])} for shard in plan["shards"]]
+        return [
+            {"shard": shard, "model_version": str(plan["model_version"])}
+            for shard in plan["shards"]
+        ]
 
     @task(execution_timeout=timedelta(hours=2))
     def score_images(shard: int, model_version: str, **context) -> dict:
@@ -207,9 +264,15 @@ def image_classification():
 
         params = rt.run_params(context)
         return score.score_shard(
-            rt.database(), rt.object_store(params["bucket"]), model_name=rt.model_name(),
-            model_version=str(model_version), shard=shard, shards=params["shards"],
-            force=params["force_rescore"], airflow_run_id=context["run_id"], cache_dir=rt.cache_dir(),
+            rt.database(),
+            rt.object_store(params["bucket"]),
+            model_name=rt.model_name(),
+            model_version=str(model_version),
+            shard=shard,
+            shards=params["shards"],
+            force=params["force_rescore"],
+            airflow_run_id=context["run_id"],
+            cache_dir=rt.cache_dir(),
             precision=params["precision"],
         )
 
@@ -222,9 +285,12 @@ def image_classification():
 
         params = rt.run_params(context)
         plan = _xcom(context, "plan_scoring") or []
-        version = (plan[0]["model_version"] if plan else None) or registry.resolve_model_version(rt.model_name(),
-                                                                             params["model_ref"])
-        result = score.evaluate(rt.database(), model_name=rt.model_name(), model_version=str(version))
+        version = (plan[0]["model_version"] if plan else None) or registry.resolve_model_version(
+            rt.model_name(), params["model_ref"]
+        )
+        result = score.evaluate(
+            rt.database(), model_name=rt.model_name(), model_version=str(version)
+        )
         rt.log.info("evaluation of %s v%s: %s", rt.model_name(), version, result)
         return result
 

@@ -30,8 +30,11 @@ _FORM = ("bucket", "prefix", "model_ref", "precision")
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     params={
-        name: Param(RUN_PARAMS[name].default, description=RUN_PARAMS[name].description,
-                    **RUN_PARAMS[name].schema())
+        name: Param(
+            RUN_PARAMS[name].default,
+            description=RUN_PARAMS[name].description,
+            **RUN_PARAMS[name].schema(),
+        )
         for name in _FORM
     },
     tags=["imgpipe", "ml", "scoring"],
@@ -58,12 +61,27 @@ def image_classification_inbox():
 
         params = rt.run_params(context)
         db, store = rt.database(), rt.object_store(params["bucket"])
-        plan = score.plan_scoring(db, params["bucket"], params["prefix"], model_name=rt.model_name(),
-                                  model_ref=params["model_ref"], shards=1, subsets=("inbox",))
-        result = score.score_shard(db, store, model_name=rt.model_name(),
-                                   model_version=str(plan["model_version"]), shard=0, shards=1,
-                                   airflow_run_id=context["run_id"], cache_dir=rt.cache_dir(),
-                                   precision=params["precision"], subsets=("inbox",))
+        plan = score.plan_scoring(
+            db,
+            params["bucket"],
+            params["prefix"],
+            model_name=rt.model_name(),
+            model_ref=params["model_ref"],
+            shards=1,
+            subsets=("inbox",),
+        )
+        result = score.score_shard(
+            db,
+            store,
+            model_name=rt.model_name(),
+            model_version=str(plan["model_version"]),
+            shard=0,
+            shards=1,
+            airflow_run_id=context["run_id"],
+            cache_dir=rt.cache_dir(),
+            precision=params["precision"],
+            subsets=("inbox",),
+        )
         return {"model_version": plan["model_version"], **result}
 
     scan_images() >> score_inbox()

@@ -37,43 +37,145 @@ class ParamSpec:
 
 # Names are the words the form, `airflow dags trigger -c` and the REST API share.
 RUN_PARAMS: dict[str, ParamSpec] = {
-    "bucket": ParamSpec("string", "images", "S3 bucket holding <prefix>/<split>/<label>/<file>.",
-                        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", section="Data"),
-    "prefix": ParamSpec("string", "datasets/demo", "Key prefix inside the bucket ('' for the root).",
-                        pattern=r"^[^\s].*[^/]$|^$", section="Data"),
-    "val_percent": ParamSpec("integer", 10, "Percent of train carved into validation when there is no val/ split.",
-                             minimum=1, maximum=50, section="Data"),
-    "leakage_policy": ParamSpec("string", "reject", "Identical content in train and test: reject the test copy, or keep and report.",
-                                enum=("reject", "keep"), section="Data"),
-    "min_images_per_label": ParamSpec("integer", 5, "Training is refused when a label has fewer train images.",
-                                      minimum=1, maximum=100000, section="Data"),
-    "epochs": ParamSpec("integer", 8, "Training epochs.", minimum=1, maximum=500, section="Training"),
-    "batch_size": ParamSpec("integer", 64, "Training batch size.", minimum=1, maximum=4096, section="Training"),
-    "learning_rate": ParamSpec("number", 0.001, "Initial learning rate.", minimum=1e-7, maximum=10, section="Training"),
-    "optimizer": ParamSpec("string", "adamw", "Optimizer.", enum=("adamw", "sgd"), section="Training"),
-    "image_size": ParamSpec("integer", 64, "Square input size in pixels (224 for ImageNet weights).",
-                            minimum=16, maximum=1024, section="Training"),
-    "weights": ParamSpec("string", "none", "Initial weights: none, imagenet, or a path / s3:// URI of a state dict.",
-                         pattern=r"^(none|imagenet|s3://\S+|/\S+)$", section="Training"),
-    "augment": ParamSpec("boolean", True, "Random crop/flip augmentation while training.", section="Training"),
-    "seed": ParamSpec("integer", 42, "Random seed (deterministic on CPU).", minimum=0, maximum=2**31 - 1, section="Training"),
-    "num_workers": ParamSpec("integer", 2, "Data-loader worker processes.", minimum=0, maximum=64, section="Training"),
-    "force_retrain": ParamSpec("boolean", False, "Train even when the dataset version is unchanged since the champion.",
-                               section="Training"),
-    "min_accuracy": ParamSpec("number", 0.5, "Minimum validation accuracy for promotion to champion.",
-                              minimum=0, maximum=1, section="Promotion"),
-    "promotion_margin": ParamSpec("number", 0.0, "Promote unless worse than the champion by more than this (accuracy points, 0-1).",
-                                  minimum=0, maximum=1, section="Promotion"),
-    "rollback_to": ParamSpec("integer", None, "Move champion back to this earlier model version (skips training).",
-                             minimum=1, nullable=True, section="Promotion"),
-    "score_only": ParamSpec("boolean", False, "Skip training; only score new images with the model behind model_ref.",
-                            section="Scoring"),
-    "model_ref": ParamSpec("string", "champion", "Model to score with: an alias (champion, challenger) or a version number.",
-                           pattern=r"^([A-Za-z][A-Za-z0-9_-]*|[0-9]+)$", section="Scoring"),
-    "shards": ParamSpec("integer", 2, "Scoring shards (parallel mapped tasks).", minimum=1, maximum=256, section="Scoring"),
-    "force_rescore": ParamSpec("boolean", False, "Rescore images already scored by this model version.", section="Scoring"),
-    "precision": ParamSpec("string", "fp32", "Scoring precision (bf16 only where its agreement with fp32 was measured).",
-                           enum=("fp32", "bf16"), section="Scoring"),
+    "bucket": ParamSpec(
+        "string",
+        "images",
+        "S3 bucket holding <prefix>/<split>/<label>/<file>.",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        section="Data",
+    ),
+    "prefix": ParamSpec(
+        "string",
+        "datasets/demo",
+        "Key prefix inside the bucket ('' for the root).",
+        pattern=r"^[^\s].*[^/]$|^$",
+        section="Data",
+    ),
+    "val_percent": ParamSpec(
+        "integer",
+        10,
+        "Percent of train carved into validation when there is no val/ split.",
+        minimum=1,
+        maximum=50,
+        section="Data",
+    ),
+    "leakage_policy": ParamSpec(
+        "string",
+        "reject",
+        "Identical content in train and test: reject the test copy, or keep and report.",
+        enum=("reject", "keep"),
+        section="Data",
+    ),
+    "min_images_per_label": ParamSpec(
+        "integer",
+        5,
+        "Training is refused when a label has fewer train images.",
+        minimum=1,
+        maximum=100000,
+        section="Data",
+    ),
+    "epochs": ParamSpec(
+        "integer", 8, "Training epochs.", minimum=1, maximum=500, section="Training"
+    ),
+    "batch_size": ParamSpec(
+        "integer", 64, "Training batch size.", minimum=1, maximum=4096, section="Training"
+    ),
+    "learning_rate": ParamSpec(
+        "number", 0.001, "Initial learning rate.", minimum=1e-7, maximum=10, section="Training"
+    ),
+    "optimizer": ParamSpec(
+        "string", "adamw", "Optimizer.", enum=("adamw", "sgd"), section="Training"
+    ),
+    "image_size": ParamSpec(
+        "integer",
+        64,
+        "Square input size in pixels (224 for ImageNet weights).",
+        minimum=16,
+        maximum=1024,
+        section="Training",
+    ),
+    "weights": ParamSpec(
+        "string",
+        "none",
+        "Initial weights: none, imagenet, or a path / s3:// URI of a state dict.",
+        pattern=r"^(none|imagenet|s3://\S+|/\S+)$",
+        section="Training",
+    ),
+    "augment": ParamSpec(
+        "boolean", True, "Random crop/flip augmentation while training.", section="Training"
+    ),
+    "seed": ParamSpec(
+        "integer",
+        42,
+        "Random seed (deterministic on CPU).",
+        minimum=0,
+        maximum=2**31 - 1,
+        section="Training",
+    ),
+    "num_workers": ParamSpec(
+        "integer", 2, "Data-loader worker processes.", minimum=0, maximum=64, section="Training"
+    ),
+    "force_retrain": ParamSpec(
+        "boolean",
+        False,
+        "Train even when the dataset version is unchanged since the champion.",
+        section="Training",
+    ),
+    "min_accuracy": ParamSpec(
+        "number",
+        0.5,
+        "Minimum validation accuracy for promotion to champion.",
+        minimum=0,
+        maximum=1,
+        section="Promotion",
+    ),
+    "promotion_margin": ParamSpec(
+        "number",
+        0.0,
+        "Promote unless worse than the champion by more than this (accuracy points, 0-1).",
+        minimum=0,
+        maximum=1,
+        section="Promotion",
+    ),
+    "rollback_to": ParamSpec(
+        "integer",
+        None,
+        "Move champion back to this earlier model version (skips training).",
+        minimum=1,
+        nullable=True,
+        section="Promotion",
+    ),
+    "score_only": ParamSpec(
+        "boolean",
+        False,
+        "Skip training; only score new images with the model behind model_ref.",
+        section="Scoring",
+    ),
+    "model_ref": ParamSpec(
+        "string",
+        "champion",
+        "Model to score with: an alias (champion, challenger) or a version number.",
+        pattern=r"^([A-Za-z][A-Za-z0-9_-]*|[0-9]+)$",
+        section="Scoring",
+    ),
+    "shards": ParamSpec(
+        "integer",
+        2,
+        "Scoring shards (parallel mapped tasks).",
+        minimum=1,
+        maximum=256,
+        section="Scoring",
+    ),
+    "force_rescore": ParamSpec(
+        "boolean", False, "Rescore images already scored by this model version.", section="Scoring"
+    ),
+    "precision": ParamSpec(
+        "string",
+        "fp32",
+        "Scoring precision (bf16 only where its agreement with fp32 was measured).",
+        enum=("fp32", "bf16"),
+        section="Scoring",
+    ),
 }
 
 _PY_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}
@@ -91,7 +193,9 @@ def validate_params(conf: dict[str, Any] | None) -> dict[str, Any]:
     conf = dict(conf or {})
     unknown = sorted(set(conf) - set(RUN_PARAMS))
     if unknown:
-        raise ParamError(f"unknown parameter(s) {unknown}; expected some of: {', '.join(RUN_PARAMS)}")
+        raise ParamError(
+            f"unknown parameter(s) {unknown}; expected some of: {', '.join(RUN_PARAMS)}"
+        )
     values: dict[str, Any] = {}
     errors: list[str] = []
     for name, spec in RUN_PARAMS.items():
@@ -103,11 +207,17 @@ def validate_params(conf: dict[str, Any] | None) -> dict[str, Any]:
             continue
         if spec.type == "integer" and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) and spec.type != "boolean" or not isinstance(value, _PY_TYPES[spec.type]):
+        if (
+            isinstance(value, bool)
+            and spec.type != "boolean"
+            or not isinstance(value, _PY_TYPES[spec.type])
+        ):
             errors.append(f"{name} must be a {spec.type}, got {value!r}")
             continue
         if spec.enum is not None and value not in spec.enum:
-            errors.append(f"{name}={value!r} is not allowed; expected one of: {', '.join(map(str, spec.enum))}")
+            errors.append(
+                f"{name}={value!r} is not allowed; expected one of: {', '.join(map(str, spec.enum))}"
+            )
         if spec.minimum is not None and value < spec.minimum:
             errors.append(f"{name}={value!r} is below the minimum {spec.minimum}")
         if spec.maximum is not None and value > spec.maximum:

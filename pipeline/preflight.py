@@ -55,27 +55,39 @@ def check_mlflow(tracking_uri: str | None = None) -> Check:
     """Tracking server health, its database, and its artifact store (through the server)."""
     uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")).rstrip("/")
     if not uri:
-        return Check("mlflow", False, "MLFLOW_TRACKING_URI is not set (fix: .env or the worker's environment)")
+        return Check(
+            "mlflow",
+            False,
+            "MLFLOW_TRACKING_URI is not set (fix: .env or the worker's environment)",
+        )
     fix = f"is the tracking server at {uri} running? (`make up`, or MLFLOW_TRACKING_URI)"
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=10) as resp:
             resp.read()
         body = json.dumps({"max_results": 1}).encode()
         req = urllib.request.Request(
-            f"{uri}/api/2.0/mlflow/experiments/search", data=body,
-            headers={"Content-Type": "application/json"}, method="POST",
+            f"{uri}/api/2.0/mlflow/experiments/search",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="POST",
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             resp.read()
     except (urllib.error.URLError, OSError) as exc:
         return Check("mlflow", False, f"tracking server: {exc}; {fix}")
     try:
-        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow-artifacts/artifacts?path=", timeout=20) as resp:
+        with urllib.request.urlopen(
+            f"{uri}/api/2.0/mlflow-artifacts/artifacts?path=", timeout=20
+        ) as resp:
             resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:300]
-        return Check("mlflow", False, f"artifact store behind {uri} failed: {exc.code} {detail} "
-                     "(fix: the server's --artifacts-destination bucket and its S3 credentials)")
+        return Check(
+            "mlflow",
+            False,
+            f"artifact store behind {uri} failed: {exc.code} {detail} "
+            "(fix: the server's --artifacts-destination bucket and its S3 credentials)",
+        )
     except (urllib.error.URLError, OSError) as exc:
         return Check("mlflow", False, f"artifact store: {exc}; {fix}")
     return Check("mlflow", True, f"tracking, registry and artifact store ok at {uri}")
@@ -90,12 +102,18 @@ def run_checks(
     s3_where: str = "S3_* / AWS_* in .env",
 ) -> dict:
     """All checks; raises RuntimeError listing every failure, else returns a summary."""
-    checks = [check_mysql(db, mysql_where), check_object_store(store, prefix, s3_where), check_mlflow()]
+    checks = [
+        check_mysql(db, mysql_where),
+        check_object_store(store, prefix, s3_where),
+        check_mlflow(),
+    ]
     for c in checks:
         log.info("preflight %s: %s - %s", c.service, "ok" if c.ok else "FAILED", c.detail)
     failed = [c for c in checks if not c.ok]
     if failed:
-        raise RuntimeError("preflight failed: " + " | ".join(f"{c.service}: {c.detail}" for c in failed))
+        raise RuntimeError(
+            "preflight failed: " + " | ".join(f"{c.service}: {c.detail}" for c in failed)
+        )
     return {c.service: c.detail for c in checks}
 
 

@@ -19,7 +19,6 @@ CATALOG_ASSET = Asset(name="imgpipe_catalog", uri="imgpipe://catalog/images")
 CHAMPION_ASSET = Asset(name="imgpipe_champion", uri="imgpipe://registry/champion")
 
 
-
 def run_params(context: dict[str, Any]) -> dict[str, Any]:
     """The run's params with defaults filled and checked (dags test / REST pass conf unvalidated)."""
     from pipeline.params import validate_params
@@ -85,9 +84,7 @@ def object_store(bucket: str):
 
 def where_to_fix(kind: str) -> str:
     conn_id = {"mysql": MYSQL_CONN_ID, "s3": S3_CONN_ID}[kind]
-    return (
-        f"Airflow connection {conn_id!r} (env AIRFLOW_CONN_{conn_id.upper()}, or Admin > Connections)"
-    )
+    return f"Airflow connection {conn_id!r} (env AIRFLOW_CONN_{conn_id.upper()}, or Admin > Connections)"
 
 
 def log_failure(context: dict[str, Any]) -> None:

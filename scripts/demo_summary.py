@@ -21,10 +21,14 @@ def main() -> int:
         (model,),
     )
     if not champion:
-        print(f"no champion for {model!r}: the gate promoted nothing (see .local/logs/demo-dag.log)")
+        print(
+            f"no champion for {model!r}: the gate promoted nothing (see .local/logs/demo-dag.log)"
+        )
         return 1
     version = champion[0]["to_version"]
-    print(f"champion: {model} version {version} (promoted {champion[0]['moved_at']}: {champion[0]['reason']})")
+    print(
+        f"champion: {model} version {version} (promoted {champion[0]['moved_at']}: {champion[0]['reason']})"
+    )
     query = (
         "SELECT model_version, n_images, accuracy, macro_f1 FROM v_accuracy_by_model_version "
         "WHERE model_name = %s ORDER BY model_version"
@@ -33,10 +37,14 @@ def main() -> int:
     rows = db.query(query, (model,))
     print(f"{'model_version':>13}  {'n_images':>8}  {'accuracy':>8}  {'macro_f1':>8}")
     for r in rows:
-        print(f"{r['model_version']:>13}  {r['n_images']:>8}  {float(r['accuracy']):8.4f}  {float(r['macro_f1'] or 0):8.4f}")
+        print(
+            f"{r['model_version']:>13}  {r['n_images']:>8}  {float(r['accuracy']):8.4f}  {float(r['macro_f1'] or 0):8.4f}"
+        )
     test = next((r for r in rows if str(r["model_version"]) == str(version)), None)
     if test is not None:
-        print(f"\ntest accuracy of the champion (v{version}): {float(test['accuracy']):.2%} on {test['n_images']} images")
+        print(
+            f"\ntest accuracy of the champion (v{version}): {float(test['accuracy']):.2%} on {test['n_images']} images"
+        )
     return 0
 
 

@@ -247,9 +247,16 @@ def start_private_mysql(env: dict[str, str]) -> None:
         datadir.mkdir(parents=True)
         say(f"initialising a private MariaDB data directory in {datadir}")
         result = subprocess.run(
-            [installer, f"--datadir={datadir}", "--auth-root-authentication-method=normal",
-             "--skip-test-db", f"--user={os.environ.get('USER', 'root')}"],
-            capture_output=True, text=True, check=False,
+            [
+                installer,
+                f"--datadir={datadir}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                f"--user={os.environ.get('USER', 'root')}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             shutil.rmtree(datadir, ignore_errors=True)
@@ -257,10 +264,18 @@ def start_private_mysql(env: dict[str, str]) -> None:
     say(f"starting a private MariaDB on {host}:{env['MYSQL_PORT']}")
     proc = start_process(
         "mysql",
-        [server, "--no-defaults", f"--datadir={datadir}", f"--port={env['MYSQL_PORT']}",
-         "--bind-address=127.0.0.1", f"--socket={STATE / 'mysql' / 'mysqld.sock'}",
-         f"--pid-file={STATE / 'mysql' / 'mysqld.pid'}", "--user=root",
-         "--character-set-server=utf8mb4", "--max-connections=300"],
+        [
+            server,
+            "--no-defaults",
+            f"--datadir={datadir}",
+            f"--port={env['MYSQL_PORT']}",
+            "--bind-address=127.0.0.1",
+            f"--socket={STATE / 'mysql' / 'mysqld.sock'}",
+            f"--pid-file={STATE / 'mysql' / 'mysqld.pid'}",
+            "--user=root",
+            "--character-set-server=utf8mb4",
+            "--max-connections=300",
+        ],
         env,
     )
     wait_for("mysql", lambda: mysql_root_connect(env).close() or True, proc, 60)
@@ -295,7 +310,9 @@ def ensure_mysql(env: dict[str, str]) -> str:
             )
             cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", (user, account_host, password))
             for database in (env["MYSQL_DATABASE"], env.get("MLFLOW_DATABASE", "mlflow")):
-                cur.execute(f"GRANT ALL PRIVILEGES ON `{database}`.* TO %s@%s", (user, account_host))
+                cur.execute(
+                    f"GRANT ALL PRIVILEGES ON `{database}`.* TO %s@%s", (user, account_host)
+                )
             # Integration tests create throwaway databases named <project db>_test_<suffix>.
             cur.execute(
                 f"GRANT ALL PRIVILEGES ON `{env['MYSQL_DATABASE']}\\_test\\_%%`.* TO %s@%s",
@@ -319,8 +336,12 @@ def s3_client(env: dict[str, str]):
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                      connect_timeout=2, read_timeout=10),
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            connect_timeout=2,
+            read_timeout=10,
+        ),
     )
 
 
@@ -367,10 +388,20 @@ def ensure_s3(env: dict[str, str]) -> str:
         minio = shutil.which("minio")
         if minio:
             kind = "MinIO"
-            argv = [minio, "server", str(data), "--address", f"{host}:{port}",
-                    "--console-address", f"{host}:{port + 1}"]
-            proc_env = {**env, "MINIO_ROOT_USER": env["AWS_ACCESS_KEY_ID"],
-                        "MINIO_ROOT_PASSWORD": env["AWS_SECRET_ACCESS_KEY"]}
+            argv = [
+                minio,
+                "server",
+                str(data),
+                "--address",
+                f"{host}:{port}",
+                "--console-address",
+                f"{host}:{port + 1}",
+            ]
+            proc_env = {
+                **env,
+                "MINIO_ROOT_USER": env["AWS_ACCESS_KEY_ID"],
+                "MINIO_ROOT_PASSWORD": env["AWS_SECRET_ACCESS_KEY"],
+            }
         else:
             weed = find_weed()
             if weed is None:
@@ -382,22 +413,45 @@ def ensure_s3(env: dict[str, str]) -> str:
             for name in ("SEAWEED_MASTER_PORT", "SEAWEED_VOLUME_PORT", "SEAWEED_FILER_PORT"):
                 taken = int(env.get(name, "0") or 0)
                 if taken and port_open("127.0.0.1", taken):
-                    raise StackError(f"{name}={taken} is taken by another program; change it in .env")
+                    raise StackError(
+                        f"{name}={taken} is taken by another program; change it in .env"
+                    )
             identities = data / "identities.json"
-            identities.write_text(json.dumps({"identities": [{
-                "name": "imgpipe",
-                "credentials": [{"accessKey": env["AWS_ACCESS_KEY_ID"],
-                                 "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }]}))
+            identities.write_text(
+                json.dumps(
+                    {
+                        "identities": [
+                            {
+                                "name": "imgpipe",
+                                "credentials": [
+                                    {
+                                        "accessKey": env["AWS_ACCESS_KEY_ID"],
+                                        "secretKey": env["AWS_SECRET_ACCESS_KEY"],
+                                    }
+                                ],
+                                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                            }
+                        ]
+                    }
+                )
+            )
             identities.chmod(0o600)
-            argv = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                    "-s3", f"-s3.port={port}", f"-s3.config={identities}",
-                    f"-master.port={env.get('SEAWEED_MASTER_PORT', '9333')}",
-                    f"-volume.port={env.get('SEAWEED_VOLUME_PORT', '18080')}",
-                    f"-filer.port={env.get('SEAWEED_FILER_PORT', '18888')}",
-                    # Without enough volume slots the second bucket fails with 500s.
-                    "-volume.max=200", "-master.volumeSizeLimitMB=256"]
+            argv = [
+                weed,
+                "server",
+                f"-dir={data}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-s3",
+                f"-s3.port={port}",
+                f"-s3.config={identities}",
+                f"-master.port={env.get('SEAWEED_MASTER_PORT', '9333')}",
+                f"-volume.port={env.get('SEAWEED_VOLUME_PORT', '18080')}",
+                f"-filer.port={env.get('SEAWEED_FILER_PORT', '18888')}",
+                # Without enough volume slots the second bucket fails with 500s.
+                "-volume.max=200",
+                "-master.volumeSizeLimitMB=256",
+            ]
             proc_env = env
         say(f"starting {kind} S3 on {host}:{port}")
         proc = start_process("s3", argv, proc_env)
@@ -415,7 +469,9 @@ def ensure_s3(env: dict[str, str]) -> str:
                     if "BucketAlreadyOwnedByYou" in str(exc) or "BucketAlreadyExists" in str(exc):
                         break
                     if time.monotonic() > deadline:
-                        raise StackError(f"cannot create bucket {bucket}: {exc}\n{log_tail('s3')}") from None
+                        raise StackError(
+                            f"cannot create bucket {bucket}: {exc}\n{log_tail('s3')}"
+                        ) from None
                     time.sleep(1)
     return f"S3 ({kind}) at {env['S3_ENDPOINT_URL']}, buckets {', '.join(buckets)}"
 
@@ -450,14 +506,27 @@ def ensure_mlflow(env: dict[str, str]) -> str:
     mlflow_bin = VENV_BIN / "mlflow"
     if not mlflow_bin.exists():
         raise StackError(f"{mlflow_bin} is missing: run `make venv` first")
-    say(f"starting MLflow on {host}:{port} (backend MySQL/{settings.mlflow_database}, "
-        f"artifacts s3://{settings.mlflow_artifact_bucket})")
+    say(
+        f"starting MLflow on {host}:{port} (backend MySQL/{settings.mlflow_database}, "
+        f"artifacts s3://{settings.mlflow_artifact_bucket})"
+    )
     proc = start_process(
         "mlflow",
-        [str(mlflow_bin), "server", "--host", host, "--port", str(port),
-         "--backend-store-uri", backend,
-         "--artifacts-destination", f"s3://{settings.mlflow_artifact_bucket}/artifacts",
-         "--serve-artifacts", "--workers", "2"],
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            f"s3://{settings.mlflow_artifact_bucket}/artifacts",
+            "--serve-artifacts",
+            "--workers",
+            "2",
+        ],
         env,
     )
     wait_for("mlflow", lambda: mlflow_healthy(uri), proc, 240)
@@ -477,14 +546,25 @@ def ensure_airflow(env: dict[str, str]) -> str:
     if not airflow.exists():
         raise StackError(f"{airflow} is missing: run `make venv` first")
     marker = AIRFLOW_HOME / ".migrated"
-    version = subprocess.run([str(airflow), "version"], env=env, capture_output=True,
-                             text=True, check=False).stdout.strip().splitlines()[-1:]
+    version = (
+        subprocess.run(
+            [str(airflow), "version"], env=env, capture_output=True, text=True, check=False
+        )
+        .stdout.strip()
+        .splitlines()[-1:]
+    )
     if not marker.exists() or marker.read_text() != str(version):
         say("migrating Airflow's metadata database (SQLite)")
         LOGS.mkdir(parents=True, exist_ok=True)
         with open(LOGS / "airflow-migrate.log", "ab") as log_file:
-            result = subprocess.run([str(airflow), "db", "migrate"], env=env, stdout=log_file,
-                                    stderr=subprocess.STDOUT, check=False, timeout=600)
+            result = subprocess.run(
+                [str(airflow), "db", "migrate"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                check=False,
+                timeout=600,
+            )
         if result.returncode != 0:
             raise StackError(f"`airflow db migrate` failed:\n{log_tail('airflow-migrate')}")
         marker.write_text(str(version))
@@ -496,8 +576,12 @@ def ensure_airflow(env: dict[str, str]) -> str:
 
 def up() -> None:
     env = stack_env()
-    steps = [("MySQL", ensure_mysql), ("S3", ensure_s3), ("MLflow", ensure_mlflow),
-             ("Airflow", ensure_airflow)]
+    steps = [
+        ("MySQL", ensure_mysql),
+        ("S3", ensure_s3),
+        ("MLflow", ensure_mlflow),
+        ("Airflow", ensure_airflow),
+    ]
     for label, step in steps:
         started = time.monotonic()
         try:
@@ -540,8 +624,22 @@ def print_env() -> None:
     import shlex
 
     for key, value in sorted(stack_env().items()):
-        if key.startswith(("AIRFLOW", "MYSQL_", "S3_", "AWS_", "MLFLOW_", "MODEL_", "PIPELINE_",
-                           "SEAWEED_", "MALLOC_")) or key == "PATH":
+        if (
+            key.startswith(
+                (
+                    "AIRFLOW",
+                    "MYSQL_",
+                    "S3_",
+                    "AWS_",
+                    "MLFLOW_",
+                    "MODEL_",
+                    "PIPELINE_",
+                    "SEAWEED_",
+                    "MALLOC_",
+                )
+            )
+            or key == "PATH"
+        ):
             print(f"export {key}={shlex.quote(value)}")
 
 

@@ -60,7 +60,13 @@ def test_params_render_the_form_with_the_spec(dagbag):
 
 @pytest.mark.parametrize(
     ("name", "bad"),
-    [("epochs", 0), ("optimizer", "rmsprop"), ("min_accuracy", 1.5), ("bucket", "Bad_Bucket"), ("shards", "two")],
+    [
+        ("epochs", 0),
+        ("optimizer", "rmsprop"),
+        ("min_accuracy", 1.5),
+        ("bucket", "Bad_Bucket"),
+        ("shards", "two"),
+    ],
 )
 def test_form_refuses_bad_values(dagbag, name, bad):
     import copy

@@ -8,8 +8,18 @@ import pytest
 from pipeline.params import RUN_PARAMS, ParamError, validate_params
 
 REQUIRED_FORM_FIELDS = [
-    "bucket", "prefix", "epochs", "batch_size", "learning_rate", "image_size", "weights",
-    "min_accuracy", "promotion_margin", "shards", "force_retrain", "score_only",
+    "bucket",
+    "prefix",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "image_size",
+    "weights",
+    "min_accuracy",
+    "promotion_margin",
+    "shards",
+    "force_retrain",
+    "score_only",
 ]
 
 
@@ -57,7 +67,13 @@ def test_form_schema_agrees_with_validation_on_the_default(name):
 
 @pytest.mark.parametrize(
     ("name", "bad"),
-    [("epochs", 0), ("optimizer", "rmsprop"), ("min_accuracy", 2), ("weights", "x"), ("shards", 1000)],
+    [
+        ("epochs", 0),
+        ("optimizer", "rmsprop"),
+        ("min_accuracy", 2),
+        ("weights", "x"),
+        ("shards", 1000),
+    ],
 )
 def test_form_schema_refuses_what_validation_refuses(name, bad):
     with pytest.raises(jsonschema.ValidationError):
