@@ -816,6 +816,20 @@ def dataset_images(db: Database, dataset_version: str, subsets: Sequence[str]) -
     ]
 
 
+def inbox_images(db: Database, bucket: str, prefix: str) -> list[ImageRecord]:
+    """Accepted, live unlabelled images under `<prefix>/inbox/` (label None), ordered by key."""
+    rows = db.query(
+        "SELECT id, bucket, object_key, etag, subset FROM images WHERE bucket = %s"
+        " AND prefix = %s AND subset = 'inbox' AND status = 'ok' AND deleted_at IS NULL"
+        " ORDER BY object_key",
+        (bucket, normalize_prefix(prefix)),
+    )
+    return [
+        ImageRecord(int(r["id"]), r["bucket"], r["object_key"], r["etag"], r["subset"], None)
+        for r in rows
+    ]
+
+
 def mark_rejected(db: Database, rejections: Sequence[tuple[int, str]]) -> int:
     """Reject images found damaged later (e.g. a truncated JPEG at decode); returns rows changed.
 

@@ -124,9 +124,14 @@ def test_rescan_of_unchanged_bucket_gets_no_objects(db, store):
 def test_new_inbox_image_does_not_change_the_dataset_version(db, store):
     put_tree(store, base_tree())
     first = catalog.scan(db, store, P)
-    put_tree(store, {"inbox/new1.png": png(41)})
+    put_tree(store, {"inbox/new1.png": png(41), "inbox/bad.png": b"nope"})
     second = catalog.scan(db, store, P)
-    assert second["new"] == 1 and second["inbox"] == 2
+    assert second["new"] == 2 and second["inbox"] == 2
+    inbox = catalog.inbox_images(db, store.bucket, P)
+    assert [(i.object_key, i.label) for i in inbox] == [
+        (f"{P}/inbox/new0.png", None),
+        (f"{P}/inbox/new1.png", None),
+    ]
     assert second["dataset_version"] == first["dataset_version"] and not second["changed"]
 
 

@@ -1,0 +1,159 @@
+"""Benchmark the catalog scan: first scan, LIST-only rescan, and the naive DELETE+INSERT-per-row.
+
+Run by hand (uses a throwaway bucket and database, removed afterwards):
+    .venv/bin/python scripts/stack.py run -- .venv/bin/python bench/bench_scan.py --objects 20000
+Writes bench/results/scan.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import platform
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import catalog  # noqa: E402
+from pipeline.config import load_settings  # noqa: E402
+from pipeline.db import Database, migrate  # noqa: E402
+from pipeline.store import ObjectStore  # noqa: E402
+
+log = logging.getLogger("bench_scan")
+RESULTS = Path(__file__).resolve().parent / "results" / "scan.md"
+
+
+def make_png(i: int) -> bytes:
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), (i % 251, (i // 251) % 251, (i // 63001) % 251))
+    img.putpixel((i % 32, (i // 32) % 32), (255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def naive_scan(db: Database, store: ObjectStore, prefix: str) -> int:
+    """The counter-example: LIST, DELETE the table, one INSERT round trip per object."""
+    with db.transaction() as cur:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS naive_images (id BIGINT AUTO_INCREMENT PRIMARY KEY,"
+            " object_key VARCHAR(1024) NOT NULL, size_bytes BIGINT NOT NULL, etag VARCHAR(128))"
+        )
+    objects = list(store.iter_objects(f"{prefix}/"))
+    with db.transaction() as cur:
+        cur.execute("DELETE FROM naive_images")
+        for obj in objects:
+            cur.execute(
+                "INSERT INTO naive_images (object_key, size_bytes, etag) VALUES (%s, %s, %s)",
+                (obj.key, obj.size, obj.etag),
+            )
+    return len(objects)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objects", type=int, default=5000)
+    parser.add_argument("--labels", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=32, help="scan GET threads")
+    parser.add_argument("--upload-workers", type=int, default=64)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    settings = load_settings()
+    suffix = uuid.uuid4().hex[:8]
+    db_name = f"{settings.mysql.database}_test_bench_{suffix}"
+    admin = Database(settings.mysql).connect(autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    db = Database(replace(settings.mysql, database=db_name))
+    store = ObjectStore(settings.s3, f"bench-{suffix}", max_pool_connections=args.upload_workers)
+    store.ensure_bucket()
+    prefix = "bench"
+    try:
+        migrate(db)
+        n = args.objects
+        t0 = time.monotonic()
+
+        def put(i: int) -> None:
+            split = "test" if (i // args.labels) % 5 == 0 else "train"
+            store.put_bytes(f"{prefix}/{split}/label{i % args.labels}/img_{i:06d}.png", make_png(i))
+
+        with ThreadPoolExecutor(args.upload_workers) as pool:
+            for done, _ in enumerate(pool.map(put, range(n)), start=1):
+                if done % 2000 == 0:
+                    rate = done / (time.monotonic() - t0)
+                    log.info("uploaded %d/%d (%.0f/s, ETA %.0fs)", done, n, rate, (n - done) / rate)
+        upload_s = time.monotonic() - t0
+
+        t = time.monotonic()
+        listed = sum(1 for _ in store.iter_objects(f"{prefix}/"))
+        list_s = time.monotonic() - t
+        assert listed == n
+        t = time.monotonic()
+        first = catalog.scan(db, store, prefix, workers=args.workers)
+        first_s = time.monotonic() - t
+        t = time.monotonic()
+        rescan = catalog.scan(db, store, prefix, workers=args.workers)
+        rescan_s = time.monotonic() - t
+        assert rescan["gets"] == 0, rescan["gets"]
+        assert rescan["dataset_version"] == first["dataset_version"]
+        t = time.monotonic()
+        naive_n = naive_scan(db, store, prefix)
+        naive_s = time.monotonic() - t
+        assert naive_n == n
+
+        rows = [
+            ("first scan (LIST + 1 GET/object + batched upsert)", first_s, first["gets"]),
+            ("rescan, unchanged bucket (LIST only)", rescan_s, rescan["gets"]),
+            ("naive: LIST + DELETE all + 1 INSERT/object", naive_s, 0),
+            ("(LIST alone, part of every row above)", list_s, 0),
+        ]
+        lines = [
+            "# Catalog scan benchmark",
+            "",
+            f"`bench/bench_scan.py --objects {n}` on {platform.node()} ({os.cpu_count()} CPUs,"
+            f" shared with other work), SeaweedFS S3 + MariaDB on localhost,"
+            f" {n} PNGs of 32x32 (~{len(make_png(1))} B), scan workers {args.workers}.",
+            f"Upload of the objects took {upload_s:.1f}s ({n / upload_s:.0f} objects/s,"
+            f" {args.upload_workers} threads).",
+            "",
+            "| phase | seconds | objects/s | GETs |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, secs, gets in rows:
+            lines.append(f"| {name} | {secs:.2f} | {n / secs:.0f} | {gets} |")
+        lines += [
+            "",
+            f"- rescan is {naive_s / rescan_s:.1f}x faster than the naive rewrite and writes no"
+            " membership rows (same dataset version, 0 GETs).",
+            f"- first scan costs {first_s / naive_s:.1f}x the naive rewrite, but it validates"
+            " every image (one GET each) and the naive approach validates nothing.",
+            f"- dataset version {first['dataset_version']}: {first['ok']} ok, {first['rejected']}"
+            " rejected.",
+            f"- MySQL is on localhost (sub-millisecond round trips); the naive per-row INSERT"
+            f" loses more with any network latency: {n} round trips vs"
+            f" {-(-n // 500)} batched statements.",
+            "",
+        ]
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text("\n".join(lines), encoding="utf-8")
+        print("\n".join(lines))
+    finally:
+        log.info("cleaning up bucket %s and database %s", store.bucket, db_name)
+        store.delete_bucket()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{db_name}`")
+        admin.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
