@@ -56,3 +56,22 @@ def test_upload_skips_unchanged_files_and_scan_accepts_the_result(tmp_path, stor
     summary = catalog.scan(db, store, "sets/digits", val_percent=0)
     assert summary["ok"] == 32 and summary["rejected"] == 0
     assert summary["counts"]["train"]["seven"] == 2 and summary["inbox"] == 2
+
+
+def test_cli_demo_data_upload_migrate_and_scan(tmp_path, store, db, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    monkeypatch.setenv("MYSQL_DATABASE", db.name)
+    monkeypatch.setenv("S3_BUCKET", store.bucket)
+    monkeypatch.setenv("S3_PREFIX", "cli/digits")
+    out = tmp_path / "demo"
+    assert main(["demo-data", str(out), "--size", "16", "--inbox", "2", "--per-label", "3"]) == 0
+    assert main(["upload", str(out), "--workers", "4"]) == 0
+    assert "32 uploaded, 0 skipped" in capsys.readouterr().out
+    assert main(["migrate"]) == 0
+    assert "schema is up to date" in capsys.readouterr().out
+    assert main(["scan", "--val-percent", "0", "--leakage-policy", "keep"]) == 0
+    printed = capsys.readouterr().out
+    version = catalog.latest_dataset(db, store.bucket, "cli/digits")["dataset_version"]
+    assert f"dataset_version  {version}  (changed: True)" in printed
+    assert "seven" in printed and "GETs" in printed
