@@ -86,6 +86,40 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     "optimizer": ParamSpec(
         "string", "adamw", "Optimizer.", enum=("adamw", "sgd"), section="Training"
     ),
+    "lr_schedule": ParamSpec(
+        "string",
+        "cosine",
+        "Learning-rate schedule over the epochs.",
+        enum=("cosine", "step", "none"),
+        section="Training",
+    ),
+    "weight_decay": ParamSpec(
+        "number", 0.0001, "Weight decay.", minimum=0, maximum=1, section="Training"
+    ),
+    "label_smoothing": ParamSpec(
+        "number", 0.0, "Label smoothing of the loss.", minimum=0, maximum=0.5, section="Training"
+    ),
+    "patience": ParamSpec(
+        "integer",
+        0,
+        "Early stopping: epochs without validation improvement before stopping (0 = off).",
+        minimum=0,
+        maximum=500,
+        section="Training",
+    ),
+    "class_weighting": ParamSpec(
+        "string",
+        "none",
+        "Class-imbalance handling: none, or balanced (loss weighted by inverse class frequency).",
+        enum=("none", "balanced"),
+        section="Training",
+    ),
+    "freeze_backbone": ParamSpec(
+        "boolean",
+        False,
+        "Train only the new head (use with weights=imagenet on small datasets).",
+        section="Training",
+    ),
     "image_size": ParamSpec(
         "integer",
         64,

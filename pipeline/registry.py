@@ -304,6 +304,32 @@ def promote(
     return result
 
 
+def gate_decision(
+    accuracy: float,
+    champion_accuracy: float | None,
+    *,
+    min_accuracy: float,
+    promotion_margin: float,
+    champion_version: str | None = None,
+) -> tuple[str, str]:
+    """(`promoted` | `challenger`, reason): promote when accuracy >= min_accuracy and it is not
+    worse than the champion's by more than promotion_margin (no champion: the minimum suffices).
+    """
+    if accuracy < min_accuracy:
+        return "challenger", f"accuracy {accuracy:.4f} below min_accuracy {min_accuracy}"
+    if champion_accuracy is not None and accuracy < champion_accuracy - promotion_margin:
+        return "challenger", (
+            f"accuracy {accuracy:.4f} worse than champion v{champion_version} "
+            f"({champion_accuracy:.4f}) by more than margin {promotion_margin}"
+        )
+    if champion_accuracy is None:
+        return "promoted", f"accuracy {accuracy:.4f} >= min {min_accuracy} (first champion)"
+    return "promoted", (
+        f"accuracy {accuracy:.4f} vs champion v{champion_version} {champion_accuracy:.4f}"
+        f" (margin {promotion_margin}), min {min_accuracy}"
+    )
+
+
 def _decide(
     db, store, model_name, version, tags, *, min_accuracy, promotion_margin, cache_dir, catalog
 ) -> dict[str, Any]:
@@ -324,23 +350,14 @@ def _decide(
     if champion_version is not None:
         champion = load_model(model_name, champion_version, cache_dir=cache_dir)
         champion_accuracy, _ = accuracy_on(champion, store, records, cache_dir=cache_dir)
-    if accuracy < min_accuracy:
-        decision = "challenger"
-        reason = f"accuracy {accuracy:.4f} below min_accuracy {min_accuracy} on {n} val images"
-    elif champion_accuracy is not None and accuracy < champion_accuracy - promotion_margin:
-        decision = "challenger"
-        reason = (
-            f"accuracy {accuracy:.4f} worse than champion v{champion_version} "
-            f"({champion_accuracy:.4f}) by more than margin {promotion_margin} on {n} val images"
-        )
-    else:
-        decision = "promoted"
-        vs = (
-            f" vs champion v{champion_version} {champion_accuracy:.4f}"
-            if champion_accuracy is not None
-            else " (first champion)"
-        )
-        reason = f"accuracy {accuracy:.4f}{vs} on {n} val images, min {min_accuracy}"
+    decision, reason = gate_decision(
+        accuracy,
+        champion_accuracy,
+        min_accuracy=min_accuracy,
+        promotion_margin=promotion_margin,
+        champion_version=champion_version,
+    )
+    reason += f" on {n} val images"
     db.execute(
         "UPDATE model_versions SET gate_accuracy = %s, champion_version = %s,"
         " champion_accuracy = %s, decision = %s, decision_reason = %s, decided_at = %s"

@@ -1,12 +1,376 @@
-"""Training stage: ResNet18 on one dataset version, checkpointed per epoch, logged and registered in MLflow."""
+"""Training stage: ResNet18 on one dataset version, checkpointed per epoch, logged and registered in MLflow.
+
+Shaped like torchvision's reference recipe: `load_data`, `train_one_epoch`, `evaluate`, and
+`train_model` as `main`. The DAG's `train_model` task and `python -m pipeline train` call
+`train_model`, which returns references only (MLflow run id, model version).
+
+Retries: a checkpoint (model, optimizer, scheduler, RNG states, history, MLflow run id) is saved
+after every epoch under `<model_name>/<run_key>/last.pt` in durable storage; a retried or killed
+task with the same `run_key` (the Airflow run id) resumes after the last finished epoch and
+keeps logging to the same MLflow run. Registration is keyed by `run_key` too, so a retry after
+registration returns the version it already made.
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import logging
+import multiprocessing
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "step", "none")
+CLASS_WEIGHTINGS = ("none", "balanced")
+_LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training hyper-parameters; the names are the run params' names."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    optimizer: str = "adamw"
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0001
+    label_smoothing: float = 0.0
+    image_size: int = 64
+    weights: str = "none"
+    freeze_backbone: bool = False
+    augment: bool = True
+    patience: int = 0
+    class_weighting: str = "none"
+    seed: int = 42
+    num_workers: int = 2
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainParams:
+        """Validated params; unknown names and values are refused with the allowed list."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown training parameter(s) {unknown}; expected: {', '.join(names)}"
+            )
+        params = cls(**values)
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("class_weighting", CLASS_WEIGHTINGS),
+        ):
+            if getattr(params, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(params, name)!r}; expected one of: {', '.join(allowed)}"
+                )
+        for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("num_workers", 0)):
+            if not isinstance(getattr(params, name), int) or getattr(params, name) < low:
+                raise ValueError(
+                    f"{name} must be an integer >= {low}, got {getattr(params, name)!r}"
+                )
+        if not params.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {params.learning_rate!r}")
+        if not 0 <= params.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {params.label_smoothing!r}")
+        return params
+
+
+def params_from_run(run_params: dict[str, Any]) -> dict[str, Any]:
+    """The training subset of a DAG run's params (or CLI arguments)."""
+    names = {f.name for f in fields(TrainParams)}
+    return {k: v for k, v in run_params.items() if k in names and v is not None}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class S3CheckpointStore:
+    """Checkpoints as objects under `prefix` in the object store (durable across machines)."""
+
+    def __init__(self, store, prefix: str = "checkpoints") -> None:
+        self.store, self.prefix = store, prefix.strip("/")
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def load(self, name: str) -> bytes | None:
+        if self.store.head(self._key(name)) is None:
+            return None
+        return self.store.get_bytes(self._key(name))
+
+    def save(self, name: str, data: bytes) -> None:
+        self.store.put_bytes(self._key(name), data)  # a PUT replaces atomically
+
+    def delete(self, name: str) -> None:
+        self.store.delete(self._key(name))
+
+    def describe(self, name: str) -> str:
+        return f"s3://{self.store.bucket}/{self._key(name)}"
+
+
+class LocalCheckpointStore:
+    """Checkpoints as files under `root` (written to a temp file, then renamed)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def load(self, name: str) -> bytes | None:
+        path = self.root / name
+        return path.read_bytes() if path.exists() else None
+
+    def save(self, name: str, data: bytes) -> None:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def describe(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def checkpoint_name(model_name: str, run_key: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in f"{model_name}/{run_key}")
+    return f"{safe}/last.pt"
+
+
+def save_checkpoint(store, name: str, state: dict[str, Any]) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    store.save(name, buffer.getvalue())
+
+
+def load_checkpoint(store, name: str) -> dict[str, Any] | None:
+    import torch
+
+    data = store.load(name)
+    if data is None:
+        return None
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class ImageDataset:
+    """(image uint8 (3,S,S), target, index) from cached files; target -1 when decoding fails."""
+
+    def __init__(self, paths: Sequence[Path], targets: Sequence[int], preset) -> None:
+        self.paths, self.targets, self.preset = list(paths), list(targets), preset
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from pipeline.data import ImageDecodeError
+
+        try:
+            image = self.preset.from_bytes(self.paths[index].read_bytes())
+            return image, self.targets[index], index
+        except (ImageDecodeError, OSError):
+            size = self.preset.image_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), -1, index
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int):
+    """A DataLoader that also works inside daemonic task processes (Celery) and after CUDA init."""
+    import torch
+
+    if num_workers and multiprocessing.current_process().daemon:
+        log.warning(
+            "daemonic process (e.g. a Celery worker): loading data without worker processes"
+        )
+        num_workers = 0
+    extra: dict[str, Any] = {}
+    if num_workers:
+        # Forking after CUDA initialisation breaks CUDA in the children: spawn instead.
+        method = "spawn" if torch.cuda.is_initialized() else "fork"
+        extra = {
+            "multiprocessing_context": method,
+            "persistent_workers": True,
+            "worker_init_fn": _worker_init,
+            "prefetch_factor": 4,
+        }
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+        **extra,
+    )
+
+
+def load_data(db, store, dataset_version: str, params: TrainParams, *, cache_dir: str | Path):
+    """Train and val datasets of a dataset version, fetched into the content-keyed cache.
+
+    Objects gone since the scan are marked rejected and left out.
+    """
+    from pipeline import catalog
+    from pipeline.data import EvalPreset, ImageCache, TrainPreset
+
+    info = catalog.get_dataset(db, dataset_version)
+    label_map: dict[str, int] = info["label_map"]
+    train_records = catalog.dataset_images(db, dataset_version, ["train"])
+    val_records = catalog.dataset_images(db, dataset_version, ["val"])
+    if not train_records:
+        raise ValueError(f"dataset {dataset_version} has no train images")
+    if not val_records:
+        raise ValueError(
+            f"dataset {dataset_version} has no validation images (add a val/ split or "
+            "raise val_percent)"
+        )
+    cache = ImageCache(cache_dir)
+    started = time.monotonic()
+    failures = cache.fill(store, train_records + val_records)
+    log.info(
+        "data: %d train, %d val images cached in %.1fs",
+        len(train_records),
+        len(val_records),
+        time.monotonic() - started,
+    )
+    if failures:
+        catalog.mark_rejected(db, list(failures.items()))
+
+    def build(records, preset):
+        kept = [r for r in records if r.image_id not in failures]
+        return kept, ImageDataset(
+            [cache.path(r) for r in kept], [label_map[r.label] for r in kept], preset
+        )
+
+    train_kept, train_set = build(train_records, TrainPreset(params.image_size, params.augment))
+    val_kept, val_set = build(val_records, EvalPreset(params.image_size))
+    return {
+        "info": info,
+        "label_map": label_map,
+        "train_records": train_kept,
+        "val_records": val_kept,
+        "train_set": train_set,
+        "val_set": val_set,
+        "missing": len(failures),
+    }
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_one_epoch(
+    model, criterion, optimizer, loader, device, *, epoch: int, epochs: int, scaler=None
+):
+    """One pass over the loader; returns loss, accuracy, images/s and indices that failed to decode."""
+    import torch
+
+    from pipeline.data import to_model_input
+
+    model.train()
+    total_loss = correct = seen = 0.0
+    failed: list[int] = []
+    steps = len(loader)
+    started = last_log = time.monotonic()
+    for step, (images, targets, indices) in enumerate(loader, 1):
+        bad = targets < 0
+        if bad.any():
+            failed.extend(indices[bad].tolist())
+        if bad.all():
+            continue
+        images = to_model_input(images).to(device, non_blocking=True)
+        images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+            output = model(images)
+            loss = criterion(output, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        good = int((~bad).sum())
+        total_loss += loss.item() * good
+        correct += float((output.argmax(1) == targets)[~bad.to(device)].sum())
+        seen += good
+        now = time.monotonic()
+        if now - last_log >= _LOG_EVERY_S or step == steps:
+            rate = seen / (now - started)
+            eta = (steps - step) * (now - started) / step
+            log.info(
+                "epoch %d/%d step %d/%d loss %.4f acc %.4f %.1f img/s ETA %.0fs",
+                epoch,
+                epochs,
+                step,
+                steps,
+                total_loss / max(seen, 1),
+                correct / max(seen, 1),
+                rate,
+                eta,
+            )
+            last_log = now
+    elapsed = time.monotonic() - started
+    return {
+        "loss": total_loss / max(seen, 1),
+        "accuracy": correct / max(seen, 1),
+        "images_per_s": seen / elapsed if elapsed else 0.0,
+        "failed": failed,
+    }
+
+
+def evaluate(model, criterion, loader, device):
+    """Loss, accuracy and (target, predicted) index pairs on a loader, in eval mode."""
+    import torch
+
+    from pipeline.data import to_model_input
+
+    model.eval()
+    total_loss = 0.0
+    pairs: list[tuple[int, int]] = []
+    failed: list[int] = []
+    with torch.inference_mode():
+        for images, targets, indices in loader:
+            bad = targets < 0
+            failed.extend(indices[bad].tolist())
+            if bad.all():
+                continue
+            images = to_model_input(images).to(device).contiguous(memory_format=torch.channels_last)
+            targets = targets.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                output = model(images)
+            keep = ~bad.to(device)
+            total_loss += float(criterion(output[keep].float(), targets[keep])) * int(keep.sum())
+            pairs.extend(zip(targets[keep].tolist(), output[keep].argmax(1).tolist(), strict=True))
+    n = len(pairs)
+    return {
+        "loss": total_loss / max(n, 1),
+        "accuracy": sum(t == p for t, p in pairs) / max(n, 1),
+        "pairs": pairs,
+        "failed": failed,
+    }
 
 
 def log_and_register(
@@ -66,5 +430,465 @@ def log_and_register(
     return str(mv.version)
 
 
-def _unused(*_: Any) -> None:  # placeholder until the training loop lands
-    return None
+def _optimizer(model, params: TrainParams):
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=params.learning_rate, momentum=0.9, weight_decay=params.weight_decay
+        )
+    return torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+
+
+def _scheduler(optimizer, params: TrainParams):
+    import torch
+
+    if params.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+    if params.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, params.epochs // 3))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _class_weights(targets: Sequence[int], n_classes: int):
+    import torch
+
+    counts = torch.bincount(torch.tensor(list(targets)), minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
+
+
+def code_version() -> str:
+    """The git commit of the code (with `-dirty`), or the package version outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"imgpipe-{version('imgpipe')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def train_model(
+    db,
+    store,
+    dataset_version: str,
+    params: TrainParams,
+    *,
+    model_name: str,
+    run_key: str,
+    cache_dir: str | Path,
+    checkpoint_store,
+    force_retrain: bool = False,
+    experiment: str | None = None,
+) -> dict[str, Any]:
+    """Train on `dataset_version`, log to MLflow, register a version; returns references.
+
+    Returns `{"skipped": True, ...}` when the champion was trained on this dataset version
+    (unless `force_retrain`), and the already registered version when `run_key` made one.
+    """
+    import mlflow
+    import torch
+
+    from pipeline import catalog, registry
+    from pipeline.model import build_model, freeze_backbone, pick_device
+
+    catalog.get_dataset(db, dataset_version)  # LookupError for an unknown version
+    if not force_retrain and registry.champion_dataset_version(model_name) == dataset_version:
+        champion = registry.resolve_model_version(model_name, registry.CHAMPION)
+        log.info("dataset %s unchanged since champion v%s: skipping", dataset_version, champion)
+        return {
+            "skipped": True,
+            "reason": "dataset unchanged since the champion was trained",
+            "dataset_version": dataset_version,
+            "champion_version": champion,
+        }
+    existing = registry.find_version_by_run_key(model_name, run_key)
+    if existing:
+        mv = registry._client().get_model_version(model_name, existing)
+        log.info(
+            "run %s already registered %s v%s: nothing to train", run_key, model_name, existing
+        )
+        return {
+            "skipped": False,
+            "reused": True,
+            "model_version": existing,
+            "run_id": mv.run_id,
+            "dataset_version": dataset_version,
+        }
+
+    seed_everything(params.seed)
+    device = pick_device()
+    data = load_data(db, store, dataset_version, params, cache_dir=cache_dir)
+    label_map = data["label_map"]
+    labels = sorted(label_map, key=label_map.get)
+    n_classes = len(labels)
+    model = build_model(n_classes, weights=params.weights, store=store)
+    if params.freeze_backbone:
+        freeze_backbone(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    weight = (
+        _class_weights(data["train_set"].targets, n_classes).to(device)
+        if params.class_weighting == "balanced"
+        else None
+    )
+    criterion = torch.nn.CrossEntropyLoss(
+        weight=weight, label_smoothing=params.label_smoothing, ignore_index=-1
+    )
+    optimizer = _optimizer(model, params)
+    scheduler = _scheduler(optimizer, params)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+
+    ckpt_name = checkpoint_name(model_name, run_key)
+    state = load_checkpoint(checkpoint_store, ckpt_name)
+    identity = {"dataset_version": dataset_version, "params": asdict(params)}
+    start_epoch, history, best, run_id = 1, [], {"accuracy": -1.0, "epoch": 0, "state": None}, None
+    if state is not None and state.get("identity") == identity:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, history, best, run_id = (
+            state["epoch"] + 1,
+            state["history"],
+            state["best"],
+            state["run_id"],
+        )
+        log.info(
+            "resuming from %s after epoch %d", checkpoint_store.describe(ckpt_name), state["epoch"]
+        )
+    elif state is not None:
+        log.warning("checkpoint %s is for other data/params: starting over", ckpt_name)
+
+    train_loader = make_loader(
+        data["train_set"],
+        batch_size=params.batch_size,
+        shuffle=True,
+        num_workers=params.num_workers,
+        seed=params.seed + start_epoch,
+    )
+    val_loader = make_loader(
+        data["val_set"],
+        batch_size=params.batch_size * 2,
+        shuffle=False,
+        num_workers=params.num_workers,
+        seed=params.seed,
+    )
+    mlflow.set_experiment(experiment or model_name)
+    bad_train: set[int] = set()
+    bad_val: set[int] = set()
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else f"train {run_key}"[:250]
+    ) as run:
+        if run_id is None:
+            mlflow.set_tags(
+                {"run_key": run_key, "dataset_version": dataset_version, "model_name": model_name}
+            )
+            mlflow.log_params(
+                asdict(params)
+                | {
+                    "dataset_version": dataset_version,
+                    "n_train": len(data["train_records"]),
+                    "n_val": len(data["val_records"]),
+                    "n_classes": n_classes,
+                    "class_names": json.dumps(labels, ensure_ascii=False)[:6000],
+                    "code_version": code_version(),
+                    "device": device.type,
+                    "torch_version": torch.__version__,
+                }
+            )
+            mlflow.log_dict(data["info"]["counts"], "dataset_counts.json")
+        run_id = run.info.run_id
+        stopped_early = False
+        for epoch in range(start_epoch, params.epochs + 1):
+            train_stats = train_one_epoch(
+                model,
+                criterion,
+                optimizer,
+                train_loader,
+                device,
+                epoch=epoch,
+                epochs=params.epochs,
+                scaler=scaler,
+            )
+            scheduler.step()
+            val_stats = evaluate(model, criterion, val_loader, device)
+            bad_train.update(train_stats["failed"])
+            bad_val.update(val_stats["failed"])
+            row = {
+                "epoch": epoch,
+                "train_loss": train_stats["loss"],
+                "train_accuracy": train_stats["accuracy"],
+                "val_loss": val_stats["loss"],
+                "val_accuracy": val_stats["accuracy"],
+                "images_per_s": train_stats["images_per_s"],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(row)
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            log.info(
+                "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s",
+                epoch,
+                params.epochs,
+                row["train_loss"],
+                row["train_accuracy"],
+                row["val_loss"],
+                row["val_accuracy"],
+                row["images_per_s"],
+            )
+            if val_stats["accuracy"] > best["accuracy"]:
+                best = {
+                    "accuracy": val_stats["accuracy"],
+                    "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                }
+            save_checkpoint(
+                checkpoint_store,
+                ckpt_name,
+                {
+                    "identity": identity,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "best": best,
+                    "run_id": run_id,
+                    "label_map": label_map,
+                },
+            )
+            if params.patience and epoch - best["epoch"] >= params.patience:
+                log.info("early stop: no val improvement for %d epochs", params.patience)
+                stopped_early = True
+                break
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
+        final = evaluate(model, criterion, val_loader, device)
+        rejected = _reject_undecodable(
+            db,
+            [
+                (data["train_records"], data["train_set"], bad_train),
+                (data["val_records"], data["val_set"], bad_val | set(final["failed"])),
+            ],
+        )
+        mlflow.log_metrics(
+            {
+                "best_val_accuracy": final["accuracy"],
+                "best_epoch": best["epoch"],
+                "decode_failures": rejected,
+            }
+        )
+        _log_reports(history, final["pairs"], labels)
+        model_version = log_and_register(
+            model,
+            model_name=model_name,
+            label_map=label_map,
+            image_size=params.image_size,
+            dataset_version=dataset_version,
+            run_key=run_key,
+            extra_tags={"val_accuracy": f"{final['accuracy']:.6f}", "mlflow_run_id": run_id},
+        )
+    checkpoint_store.delete(ckpt_name)
+    return {
+        "skipped": False,
+        "model_version": model_version,
+        "run_id": run_id,
+        "dataset_version": dataset_version,
+        "val_accuracy": round(final["accuracy"], 6),
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "decode_failures": rejected,
+        "missing_objects": data["missing"],
+    }
+
+
+def _reject_undecodable(db, groups) -> int:
+    """Mark images that failed to decode as rejected, with the decoder's reason; returns how many.
+
+    `groups`: (records, dataset, failed indices into that dataset) for train and val.
+    """
+    from pipeline import catalog
+    from pipeline.data import ImageDecodeError, decode_image
+
+    rejections = []
+    for records, dataset, failed in groups:
+        for index in sorted(failed):
+            try:
+                decode_image(dataset.paths[index].read_bytes())
+                reason = "decode_failed: preprocessing error"
+            except (ImageDecodeError, OSError) as exc:
+                reason = f"decode_failed: {exc}"
+            rejections.append((records[index].image_id, reason))
+    if rejections:
+        log.warning("%d images failed to decode: marked rejected", len(rejections))
+        catalog.mark_rejected(db, rejections)
+    return len(rejections)
+
+
+def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list[str]) -> None:
+    """Confusion matrix and learning curves (PNG), per-class precision/recall/F1 (CSV, JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import numpy as np
+
+    n = len(labels)
+    cm = np.zeros((n, n), dtype=int)
+    for t, p in pairs:
+        cm[t, p] += 1
+    rows = ["label,precision,recall,f1,support"]
+    table = []
+    for i, label in enumerate(labels):
+        tp = cm[i, i]
+        precision = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
+        recall = tp / cm[i, :].sum() if cm[i, :].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        table.append(
+            {
+                "label": label,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "support": int(cm[i].sum()),
+            }
+        )
+        quoted = '"' + label.replace('"', '""') + '"'
+        rows.append(f"{quoted},{precision:.4f},{recall:.4f},{f1:.4f},{int(cm[i].sum())}")
+    mlflow.log_text("\n".join(rows) + "\n", "per_class_metrics.csv")
+    mlflow.log_dict(
+        {"labels": labels, "confusion_matrix": cm.tolist(), "per_class": table},
+        "val_evaluation.json",
+    )
+    mlflow.log_metric("val_macro_f1", float(np.mean([r["f1"] for r in table])) if table else 0.0)
+
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=90)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                )
+    ax.set_title("validation confusion matrix")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "confusion_matrix.png")
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], marker="o", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    mlflow.log_figure(fig, "learning_curves.png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainParams()
+    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
+    parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+    parser.add_argument("--dataset-version", help="default: the latest scan of bucket/prefix")
+    parser.add_argument("--run-key", help="retry key: the same key resumes/reuses (default: new)")
+    parser.add_argument("--force-retrain", action="store_true")
+    for f in fields(TrainParams):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_bool, default=default, metavar="true|false")
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def cli_train(args: argparse.Namespace, settings: Any) -> int:
+    from datetime import UTC, datetime
+
+    from pipeline import catalog
+    from pipeline.db import Database
+    from pipeline.store import ObjectStore
+
+    db = Database(settings.mysql)
+    store = ObjectStore(settings.s3, args.bucket or settings.s3.bucket)
+    prefix = settings.s3.prefix if args.prefix is None else args.prefix
+    version = args.dataset_version
+    if version is None:
+        latest = catalog.latest_dataset(db, store.bucket, prefix)
+        if latest is None:
+            raise LookupError(
+                f"no scan of s3://{store.bucket}/{prefix} yet: run `python -m pipeline scan`"
+            )
+        version = latest["dataset_version"]
+    params = TrainParams.from_dict({f.name: getattr(args, f.name) for f in fields(TrainParams)})
+    run_key = args.run_key or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    result = train_model(
+        db,
+        store,
+        version,
+        params,
+        model_name=settings.model_name,
+        run_key=run_key,
+        cache_dir=settings.cache_dir,
+        checkpoint_store=S3CheckpointStore(store, "checkpoints"),
+        force_retrain=args.force_retrain,
+    )
+    for key, value in result.items():
+        print(f"{key:<18} {value}")
+    return 0
