@@ -1,0 +1,163 @@
+"""Training and the promotion gate against real S3, MySQL and MLflow (tiny images, one epoch)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import catalog, registry, train
+from pipeline.demo_data import render_digits
+from pipeline.upload import upload_tree
+
+TINY = train.TrainParams(epochs=1, batch_size=16, image_size=32, num_workers=0, augment=False)
+
+
+@pytest.fixture
+def dataset(db, store, tmp_path):
+    """Digits, 6 per label, scanned; returns the dataset version."""
+    render_digits(tmp_path / "digits", size=32, per_label=6, inbox=0)
+    upload_tree(store, tmp_path / "digits", "ds")
+    return catalog.scan(db, store, "ds", val_percent=30)["dataset_version"]
+
+
+@pytest.fixture
+def trainer(db, store, dataset, mlflow_names, tmp_cache):
+    def run(run_key: str, params=TINY, **kwargs):
+        return train.train_model(
+            db,
+            store,
+            dataset,
+            params,
+            model_name=mlflow_names["model_name"],
+            run_key=run_key,
+            cache_dir=tmp_cache,
+            checkpoint_store=kwargs.pop("checkpoint_store", train.S3CheckpointStore(store)),
+            experiment=mlflow_names["experiment"],
+            **kwargs,
+        )
+
+    return run
+
+
+def _gate(db, store, names, version, tmp_cache, **kwargs):
+    return registry.promote(
+        db,
+        store,
+        names["model_name"],
+        version,
+        min_accuracy=kwargs.get("min_accuracy", 0.0),
+        promotion_margin=kwargs.get("promotion_margin", 0.0),
+        actor="pytest",
+        cache_dir=tmp_cache,
+    )
+
+
+def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
+    trainer, dataset, mlflow_names, store
+):
+    result = trainer("manual__run-1")
+    client = MlflowClient()
+    mv = client.get_model_version(mlflow_names["model_name"], result["model_version"])
+    assert mv.tags["dataset_version"] == dataset
+    assert mv.tags["run_key"] == "manual__run-1"
+    assert mv.tags["image_size"] == "32"
+    label_map = json.loads(mv.tags["label_map"])
+    assert sorted(label_map, key=label_map.get) == sorted(label_map)
+    assert len(label_map) == 10
+    run = client.get_run(result["run_id"])
+    assert run.data.params["dataset_version"] == dataset
+    assert run.data.params["epochs"] == "1"
+    assert {"train_loss", "val_accuracy", "best_val_accuracy"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"confusion_matrix.png", "learning_curves.png", "per_class_metrics.csv"} <= artifacts
+    assert "label_map.json" in artifacts
+    # The checkpoint is gone once the version is registered.
+    assert list(store.iter_objects("checkpoints/")) == []
+
+    again = trainer("manual__run-1")
+    assert again["model_version"] == result["model_version"] and again["reused"]
+    versions = client.search_model_versions(f"name='{mlflow_names['model_name']}'")
+    assert len(versions) == 1
+
+
+def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_one(
+    trainer, db, store, mlflow_names, tmp_cache
+):
+    first = trainer("run-1")
+    decision = _gate(db, store, mlflow_names, first["model_version"], tmp_cache)
+    assert decision["decision"] == "promoted" and decision["champion_version"] is None
+    assert registry.resolve_model_version(mlflow_names["model_name"]) == first["model_version"]
+
+    second = trainer("run-2", force_retrain=True)
+    # Unreachable minimum: the new version must become challenger, the champion stays.
+    decision = _gate(db, store, mlflow_names, second["model_version"], tmp_cache, min_accuracy=1.0)
+    assert decision["decision"] == "challenger"
+    assert decision["champion_version"] == first["model_version"]
+    assert decision["champion_accuracy"] is not None
+    name = mlflow_names["model_name"]
+    assert registry.resolve_model_version(name, "champion") == first["model_version"]
+    assert registry.resolve_model_version(name, "challenger") == second["model_version"]
+    tags = registry.version_tags(name, second["model_version"])
+    assert tags["gate_decision"] == "challenger"
+
+    # A retried gate replays the recorded decision and records no second alias move.
+    again = _gate(db, store, mlflow_names, second["model_version"], tmp_cache, min_accuracy=0.0)
+    assert again["decision"] == "challenger"
+    rows = db.query("SELECT alias, from_version, to_version FROM alias_history ORDER BY id")
+    assert [(r["alias"], r["from_version"], r["to_version"]) for r in rows] == [
+        ("champion", None, int(first["model_version"])),
+        ("challenger", None, int(second["model_version"])),
+    ]
+    recorded = db.query("SELECT model_version, decision FROM model_versions ORDER BY 1")
+    assert [(r["model_version"], r["decision"]) for r in recorded] == [
+        (int(first["model_version"]), "promoted"),
+        (int(second["model_version"]), "challenger"),
+    ]
+
+    rolled = registry.rollback(db, name, second["model_version"], actor="pytest", reason="test")
+    assert rolled["decision"] == "rolled_back"
+    assert registry.resolve_model_version(name) == second["model_version"]
+    assert registry.champion_at(db, name, datetime.now(UTC).replace(tzinfo=None)) == str(
+        second["model_version"]
+    )
+
+
+def test_training_is_skipped_when_the_champion_was_trained_on_this_dataset(
+    trainer, db, store, mlflow_names, tmp_cache
+):
+    first = trainer("run-1")
+    _gate(db, store, mlflow_names, first["model_version"], tmp_cache)
+    skipped = trainer("run-2")
+    assert skipped["skipped"] and skipped["champion_version"] == first["model_version"]
+    assert len(MlflowClient().search_model_versions(f"name='{mlflow_names['model_name']}'")) == 1
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _DiesAfterFirstCheckpoint(train.S3CheckpointStore):
+    """A real S3 checkpoint store whose process 'dies' right after the first epoch is saved."""
+
+    def save(self, name, data):
+        super().save(name, data)
+        raise _Interrupted("killed after epoch checkpoint")
+
+
+def test_interrupted_training_resumes_after_the_last_finished_epoch(trainer, store, mlflow_names):
+    params = train.TrainParams(epochs=2, batch_size=16, image_size=32, num_workers=0)
+    with pytest.raises(_Interrupted):
+        trainer("run-x", params, checkpoint_store=_DiesAfterFirstCheckpoint(store))
+    saved = train.load_checkpoint(
+        train.S3CheckpointStore(store), train.checkpoint_name(mlflow_names["model_name"], "run-x")
+    )
+    assert saved["epoch"] == 1
+
+    result = trainer("run-x", params)
+    assert result["epochs_run"] == 2
+    assert result["run_id"] == saved["run_id"]  # same MLflow run, continued
+    history = MlflowClient().get_metric_history(result["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
