@@ -157,7 +157,11 @@ def image_classification():
             return False
         return True
 
-    @task(execution_timeout=timedelta(hours=6))
+    # PIPELINE_TRAIN_QUEUE=gpu routes training to a GPU-tagged Celery worker (docs/docker.md).
+    @task(
+        execution_timeout=timedelta(hours=6),
+        queue=os.environ.get("PIPELINE_TRAIN_QUEUE", "default"),
+    )
     def train_model(**context) -> dict:
         """Train ResNet18 on the dataset version; checkpoints per epoch; registers a version."""
         import imgpipe_runtime as rt
@@ -274,6 +278,7 @@ def image_classification():
             model_version=str(model_version),
             shard=shard,
             shards=params["shards"],
+            prefix=params["prefix"],
             force=params["force_rescore"],
             airflow_run_id=context["run_id"],
             cache_dir=rt.cache_dir(),

@@ -77,6 +77,7 @@ def image_classification_inbox():
             model_version=str(plan["model_version"]),
             shard=0,
             shards=1,
+            prefix=params["prefix"],
             airflow_run_id=context["run_id"],
             cache_dir=rt.cache_dir(),
             precision=params["precision"],
