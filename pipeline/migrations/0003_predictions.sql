@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS confusion_matrix (
 -- with macro-F1 from its last evaluation and the alias it holds now (NULL if none).
 CREATE OR REPLACE VIEW v_accuracy_by_model_version AS
 SELECT p.model_name, p.model_version, a.alias,
-       COUNT(*) AS n_labelled, SUM(p.correct) AS n_correct, AVG(p.correct) AS accuracy,
+       COUNT(*) AS n_labelled, SUM(p.correct) AS n_correct,
+       SUM(p.correct) * 1e0 / COUNT(*) AS accuracy,
        e.macro_f1, e.evaluated_at, MAX(p.scored_at) AS last_scored_at
 FROM predictions p
 LEFT JOIN evaluations e ON e.model_name = p.model_name AND e.model_version = p.model_version

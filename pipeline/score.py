@@ -1,0 +1,657 @@
+"""Scoring stage: plan shards, score one shard into `predictions`, evaluate a model version.
+
+Choices (see also docs/design.md and migration 0003):
+
+- The model reference (alias or version) is resolved to a concrete version once, by
+  `plan_scoring`; every shard gets that number, so a promotion during a run cannot mix versions.
+- What is scored: the test subset of the latest dataset version of bucket+prefix and every live
+  inbox image (`subsets`), minus images this version already scored (unless `force`).
+  Shard of an image = `image_id % shards`: stable, independent of scan order, no coordination.
+- A shard streams its images in id-ordered pages (keyset), overlaps S3 GET + decode (thread pool,
+  at most ~2 batches ahead) with batched inference under `torch.inference_mode()`, and writes each
+  batch as one multi-row upsert in its own transaction. A killed shard leaves only whole batches;
+  a rerun skips them (anti-join on `predictions`) and fills in the rest: exactly one row per
+  (image, model name, model version).
+- An object that vanished, changed, or fails to decode is marked rejected in the catalog (later
+  runs skip it), counted by reason in the summary, and the shard goes on.
+- Evaluation reads the version's labelled predictions of the `test` subset; per-class metrics
+  cover the labels seen as truth or prediction (scikit-learn's default), a class never predicted
+  has precision 0. Its tables are rewritten in one transaction; metrics go to the version's
+  MLflow run (`test_accuracy`, `test_macro_f1`) and to model version tags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline import catalog
+from pipeline.catalog import INBOX, ImageRecord
+from pipeline.db import Database
+from pipeline.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUBSETS = ("test", INBOX)
+SCORABLE_SUBSETS = ("train", "val", "test", INBOX)
+PRECISIONS = ("fp32", "bf16")
+TOP_K = 3
+PAGE_SIZE = 1000
+EVALUATED_SUBSETS = ("test",)
+_PROGRESS_EVERY_S = 10.0
+
+_COLUMNS = (
+    "image_id",
+    "model_name",
+    "model_version",
+    "predicted_label",
+    "confidence",
+    "top_k",
+    "true_label",
+    "correct",
+    "subset",
+    "dataset_version",
+    "mlflow_run_id",
+    "airflow_run_id",
+    "scored_at",
+)
+_KEY = ("image_id", "model_name", "model_version")
+_UPSERT_HEAD = f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES "
+_UPSERT_TAIL = " ON DUPLICATE KEY UPDATE " + ", ".join(
+    f"{c} = VALUES({c})" for c in _COLUMNS if c not in _KEY
+)
+_ROW = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _check_subsets(subsets: Sequence[str]) -> None:
+    bad = [s for s in subsets if s not in SCORABLE_SUBSETS]
+    if bad or not subsets:
+        raise ValueError(
+            f"unknown subsets {list(subsets)}; expected some of: {', '.join(SCORABLE_SUBSETS)}"
+        )
+
+
+def check_labels(model_labels: Sequence[str], dataset_labels: Sequence[str], *, what: str) -> None:
+    """Refuse a model whose classes differ from the catalog's labels, naming both lists."""
+    if sorted(model_labels) != sorted(dataset_labels):
+        raise ValueError(
+            f"{what}: the model's classes {sorted(model_labels)} differ from the catalog's labels "
+            f"{sorted(dataset_labels)}; score with a model trained on this dataset "
+            "(or retrain on it first)"
+        )
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _selection(
+    bucket: str,
+    prefix: str,
+    dataset_version: str | None,
+    subsets: Sequence[str],
+) -> list[tuple[str, str, tuple]]:
+    """(subset kind, FROM/WHERE sql, args) for each part of the selection; columns i.*, label."""
+    parts = []
+    labelled = [s for s in subsets if s != INBOX]
+    if labelled and dataset_version:
+        parts.append(
+            (
+                "labelled",
+                "SELECT i.id, i.bucket, i.object_key, m.etag, m.subset, m.label"
+                " FROM dataset_version_images m JOIN images i ON i.id = m.image_id"
+                " WHERE m.dataset_version = %s AND i.status = 'ok' AND i.deleted_at IS NULL"
+                f" AND i.etag = m.etag AND m.subset IN ({', '.join(['%s'] * len(labelled))})",
+                (dataset_version, *labelled),
+            )
+        )
+    if INBOX in subsets:
+        parts.append(
+            (
+                INBOX,
+                "SELECT i.id, i.bucket, i.object_key, i.etag, i.subset, NULL AS label"
+                " FROM images i WHERE i.bucket = %s AND i.prefix = %s AND i.subset = 'inbox'"
+                " AND i.status = 'ok' AND i.deleted_at IS NULL",
+                (bucket, catalog.normalize_prefix(prefix)),
+            )
+        )
+    return parts
+
+
+_NOT_SCORED = (
+    " AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.image_id = i.id"
+    " AND p.model_name = %s AND p.model_version = %s)"
+)
+
+
+def _count_by_shard(
+    db: Database,
+    parts: list[tuple[str, str, tuple]],
+    *,
+    model_name: str,
+    model_version: str,
+    shards: int,
+    force: bool,
+) -> Counter:
+    counts: Counter = Counter()
+    for _, sql, args in parts:
+        extra = "" if force else _NOT_SCORED
+        extra_args = () if force else (model_name, int(model_version))
+        rows = db.query(
+            f"SELECT s.id %% %s AS shard, COUNT(*) AS n FROM ({sql}{extra}) s GROUP BY 1",
+            (shards, *args, *extra_args),
+        )
+        for r in rows:
+            counts[int(r["shard"])] += int(r["n"])
+    return counts
+
+
+def _iter_records(
+    db: Database,
+    parts: list[tuple[str, str, tuple]],
+    *,
+    model_name: str,
+    model_version: str,
+    shard: int,
+    shards: int,
+    force: bool,
+    page_size: int = PAGE_SIZE,
+) -> Iterator[ImageRecord]:
+    """Images of one shard still to score, streamed in id-ordered pages (keyset pagination)."""
+    for _, sql, args in parts:
+        last_id = 0
+        while True:
+            extra = "" if force else _NOT_SCORED
+            extra_args = () if force else (model_name, int(model_version))
+            rows = db.query(
+                f"{sql} AND i.id > %s AND i.id %% %s = %s{extra} ORDER BY i.id LIMIT %s",
+                (*args, last_id, shards, shard, *extra_args, page_size),
+            )
+            for r in rows:
+                yield ImageRecord(
+                    int(r["id"]), r["bucket"], r["object_key"], r["etag"], r["subset"], r["label"]
+                )
+            if len(rows) < page_size:
+                break
+            last_id = int(rows[-1]["id"])
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan_scoring(
+    db: Database,
+    bucket: str,
+    prefix: str,
+    *,
+    model_name: str,
+    model_ref: str | int = "champion",
+    shards: int = 2,
+    force: bool = False,
+    subsets: Sequence[str] = DEFAULT_SUBSETS,
+) -> dict[str, Any]:
+    """Resolve the model once and count the work per shard.
+
+    Returns {model_name, model_version, dataset_version, to_score, shards (numbers with work),
+    n_shards, counts}. NoModelError without the requested alias/version; ValueError when the
+    model's classes differ from the dataset's labels (and labelled images are to be scored).
+    """
+    from pipeline import registry
+
+    _check_subsets(subsets)
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    version = registry.resolve_model_version(model_name, model_ref)
+    dataset = catalog.latest_dataset(db, bucket, prefix)
+    if dataset is None:
+        raise LookupError(
+            f"s3://{bucket}/{catalog.normalize_prefix(prefix)} was never scanned: "
+            "run `python -m pipeline scan` (or the DAG's scan_images) first"
+        )
+    dataset_version = dataset["dataset_version"]
+    parts = _selection(bucket, prefix, dataset_version, subsets)
+    counts = _count_by_shard(
+        db, parts, model_name=model_name, model_version=version, shards=shards, force=force
+    )
+    if any(kind == "labelled" for kind, _, _ in parts) and sum(counts.values()):
+        tags = registry.version_tags(model_name, version)
+        model_labels = list(json.loads(tags.get("label_map", "{}")))
+        check_labels(model_labels, list(dataset["label_map"]), what=f"{model_name} v{version}")
+    plan = {
+        "model_name": model_name,
+        "model_version": version,
+        "dataset_version": dataset_version,
+        "bucket": bucket,
+        "prefix": catalog.normalize_prefix(prefix),
+        "to_score": sum(counts.values()),
+        "n_shards": shards,
+        "shards": sorted(s for s, n in counts.items() if n),
+        "counts": {str(s): counts[s] for s in sorted(counts)},
+        "force": force,
+    }
+    log.info(
+        "plan: %s v%s, %d images to score in shards %s of %d (dataset %s)",
+        model_name,
+        version,
+        plan["to_score"],
+        plan["shards"],
+        shards,
+        dataset_version,
+    )
+    return plan
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _load(store: ObjectStore, cache, preset, record: ImageRecord):
+    from pipeline.data import ImageDecodeError, MissingObjectError
+
+    try:
+        return record, preset.from_bytes(cache.get(store, record)), None
+    except MissingObjectError as exc:
+        return record, None, str(exc)
+    except ImageDecodeError as exc:
+        return record, None, f"decode_failed: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
+        return record, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _prefetched(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator:
+    """`map(fn, items)` in order on `pool`, never more than `depth` items in flight."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def upsert_predictions(cur, rows: Sequence[tuple]) -> None:
+    """One multi-row upsert of prediction rows (values in `_COLUMNS` order) on a cursor."""
+    cur.execute(
+        _UPSERT_HEAD + ", ".join([_ROW] * len(rows)) + _UPSERT_TAIL,
+        [v for r in rows for v in r],
+    )
+
+
+def _write_batch(db: Database, rows: list[tuple]) -> None:
+    # One transaction per batch: a kill leaves whole batches only.
+    with db.transaction() as cur:
+        upsert_predictions(cur, rows)
+
+
+def score_shard(
+    db: Database,
+    store: ObjectStore,
+    *,
+    model_name: str,
+    model_version: str | int,
+    shard: int,
+    shards: int,
+    prefix: str,
+    cache_dir: str | Path,
+    dataset_version: str | None = None,
+    force: bool = False,
+    airflow_run_id: str | None = None,
+    precision: str = "fp32",
+    subsets: Sequence[str] = DEFAULT_SUBSETS,
+    batch_size: int = 64,
+    workers: int = 8,
+) -> dict[str, Any]:
+    """Score the images of one shard with one concrete model version; returns a summary.
+
+    `dataset_version` (whose test subset is scored) defaults to the latest of store.bucket +
+    `prefix`; pass the plan's so every shard of a run scores the same set. Idempotent.
+    """
+    import torch
+
+    from pipeline import registry
+    from pipeline.data import EvalPreset, ImageCache, to_model_input
+    from pipeline.model import predict
+
+    _check_subsets(subsets)
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}"
+        )
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
+    if not str(model_version).isdigit():
+        raise ValueError(
+            f"model_version must be a concrete version number, got {model_version!r}"
+            " (resolve aliases once with plan_scoring)"
+        )
+    version = str(model_version)
+    if dataset_version is None:
+        latest = catalog.latest_dataset(db, store.bucket, prefix)
+        dataset_version = latest["dataset_version"] if latest else None
+    parts = _selection(store.bucket, prefix, dataset_version, subsets)
+    select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
+    total = _count_by_shard(db, parts, **select)[shard]
+    summary: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": version,
+        "shard": shard,
+        "shards": shards,
+        "dataset_version": dataset_version,
+        "scored": 0,
+        "labelled": 0,
+        "correct": 0,
+        "rejected": {},
+        "images_per_s": 0.0,
+        "seconds": 0.0,
+    }
+    if total == 0:
+        log.info("shard %d/%d: nothing to score for %s v%s", shard, shards, model_name, version)
+        return summary
+
+    loaded = registry.load_model(model_name, version, cache_dir=cache_dir)
+    if any(kind == "labelled" for kind, _, _ in parts):
+        check_labels(
+            loaded.labels,
+            list(catalog.get_dataset(db, dataset_version)["label_map"]),
+            what=f"{model_name} v{version}",
+        )
+    device = next(loaded.module.parameters()).device
+    preset = EvalPreset(loaded.image_size)
+    cache = ImageCache(cache_dir)
+    rejected: Counter = Counter()
+    started = last_log = time.monotonic()
+    records = _iter_records(db, parts, shard=shard, **select)
+
+    def flush(batch: list[tuple[ImageRecord, Any]], failures: list[tuple[int, str]]) -> None:
+        if failures:
+            catalog.mark_rejected(db, failures)
+            rejected.update(reason.split(":", 1)[0] for _, reason in failures)
+        if not batch:
+            return
+        tensors = torch.stack([t for _, t in batch]).to(device, non_blocking=True)
+        preds = predict(
+            loaded.module, to_model_input(tensors), loaded.labels, top_k=TOP_K, precision=precision
+        )
+        scored_at = _now()
+        rows = []
+        for (record, _), pred in zip(batch, preds, strict=True):
+            correct = None if record.label is None else int(pred.label == record.label)
+            rows.append(
+                (
+                    record.image_id,
+                    model_name,
+                    int(version),
+                    pred.label,
+                    pred.confidence,
+                    json.dumps(
+                        [
+                            {"label": lb, "prob": p}
+                            for lb, p in zip(pred.labels, pred.probs, strict=True)
+                        ],
+                        ensure_ascii=False,
+                    ),
+                    record.label,
+                    correct,
+                    record.subset,
+                    dataset_version if record.subset != INBOX else None,
+                    loaded.run_id,
+                    airflow_run_id,
+                    scored_at,
+                )
+            )
+            summary["labelled"] += correct is not None
+            summary["correct"] += bool(correct)
+        _write_batch(db, rows)
+        summary["scored"] += len(rows)
+
+    # Fetch+decode run ahead in the pool (about two batches) while the main thread infers/writes.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score-fetch") as pool:
+        batch: list[tuple[ImageRecord, Any]] = []
+        failures: list[tuple[int, str]] = []
+        loads = _prefetched(pool, lambda r: _load(store, cache, preset, r), records, 2 * batch_size)
+        for record, tensor, error in loads:
+            if error is None:
+                batch.append((record, tensor))
+            else:
+                log.warning("image %s (%s) rejected: %s", record.image_id, record.object_key, error)
+                failures.append((record.image_id, error))
+            if len(batch) + len(failures) >= batch_size:
+                flush(batch, failures)
+                batch, failures = [], []
+                now = time.monotonic()
+                if now - last_log >= _PROGRESS_EVERY_S:
+                    last_log = now
+                    _log_progress(
+                        shard,
+                        shards,
+                        summary["scored"] + sum(rejected.values()),
+                        total,
+                        now - started,
+                    )
+        flush(batch, failures)
+
+    elapsed = time.monotonic() - started
+    summary["rejected"] = dict(rejected)
+    summary["seconds"] = round(elapsed, 3)
+    summary["images_per_s"] = round(summary["scored"] / elapsed, 2) if elapsed > 0 else 0.0
+    log.info(
+        "shard %d/%d: scored %d images with %s v%s in %.1fs (%.1f img/s), rejected %s",
+        shard,
+        shards,
+        summary["scored"],
+        model_name,
+        version,
+        elapsed,
+        summary["images_per_s"],
+        dict(rejected) or "none",
+    )
+    return summary
+
+
+def _log_progress(shard: int, shards: int, done: int, total: int, elapsed: float) -> None:
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    log.info(
+        "shard %d/%d: %d/%d images, %.1f img/s, ETA %.0fs", shard, shards, done, total, rate, eta
+    )
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def compute_metrics(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class P/R/F1/support and confusion counts from (true, predicted)."""
+    confusion = Counter(pairs)
+    labels = sorted({t for t, _ in pairs} | {p for _, p in pairs})
+    n = len(pairs)
+    correct = sum(v for (t, p), v in confusion.items() if t == p)
+    per_class = {}
+    for label in labels:
+        tp = confusion[(label, label)]
+        predicted = sum(v for (_, p), v in confusion.items() if p == label)
+        support = sum(v for (t, _), v in confusion.items() if t == label)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return {
+        "n_images": n,
+        "n_correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / len(per_class) if per_class else 0.0,
+        "per_class": per_class,
+        "confusion": dict(confusion),
+    }
+
+
+def evaluate(
+    db: Database,
+    *,
+    model_name: str,
+    model_version: str | int,
+    subsets: Sequence[str] = EVALUATED_SUBSETS,
+    log_to_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a version on its labelled predictions; rewrite its evaluation rows atomically.
+
+    Returns {model_name, model_version, n_images, accuracy, macro_f1, per_class}. With no
+    labelled predictions nothing is written and n_images is 0.
+    """
+    version = int(model_version)
+    rows = db.query(
+        "SELECT true_label, predicted_label FROM predictions WHERE model_name = %s"
+        " AND model_version = %s AND true_label IS NOT NULL"
+        f" AND subset IN ({', '.join(['%s'] * len(subsets))})",
+        (model_name, version, *subsets),
+    )
+    metrics = compute_metrics([(r["true_label"], r["predicted_label"]) for r in rows])
+    result = {
+        "model_name": model_name,
+        "model_version": str(version),
+        "n_images": metrics["n_images"],
+        "accuracy": round(metrics["accuracy"], 6),
+        "macro_f1": round(metrics["macro_f1"], 6),
+        "per_class": {
+            label: {k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()}
+            for label, c in metrics["per_class"].items()
+        },
+    }
+    if not metrics["n_images"]:
+        log.warning("%s v%s has no labelled predictions to evaluate", model_name, version)
+        return result
+    key = (model_name, version)
+    with db.transaction() as cur:
+        for table in ("evaluations", "evaluation_classes", "confusion_matrix"):
+            cur.execute(f"DELETE FROM {table} WHERE model_name = %s AND model_version = %s", key)
+        cur.execute(
+            "INSERT INTO evaluations (model_name, model_version, n_images, n_correct, accuracy,"
+            " macro_f1, evaluated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                *key,
+                metrics["n_images"],
+                metrics["n_correct"],
+                metrics["accuracy"],
+                metrics["macro_f1"],
+                _now(),
+            ),
+        )
+        cur.executemany(
+            "INSERT INTO evaluation_classes (model_name, model_version, label, precision_score,"
+            " recall_score, f1_score, support) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [
+                (*key, label, c["precision"], c["recall"], c["f1"], c["support"])
+                for label, c in metrics["per_class"].items()
+            ],
+        )
+        cur.executemany(
+            "INSERT INTO confusion_matrix (model_name, model_version, true_label, predicted_label, n)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            [(*key, t, p, n) for (t, p), n in sorted(metrics["confusion"].items())],
+        )
+    if log_to_mlflow:
+        _log_to_mlflow(model_name, str(version), metrics)
+    log.info(
+        "evaluated %s v%s on %d images: accuracy %.4f, macro-F1 %.4f",
+        model_name,
+        version,
+        metrics["n_images"],
+        metrics["accuracy"],
+        metrics["macro_f1"],
+    )
+    return result
+
+
+def _log_to_mlflow(model_name: str, model_version: str, metrics: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = client.get_model_version(model_name, model_version).run_id
+    for name in ("accuracy", "macro_f1"):
+        client.log_metric(run_id, f"test_{name}", metrics[name])
+        client.set_model_version_tag(
+            model_name, model_version, f"test_{name}", f"{metrics[name]:.6f}"
+        )
+    client.set_model_version_tag(
+        model_name, model_version, "test_n_images", str(metrics["n_images"])
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    ref = parser.add_mutually_exclusive_group()
+    ref.add_argument("--model-version", help="a registered version number")
+    ref.add_argument("--model-ref", default="champion", help="an alias (default: champion)")
+    parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+    parser.add_argument("--shard", type=int, help="score only this shard (default: all, in turn)")
+    parser.add_argument("--force", action="store_true", help="rescore images already scored")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
+    parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=8, help="fetch/decode threads")
+    parser.add_argument("--airflow-run-id", help="recorded with every prediction")
+
+
+def cli_score(args: argparse.Namespace, settings: Any) -> int:
+    db = Database(settings.mysql)
+    store = ObjectStore(
+        settings.s3, args.bucket or settings.s3.bucket, max_pool_connections=max(32, args.workers)
+    )
+    prefix = settings.s3.prefix if args.prefix is None else args.prefix
+    plan = plan_scoring(
+        db,
+        store.bucket,
+        prefix,
+        model_name=settings.model_name,
+        model_ref=args.model_version or args.model_ref,
+        shards=args.shards,
+        force=args.force,
+    )
+    print(
+        f"{plan['model_name']} v{plan['model_version']}: {plan['to_score']} images to score"
+        f" (dataset {plan['dataset_version']})"
+    )
+    if args.shard is not None and not 0 <= args.shard < args.shards:
+        raise ValueError(f"--shard must be in 0..{args.shards - 1}, got {args.shard}")
+    todo = [args.shard] if args.shard is not None else plan["shards"]
+    for shard in todo:
+        s = score_shard(
+            db,
+            store,
+            model_name=plan["model_name"],
+            model_version=plan["model_version"],
+            shard=shard,
+            shards=args.shards,
+            prefix=prefix,
+            cache_dir=settings.cache_dir,
+            dataset_version=plan["dataset_version"],
+            force=args.force,
+            airflow_run_id=args.airflow_run_id,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        print(
+            f"shard {shard}/{args.shards}: scored {s['scored']} ({s['images_per_s']} img/s),"
+            f" rejected {sum(s['rejected'].values())} {s['rejected'] or ''}".rstrip()
+        )
+    if args.shard is None:
+        e = evaluate(db, model_name=plan["model_name"], model_version=plan["model_version"])
+        if e["n_images"]:
+            print(
+                f"evaluation on {e['n_images']} test images: accuracy {e['accuracy']:.4f},"
+                f" macro-F1 {e['macro_f1']:.4f}  (details: python -m pipeline report)"
+            )
+    return 0

@@ -1,0 +1,469 @@
+"""Scoring, predictions, evaluation and views against real S3, MySQL and MLflow (tiny images)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import catalog, registry, report, score, train
+from pipeline.demo_data import render_digits
+from pipeline.upload import upload_tree
+
+PREFIX = "ds"
+SIZE = 16
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _broken_jpeg() -> bytes:
+    """A JPEG cut in half: its header passes the scan, its pixels fail to decode."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    return data[: len(data) // 2]
+
+
+@pytest.fixture
+def digits(db, store, tmp_path):
+    """Digits (5 per label, 2 of them test) and 4 inbox images, scanned; returns the scan summary."""
+    render_digits(tmp_path / "digits", size=SIZE, per_label=5, inbox=4, test_percent=40)
+    upload_tree(store, tmp_path / "digits", PREFIX)
+    return catalog.scan(db, store, PREFIX)
+
+
+def _register(mlflow_names, label_map, dataset_version, run_key="run-1") -> str:
+    import torch
+
+    from pipeline.model import build_model
+
+    torch.manual_seed(0)
+    mlflow.set_experiment(mlflow_names["experiment"])
+    with mlflow.start_run():
+        return train.log_and_register(
+            build_model(len(label_map)),
+            model_name=mlflow_names["model_name"],
+            label_map=label_map,
+            image_size=SIZE,
+            dataset_version=dataset_version,
+            run_key=run_key,
+        )
+
+
+@pytest.fixture
+def champion(db, digits, mlflow_names):
+    """A registered (random-init) model on the digits' labels, promoted to champion."""
+    version = _register(mlflow_names, digits_label_map(db), digits["dataset_version"])
+    registry.move_alias(
+        db, mlflow_names["model_name"], "champion", version, actor="pytest", reason="fixture"
+    )
+    return version
+
+
+def digits_label_map(db) -> dict[str, int]:
+    rows = db.query("SELECT label_map FROM dataset_versions")
+    return json.loads(rows[0]["label_map"])
+
+
+def _expected(db) -> dict[int, str | None]:
+    """image_id -> true label (None for inbox) of everything scoring should cover."""
+    rows = db.query(
+        "SELECT id, subset, label FROM images WHERE subset IN ('test', 'inbox') AND status = 'ok'"
+    )
+    return {int(r["id"]): r["label"] for r in rows}
+
+
+def _score_all(db, store, plan, tmp_cache, **kwargs) -> list[dict]:
+    return [
+        score.score_shard(
+            db,
+            store,
+            model_name=plan["model_name"],
+            model_version=plan["model_version"],
+            shard=shard,
+            shards=plan["n_shards"],
+            prefix=PREFIX,
+            cache_dir=tmp_cache,
+            dataset_version=plan["dataset_version"],
+            batch_size=4,
+            workers=4,
+            **kwargs,
+        )
+        for shard in range(plan["n_shards"])
+    ]
+
+
+def _plan(db, store, mlflow_names, **kwargs):
+    return score.plan_scoring(
+        db, store.bucket, PREFIX, model_name=mlflow_names["model_name"], shards=2, **kwargs
+    )
+
+
+def _predictions(db) -> list[dict]:
+    return db.query("SELECT * FROM predictions ORDER BY image_id")
+
+
+def test_scoring_writes_one_row_per_image_and_a_second_run_writes_nothing(
+    db, store, mlflow_names, champion, tmp_cache
+):
+    expected = _expected(db)
+    assert sum(label is None for label in expected.values()) == 4
+    plan = _plan(db, store, mlflow_names)
+    assert plan["model_version"] == champion
+    assert plan["to_score"] == len(expected)
+    assert plan["shards"] == [0, 1]
+
+    summaries = _score_all(db, store, plan, tmp_cache, airflow_run_id="manual__1")
+    assert sum(s["scored"] for s in summaries) == len(expected)
+    assert all(s["model_version"] == champion and not s["rejected"] for s in summaries)
+    rows = _predictions(db)
+    assert {r["image_id"]: r["true_label"] for r in rows} == expected
+    for r in rows:
+        assert r["model_name"] == mlflow_names["model_name"]
+        assert r["model_version"] == int(champion)
+        assert r["airflow_run_id"] == "manual__1"
+        top_k = json.loads(r["top_k"])
+        assert len(top_k) == 3 and top_k[0]["label"] == r["predicted_label"]
+        assert top_k[0]["prob"] == pytest.approx(r["confidence"])
+        if r["true_label"] is None:
+            assert r["subset"] == "inbox" and r["correct"] is None
+        else:
+            assert r["subset"] == "test"
+            assert r["correct"] == int(r["predicted_label"] == r["true_label"])
+
+    again = _plan(db, store, mlflow_names)
+    assert again["to_score"] == 0 and again["shards"] == []
+    assert sum(s["scored"] for s in _score_all(db, store, plan, tmp_cache)) == 0
+    assert _predictions(db) == rows
+
+
+def test_forced_rescore_overwrites_the_rows_it_already_has(
+    db, store, mlflow_names, champion, tmp_cache
+):
+    plan = _plan(db, store, mlflow_names)
+    _score_all(db, store, plan, tmp_cache, airflow_run_id="manual__1")
+    before = _predictions(db)
+
+    forced = _plan(db, store, mlflow_names, force=True)
+    assert forced["to_score"] == len(before)
+    summaries = _score_all(db, store, forced, tmp_cache, force=True, airflow_run_id="manual__2")
+    assert sum(s["scored"] for s in summaries) == len(before)
+    after = _predictions(db)
+    assert [r["image_id"] for r in after] == [r["image_id"] for r in before]
+    assert [r["id"] for r in after] == [r["id"] for r in before]
+    assert all(r["airflow_run_id"] == "manual__2" for r in after)
+    assert all(a["scored_at"] > b["scored_at"] for a, b in zip(after, before, strict=True))
+
+
+_DIES_MID_SHARD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline import score
+    from pipeline.__main__ import main
+
+    original, calls = score._write_batch, []
+
+    def dies_in_second_batch(db, rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            return original(db, rows)
+        with db.transaction() as cur:
+            score.upsert_predictions(cur, rows)
+            os.kill(os.getpid(), signal.SIGKILL)  # inserted, never committed
+
+    score._write_batch = dies_in_second_batch
+    sys.exit(main(["score", "--batch-size", "4", "--shards", "1"]))
+    """
+)
+
+
+def test_a_shard_killed_mid_way_then_rerun_leaves_exactly_one_row_per_image(
+    db, store, mlflow_names, champion, tmp_cache
+):
+    env = {
+        **os.environ,
+        "MYSQL_DATABASE": db.name,
+        "S3_BUCKET": store.bucket,
+        "S3_PREFIX": PREFIX,
+        "MODEL_NAME": mlflow_names["model_name"],
+        "PIPELINE_CACHE_DIR": str(tmp_cache),
+    }
+    killed = subprocess.run(
+        [sys.executable, "-c", _DIES_MID_SHARD], env=env, cwd=REPO, capture_output=True
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    # Only the first batch committed; the second batch's rows died with its transaction.
+    assert len(_predictions(db)) == 4
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipeline", "score", "--batch-size", "4"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    expected = _expected(db)
+    assert f"{len(expected) - 4} images to score" in rerun.stdout
+    rows = db.query(
+        "SELECT image_id, COUNT(*) AS n FROM predictions GROUP BY image_id ORDER BY image_id"
+    )
+    assert {r["image_id"] for r in rows} == set(expected)
+    assert {r["n"] for r in rows} == {1}
+    # The CLI evaluates after scoring every shard.
+    assert "accuracy" in rerun.stdout
+    assert db.query("SELECT n_images FROM evaluations")[0]["n_images"] == sum(
+        label is not None for label in expected.values()
+    )
+
+
+# (true, predicted): a 3/3, b 1/2, c 2/3 correct.
+HAND_PAIRS = [
+    ("a", "a"),
+    ("a", "a"),
+    ("a", "b"),
+    ("b", "b"),
+    ("b", "c"),
+    ("c", "c"),
+    ("c", "a"),
+    ("c", "c"),
+]
+HAND_CONFUSION = {
+    ("a", "a"): 2,
+    ("a", "b"): 1,
+    ("b", "b"): 1,
+    ("b", "c"): 1,
+    ("c", "a"): 1,
+    ("c", "c"): 2,
+}
+HAND_CLASSES = {  # label: (precision, recall, f1, support)
+    "a": (2 / 3, 2 / 3, 2 / 3, 3),
+    "b": (1 / 2, 1 / 2, 1 / 2, 2),
+    "c": (2 / 3, 2 / 3, 2 / 3, 3),
+}
+
+
+def _prediction_row(image_id, model_name, version, predicted, true, *, subset="test", **extra):
+    values = {
+        "image_id": image_id,
+        "model_name": model_name,
+        "model_version": int(version),
+        "predicted_label": predicted,
+        "confidence": extra.get("confidence", 0.9),
+        "top_k": json.dumps([{"label": predicted, "prob": extra.get("confidence", 0.9)}]),
+        "true_label": true,
+        "correct": None if true is None else int(true == predicted),
+        "subset": subset,
+        "dataset_version": None,
+        "mlflow_run_id": "run",
+        "airflow_run_id": None,
+        "scored_at": extra.get("scored_at", score._now()),
+    }
+    return tuple(values[c] for c in score._COLUMNS)
+
+
+def _insert(db, rows) -> None:
+    with db.transaction() as cur:
+        score.upsert_predictions(cur, rows)
+
+
+def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_names):
+    name = mlflow_names["model_name"]
+    version = _register(mlflow_names, {"a": 0, "b": 1, "c": 2}, digits["dataset_version"])
+    rows = [_prediction_row(i, name, version, p, t) for i, (t, p) in enumerate(HAND_PAIRS, 1)]
+    rows.append(_prediction_row(100, name, version, "a", None, subset="inbox"))  # not evaluated
+    _insert(db, rows)
+
+    result = score.evaluate(db, model_name=name, model_version=version)
+    assert result["n_images"] == 8
+    assert result["accuracy"] == pytest.approx(5 / 8)
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3, abs=1e-6)
+    stored = db.query("SELECT * FROM evaluations")
+    assert len(stored) == 1 and stored[0]["n_correct"] == 5
+    assert stored[0]["accuracy"] == pytest.approx(5 / 8)
+    classes = db.query("SELECT * FROM evaluation_classes ORDER BY label")
+    assert [c["label"] for c in classes] == sorted(HAND_CLASSES)
+    for c in classes:
+        got = (c["precision_score"], c["recall_score"], c["f1_score"], c["support"])
+        assert got == pytest.approx(HAND_CLASSES[c["label"]])
+    cells = db.query("SELECT true_label, predicted_label, n FROM confusion_matrix")
+    assert {(c["true_label"], c["predicted_label"]): c["n"] for c in cells} == HAND_CONFUSION
+
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    assert float(mv.tags["test_accuracy"]) == pytest.approx(5 / 8)
+    assert mv.tags["test_n_images"] == "8"
+    metrics = client.get_run(mv.run_id).data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(5 / 8)
+    assert metrics["test_macro_f1"] == pytest.approx(11 / 18, abs=1e-6)
+
+    # Re-evaluation replaces the version's rows: fix one mistake, a off-diagonal cell disappears.
+    _insert(db, [_prediction_row(3, name, version, "a", "a")])
+    again = score.evaluate(db, model_name=name, model_version=version)
+    assert again["accuracy"] == pytest.approx(6 / 8)
+    cells = db.query("SELECT true_label, predicted_label, n FROM confusion_matrix")
+    assert ("a", "b") not in {(c["true_label"], c["predicted_label"]) for c in cells}
+    assert len(db.query("SELECT * FROM evaluations")) == 1
+
+    text = report.format_report(report.load_evaluation(db, name, version))
+    assert "accuracy     0.7500  (6/8)" in text
+    assert "confusion matrix" in text
+
+
+def _alias(db, model_name, alias, version, moved_at="2024-01-01 00:00:00") -> None:
+    db.execute(
+        "INSERT INTO alias_history (model_name, alias, from_version, to_version, actor, reason,"
+        " moved_at) VALUES (%s, %s, NULL, %s, 'pytest', 'test', %s)",
+        (model_name, alias, version, moved_at),
+    )
+
+
+def test_views_answer_the_documented_questions(db, digits):
+    ids = {
+        subset: [
+            int(r["id"])
+            for r in db.query(
+                "SELECT id FROM images WHERE subset = %s AND status = 'ok' ORDER BY id", (subset,)
+            )
+        ]
+        for subset in ("test", "inbox")
+    }
+    t1, t2, t3 = ids["test"][:3]
+    i1, i2, i3, i4 = ids["inbox"]
+    m = "m"
+    early, late = "2024-01-01 00:00:00", "2024-01-02 00:00:00"
+    _insert(
+        db,
+        [
+            # champion v1
+            _prediction_row(t1, m, 1, "0", "0", confidence=0.95),
+            _prediction_row(t2, m, 1, "1", "2", confidence=0.40),
+            _prediction_row(t3, m, 1, "2", "2", confidence=0.55),
+            _prediction_row(i1, m, 1, "7", None, subset="inbox", confidence=0.3, scored_at=early),
+            _prediction_row(i2, m, 1, "8", None, subset="inbox", confidence=0.9, scored_at=late),
+            # challenger v2
+            _prediction_row(t1, m, 2, "0", "0", confidence=0.99),
+            _prediction_row(t2, m, 2, "2", "2", confidence=0.70),
+            _prediction_row(t3, m, 2, "2", "2", confidence=0.80),
+            _prediction_row(i1, m, 2, "9", None, subset="inbox", confidence=0.5, scored_at=late),
+            _prediction_row(i2, m, 2, "8", None, subset="inbox", confidence=0.5, scored_at=early),
+        ],
+    )
+    _alias(db, m, "champion", 1)
+    _alias(db, m, "challenger", 2)
+
+    acc = db.query("SELECT * FROM v_accuracy_by_model_version ORDER BY model_version")
+    assert [(r["model_version"], r["alias"], r["n_labelled"]) for r in acc] == [
+        (1, "champion", 3),
+        (2, "challenger", 3),
+    ]
+    assert [float(r["accuracy"]) for r in acc] == pytest.approx([2 / 3, 1.0])
+
+    confusion = db.query("SELECT true_label, predicted_label, n FROM v_champion_confusion")
+    assert {(r["true_label"], r["predicted_label"]): r["n"] for r in confusion} == {
+        ("0", "0"): 1,
+        ("2", "1"): 1,
+        ("2", "2"): 1,
+    }
+
+    queue = db.query("SELECT image_id, confidence FROM v_review_queue ORDER BY confidence")
+    assert [(r["image_id"], r["confidence"]) for r in queue] == [
+        (i1, 0.3),
+        (t2, 0.40),
+        (t3, 0.55),
+    ]
+
+    disagreements = db.query("SELECT * FROM v_champion_challenger_disagreements ORDER BY image_id")
+    assert [(r["image_id"], r["champion_label"], r["challenger_label"]) for r in disagreements] == (
+        sorted([(t2, "1", "2"), (i1, "7", "9")])
+    )
+    assert {(r["champion_version"], r["challenger_version"]) for r in disagreements} == {(1, 2)}
+
+    inbox = db.query("SELECT * FROM v_inbox_latest_predictions ORDER BY image_id")
+    assert [(r["image_id"], r["model_version"], r["predicted_label"]) for r in inbox] == [
+        (i1, 2, "9"),
+        (i2, 1, "8"),
+        (i3, None, None),
+        (i4, None, None),
+    ]
+
+    # Promoting v2 moves every champion view to it.
+    _alias(db, m, "champion", 2, moved_at=late)
+    confusion = db.query("SELECT model_version, n FROM v_champion_confusion")
+    assert {r["model_version"] for r in confusion} == {2}
+    assert sum(r["n"] for r in confusion) == 3
+    # Ties on confidence (0.5) come in image order.
+    assert [r["image_id"] for r in db.query("SELECT image_id FROM v_review_queue")] == sorted(
+        [i1, i2]
+    )
+
+
+def test_a_model_with_other_classes_is_refused_with_both_lists(db, store, digits, mlflow_names):
+    version = _register(mlflow_names, {"cat": 0, "dog": 1}, digits["dataset_version"])
+    with pytest.raises(ValueError, match=r"\['cat', 'dog'\].*\['eight', 'five', "):
+        score.plan_scoring(
+            db, store.bucket, PREFIX, model_name=mlflow_names["model_name"], model_ref=version
+        )
+    # Inbox-only scoring has no labels to compare, so it is allowed.
+    plan = score.plan_scoring(
+        db,
+        store.bucket,
+        PREFIX,
+        model_name=mlflow_names["model_name"],
+        model_ref=version,
+        subsets=("inbox",),
+    )
+    assert plan["to_score"] == 4
+
+
+def test_vanished_and_undecodable_images_are_rejected_and_the_shard_continues(
+    db, store, tmp_path, mlflow_names, tmp_cache
+):
+    render_digits(tmp_path / "digits", size=SIZE, per_label=5, inbox=4, test_percent=40)
+    (tmp_path / "digits" / "inbox" / "broken.jpg").write_bytes(_broken_jpeg())
+    upload_tree(store, tmp_path / "digits", PREFIX)
+    scanned = catalog.scan(db, store, PREFIX)
+    version = _register(mlflow_names, digits_label_map(db), scanned["dataset_version"])
+    registry.move_alias(db, mlflow_names["model_name"], "champion", version, actor="t", reason="t")
+    gone = db.query("SELECT id, object_key FROM images WHERE subset = 'test' ORDER BY id LIMIT 1")[
+        0
+    ]
+    store.delete(gone["object_key"])
+    broken = db.query("SELECT id FROM images WHERE object_key LIKE '%%broken.jpg'")[0]["id"]
+    expected = _expected(db)
+
+    plan = _plan(db, store, mlflow_names)
+    assert plan["to_score"] == len(expected)
+    summaries = _score_all(db, store, plan, tmp_cache)
+    rejected: dict[str, int] = {}
+    for s in summaries:
+        for reason, n in s["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + n
+    assert rejected == {"missing_object": 1, "decode_failed": 1}
+    assert sum(s["scored"] for s in summaries) == len(expected) - 2
+    scored = {r["image_id"] for r in _predictions(db)}
+    assert scored == set(expected) - {gone["id"], broken}
+    reasons = {
+        r["id"]: r["reject_reason"]
+        for r in db.query("SELECT id, reject_reason FROM images WHERE status = 'rejected'")
+    }
+    assert reasons[gone["id"]].startswith("missing_object")
+    assert reasons[broken].startswith("decode_failed")
+    # Later runs skip them: nothing left to score.
+    assert _plan(db, store, mlflow_names)["to_score"] == 0
+
+
+def test_scoring_without_a_champion_names_what_to_run_first(db, store, digits, mlflow_names):
+    with pytest.raises(registry.NoModelError, match="python -m pipeline train"):
+        _plan(db, store, mlflow_names)
