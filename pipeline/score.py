@@ -353,6 +353,7 @@ def score_shard(
         "rejected": {},
         "images_per_s": 0.0,
         "seconds": 0.0,
+        "stage_seconds": {},
     }
     if total == 0:
         log.info("shard %d/%d: nothing to score for %s v%s", shard, shards, model_name, version)
@@ -369,6 +370,7 @@ def score_shard(
     preset = EvalPreset(loaded.image_size)
     cache = ImageCache(cache_dir)
     rejected: Counter = Counter()
+    stages: Counter = Counter()  # seconds the main thread spent inferring and writing
     started = last_log = time.monotonic()
     records = _iter_records(db, parts, shard=shard, **select)
 
@@ -378,10 +380,12 @@ def score_shard(
             rejected.update(reason.split(":", 1)[0] for _, reason in failures)
         if not batch:
             return
+        t0 = time.perf_counter()
         tensors = torch.stack([t for _, t in batch]).to(device, non_blocking=True)
         preds = predict(
             loaded.module, to_model_input(tensors), loaded.labels, top_k=TOP_K, precision=precision
         )
+        t1 = time.perf_counter()
         scored_at = _now()
         rows = []
         for (record, _), pred in zip(batch, preds, strict=True):
@@ -413,9 +417,19 @@ def score_shard(
             summary["correct"] += bool(correct)
         _write_batch(db, rows)
         summary["scored"] += len(rows)
+        stages["infer"] += t1 - t0
+        stages["write"] += time.perf_counter() - t1
 
     # Fetch+decode run ahead in the pool (about two batches) while the main thread infers/writes.
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score-fetch") as pool:
+    # Fetch threads run torch ops (resize) single-threaded: per-thread OpenMP teams on top of
+    # the model's would oversubscribe the cores and slow inference down.
+    pool = ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="score-fetch",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
+    with pool:
         batch: list[tuple[ImageRecord, Any]] = []
         failures: list[tuple[int, str]] = []
         loads = _prefetched(pool, lambda r: _load(store, cache, preset, r), records, 2 * batch_size)
@@ -443,9 +457,12 @@ def score_shard(
     elapsed = time.monotonic() - started
     summary["rejected"] = dict(rejected)
     summary["seconds"] = round(elapsed, 3)
+    # What is left of the wall time is the main thread waiting for fetch+decode (and paging).
+    stages["wait_input"] = max(0.0, elapsed - stages["infer"] - stages["write"])
+    summary["stage_seconds"] = {k: round(v, 3) for k, v in sorted(stages.items())}
     summary["images_per_s"] = round(summary["scored"] / elapsed, 2) if elapsed > 0 else 0.0
     log.info(
-        "shard %d/%d: scored %d images with %s v%s in %.1fs (%.1f img/s), rejected %s",
+        "shard %d/%d: scored %d images with %s v%s in %.1fs (%.1f img/s, %s), rejected %s",
         shard,
         shards,
         summary["scored"],
@@ -453,6 +470,7 @@ def score_shard(
         version,
         elapsed,
         summary["images_per_s"],
+        ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items()),
         dict(rejected) or "none",
     )
     return summary
