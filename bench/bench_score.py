@@ -371,7 +371,10 @@ def main() -> int:
             f"- fp32 runs, img/s: (a) {', '.join(f'{x:.1f}' for x in a_runs)};"
             f" (b) {', '.join(f'{x:.1f}' for x in b_runs)}. Last (b) run, main-thread seconds:"
             f" {b32['stage_seconds']} (`wait_input`: waiting for S3 GET + decode, mostly the first"
-            " batch; everything after it overlaps with inference).",
+            " batch; everything after it overlaps with inference). The (b) - (a) gap is"
+            f" inference itself running slower ({b32['stage_seconds']['infer']:.1f}s vs"
+            f" {args.images / a_fp32:.1f}s for the same images in (a)): the S3 server, MySQL and"
+            " the decode threads share the same 2 cores.",
             "- bf16 on this CPU (AVX2, no AVX512-BF16/AMX) is emulated and"
             f" {a_fp32 / a_bf16:.0f}x slower than fp32: use `--precision bf16` on GPUs or CPUs"
             " with native bf16 only.",
