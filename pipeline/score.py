@@ -143,9 +143,11 @@ def _count_by_shard(
     model_version: str,
     shards: int,
     force: bool,
-) -> Counter:
-    counts: Counter = Counter()
-    for _, sql, args in parts:
+) -> dict[str, Counter]:
+    """{part kind ("labelled"/"inbox"): Counter(shard -> images to score)}."""
+    counts: dict[str, Counter] = {}
+    for kind, sql, args in parts:
+        per_shard = counts.setdefault(kind, Counter())
         extra = "" if force else _NOT_SCORED
         extra_args = () if force else (model_name, int(model_version))
         rows = db.query(
@@ -153,7 +155,7 @@ def _count_by_shard(
             (shards, *args, *extra_args),
         )
         for r in rows:
-            counts[int(r["shard"])] += int(r["n"])
+            per_shard[int(r["shard"])] += int(r["n"])
     return counts
 
 
@@ -203,8 +205,8 @@ def plan_scoring(
 ) -> dict[str, Any]:
     """Resolve the model once and count the work per shard.
 
-    Returns {model_name, model_version, dataset_version, to_score, shards (numbers with work),
-    n_shards, counts}. NoModelError without the requested alias/version; ValueError when the
+    Returns {model_name, model_version, dataset_version, to_score (also split into
+    to_score_labelled and to_score_inbox), shards (numbers with work), n_shards, counts}. NoModelError without the requested alias/version; ValueError when the
     model's classes differ from the dataset's labels (and labelled images are to be scored).
     """
     from pipeline import registry
@@ -221,10 +223,11 @@ def plan_scoring(
         )
     dataset_version = dataset["dataset_version"]
     parts = _selection(bucket, prefix, dataset_version, subsets)
-    counts = _count_by_shard(
+    by_kind = _count_by_shard(
         db, parts, model_name=model_name, model_version=version, shards=shards, force=force
     )
-    if any(kind == "labelled" for kind, _, _ in parts) and sum(counts.values()):
+    counts = sum(by_kind.values(), Counter())
+    if sum(by_kind.get("labelled", Counter()).values()):
         tags = registry.version_tags(model_name, version)
         model_labels = list(json.loads(tags.get("label_map", "{}")))
         check_labels(model_labels, list(dataset["label_map"]), what=f"{model_name} v{version}")
@@ -235,6 +238,8 @@ def plan_scoring(
         "bucket": bucket,
         "prefix": catalog.normalize_prefix(prefix),
         "to_score": sum(counts.values()),
+        "to_score_labelled": sum(by_kind.get("labelled", Counter()).values()),
+        "to_score_inbox": sum(by_kind.get(INBOX, Counter()).values()),
         "n_shards": shards,
         "shards": sorted(s for s, n in counts.items() if n),
         "counts": {str(s): counts[s] for s in sorted(counts)},
@@ -340,7 +345,8 @@ def score_shard(
         dataset_version = latest["dataset_version"] if latest else None
     parts = _selection(store.bucket, prefix, dataset_version, subsets)
     select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
-    total = _count_by_shard(db, parts, **select)[shard]
+    by_kind = _count_by_shard(db, parts, **select)
+    total = sum(c[shard] for c in by_kind.values())
     summary: dict[str, Any] = {
         "model_name": model_name,
         "model_version": version,
@@ -360,7 +366,7 @@ def score_shard(
         return summary
 
     loaded = registry.load_model(model_name, version, cache_dir=cache_dir)
-    if any(kind == "labelled" for kind, _, _ in parts):
+    if by_kind.get("labelled", Counter())[shard]:
         check_labels(
             loaded.labels,
             list(catalog.get_dataset(db, dataset_version)["label_map"]),

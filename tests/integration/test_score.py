@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -122,6 +123,7 @@ def test_scoring_writes_one_row_per_image_and_a_second_run_writes_nothing(
     plan = _plan(db, store, mlflow_names)
     assert plan["model_version"] == champion
     assert plan["to_score"] == len(expected)
+    assert (plan["to_score_labelled"], plan["to_score_inbox"]) == (len(expected) - 4, 4)
     assert plan["shards"] == [0, 1]
 
     summaries = _score_all(db, store, plan, tmp_cache, airflow_run_id="manual__1")
@@ -407,6 +409,19 @@ def test_views_answer_the_documented_questions(db, digits):
     assert [r["image_id"] for r in db.query("SELECT image_id FROM v_review_queue")] == sorted(
         [i1, i2]
     )
+
+    # Every example query of docs/sql.md runs against these views and tables.
+    queries = _doc_queries()
+    assert len(queries) >= 8
+    for statement in queries:
+        db.query(statement.replace("'image-classifier'", "'m'"))
+
+
+def _doc_queries() -> list[str]:
+    text = (REPO / "docs" / "sql.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    statements = [s.strip() for block in blocks for s in block.split(";")]
+    return [s for s in statements if s and not all(ln.startswith("--") for ln in s.splitlines())]
 
 
 def test_a_model_with_other_classes_is_refused_with_both_lists(db, store, digits, mlflow_names):
