@@ -259,12 +259,18 @@ def image_classification():
         if not plan.get("to_score"):
             return []
         return [
-            {"shard": shard, "model_version": str(plan["model_version"])}
+            {
+                "shard": shard,
+                "model_version": str(plan["model_version"]),
+                "dataset_version": plan["dataset_version"],
+            }
             for shard in plan["shards"]
         ]
 
     @task(execution_timeout=timedelta(hours=2))
-    def score_images(shard: int, model_version: str, **context) -> dict:
+    def score_images(
+        shard: int, model_version: str, dataset_version: str | None = None, **context
+    ) -> dict:
         """Score one shard with the planned model version; idempotent per (image, model version)."""
         import imgpipe_runtime as rt
 
@@ -279,6 +285,7 @@ def image_classification():
             shard=shard,
             shards=params["shards"],
             prefix=params["prefix"],
+            dataset_version=dataset_version,
             force=params["force_rescore"],
             airflow_run_id=context["run_id"],
             cache_dir=rt.cache_dir(),

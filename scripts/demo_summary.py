@@ -30,21 +30,30 @@ def main() -> int:
         f"champion: {model} version {version} (promoted {champion[0]['moved_at']}: {champion[0]['reason']})"
     )
     query = (
-        "SELECT model_version, n_images, accuracy, macro_f1 FROM v_accuracy_by_model_version "
-        "WHERE model_name = %s ORDER BY model_version"
+        "SELECT model_version, alias, n_labelled, accuracy, macro_f1 "
+        "FROM v_accuracy_by_model_version WHERE model_name = %s ORDER BY model_version"
     )
     print(f"\nSQL> {query.replace('%s', repr(model))};")
     rows = db.query(query, (model,))
-    print(f"{'model_version':>13}  {'n_images':>8}  {'accuracy':>8}  {'macro_f1':>8}")
+    print(
+        f"{'model_version':>13}  {'alias':<10}  {'n_labelled':>10}  {'accuracy':>8}  {'macro_f1':>8}"
+    )
     for r in rows:
+        macro_f1 = "" if r["macro_f1"] is None else f"{float(r['macro_f1']):.4f}"
         print(
-            f"{r['model_version']:>13}  {r['n_images']:>8}  {float(r['accuracy']):8.4f}  {float(r['macro_f1'] or 0):8.4f}"
+            f"{r['model_version']:>13}  {r['alias'] or '':<10}  {r['n_labelled']:>10}"
+            f"  {float(r['accuracy']):8.4f}  {macro_f1:>8}"
         )
     test = next((r for r in rows if str(r["model_version"]) == str(version)), None)
     if test is not None:
         print(
-            f"\ntest accuracy of the champion (v{version}): {float(test['accuracy']):.2%} on {test['n_images']} images"
+            f"\ntest accuracy of the champion (v{version}): {float(test['accuracy']):.2%}"
+            f" on {test['n_labelled']} labelled images"
         )
+    inbox = db.query(
+        "SELECT COUNT(*) AS n FROM v_inbox_latest_predictions WHERE model_name = %s", (model,)
+    )[0]["n"]
+    print(f"inbox images with a prediction: {inbox} (SELECT * FROM v_inbox_latest_predictions)")
     return 0
 
 
