@@ -207,10 +207,13 @@ def image_classification():
                 actor=actor,
                 reason="rollback_to param",
             )
+        if params["score_only"]:
+            raise AirflowSkipException("score_only: no gate")
         # Alone (`airflow tasks test`) there is no XCom: the version this run registered is
-        # found in MLflow by its run_key tag.
+        # found in MLflow by its run_key tag, else the newest version the gate never decided on.
         trained = _xcom(context, "train_model") or {
             "model_version": registry.find_version_by_run_key(rt.model_name(), context["run_id"])
+            or registry.newest_ungated_version(db, rt.model_name())
         }
         if trained.get("skipped") or not trained.get("model_version"):
             raise AirflowSkipException("no new model version in this run")

@@ -88,8 +88,31 @@ def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
         found = _client().search_model_versions(f"name='{model_name}' and tags.run_key='{escaped}'")
     except MlflowException:
         return None
-    versions = sorted((int(v.version) for v in found), reverse=False)
+    versions = sorted(int(v.version) for v in found)
     return str(versions[0]) if versions else None
+
+
+def newest_ungated_version(db: Database, model_name: str) -> str | None:
+    """The newest registered version, if the promotion gate never decided on it.
+
+    What a gate run alone (`airflow tasks test ... promote_model`, no XCom from train_model and
+    no version registered under its own run id) should decide on; None when there is nothing new.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = _client().search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    if not found:
+        return None
+    newest = max(int(v.version) for v in found)
+    decided = db.query(
+        "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
+        " AND decision IS NOT NULL",
+        (model_name, newest),
+    )
+    return None if decided else str(newest)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,263 @@
+"""`airflow dags test` end to end against the real local stack, then every task alone."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from pipeline.config import REPO_ROOT
+
+DAG_ID = "image_classification"
+
+
+@pytest.fixture(scope="module")
+def world(settings, tmp_path_factory):
+    """A private database, bucket and model name, wired into Airflow's connections by env."""
+    from mlflow import MlflowClient
+
+    from pipeline import demo_data, upload
+    from pipeline.db import Database
+    from pipeline.store import ObjectStore
+
+    suffix = uuid.uuid4().hex[:8]
+    db_name = f"{settings.mysql.database}_test_dag_{suffix}"
+    admin = Database(settings.mysql).connect(autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    db = Database(replace(settings.mysql, database=db_name))
+    bucket = f"test-dag-{suffix}"
+    store = ObjectStore(settings.s3, bucket)
+    store.ensure_bucket()
+    prefix = "datasets/digits"
+    local = tmp_path_factory.mktemp("digits")
+    demo_data.render_digits(local, size=32, fmt="png", inbox=12)
+    upload.upload_tree(store, local, prefix)
+    model_name = f"test-dag-model-{suffix}"
+    env = dict(os.environ)
+    m = settings.mysql
+    env.update(
+        {
+            "AIRFLOW_CONN_IMGPIPE_MYSQL": json.dumps(
+                {
+                    "conn_type": "mysql",
+                    "host": m.host,
+                    "port": m.port,
+                    "login": m.user,
+                    "password": m.password,
+                    "schema": db_name,
+                }
+            ),
+            "MODEL_NAME": model_name,
+            "PIPELINE_TASK_RETRIES": "0",
+            "PIPELINE_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        }
+    )
+    conf = {
+        "bucket": bucket,
+        "prefix": prefix,
+        "epochs": 2,
+        "image_size": 32,
+        "batch_size": 64,
+        "learning_rate": 0.003,
+        "min_accuracy": 0.2,
+        "shards": 2,
+        "num_workers": 2,
+        "augment": False,
+    }
+    try:
+        yield {
+            "db": db,
+            "store": store,
+            "env": env,
+            "conf": conf,
+            "model_name": model_name,
+            "prefix": prefix,
+            "run_ids": [],  # of `airflow dags test` runs, in order
+        }
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{db_name}`")
+        admin.close()
+        store.delete_bucket()
+        try:
+            MlflowClient(settings.mlflow_tracking_uri).delete_registered_model(model_name)
+        except Exception:  # noqa: BLE001 - nothing registered when an early step failed
+            pass
+
+
+def airflow(world, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["airflow", *args],
+        env=world["env"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-60:])
+        pytest.fail(f"airflow {' '.join(args[:3])} exited {result.returncode}:\n{tail}")
+    return result
+
+
+def dags_test(world) -> str:
+    """One `airflow dags test` run (fails the test unless the run succeeds); returns its run id."""
+    result = airflow(world, "dags", "test", DAG_ID, "-c", json.dumps(world["conf"]))
+    output = result.stdout + result.stderr
+    world["last_output"] = output
+    finished = re.search(r"DagRun Finished: .*?run_id=([^,\s]+),.*?state=success", output)
+    assert finished, output[-3000:]
+    return finished.group(1)
+
+
+def prediction_count(world) -> int:
+    return world["db"].query("SELECT COUNT(*) AS n FROM predictions")[0]["n"]
+
+
+def scorable_count(world) -> int:
+    return world["db"].query(
+        "SELECT COUNT(*) AS n FROM images WHERE subset IN ('test', 'inbox') AND status = 'ok' "
+        "AND deleted_at IS NULL"
+    )[0]["n"]
+
+
+@pytest.mark.slow
+def test_dag_runs_end_to_end_then_skips_an_unchanged_bucket(world, settings):
+    from mlflow import MlflowClient
+
+    world["run_ids"].append(dags_test(world))
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    champion = client.get_model_version_by_alias(world["model_name"], "champion")
+    n_scorable = scorable_count(world)
+    assert n_scorable > 300
+    rows = world["db"].query(
+        "SELECT model_version, COUNT(*) AS n, COUNT(DISTINCT image_id) AS images FROM predictions "
+        "GROUP BY model_version"
+    )
+    assert rows == [{"model_version": int(champion.version), "n": n_scorable, "images": n_scorable}]
+    test_rows = world["db"].query(
+        "SELECT COUNT(*) AS n FROM predictions p JOIN images i ON i.id = p.image_id "
+        "WHERE i.subset = 'test'"
+    )[0]["n"]
+    assert (
+        test_rows
+        == world["db"].query(
+            "SELECT COUNT(*) AS n FROM images WHERE subset = 'test' AND status = 'ok'"
+        )[0]["n"]
+    )
+    versions_before = len(client.search_model_versions(f"name='{world['model_name']}'"))
+
+    world["run_ids"].append(dags_test(world))
+    assert "skipping training" in world["last_output"]
+    assert prediction_count(world) == n_scorable
+    assert len(client.search_model_versions(f"name='{world['model_name']}'")) == versions_before
+
+
+def task_test(world, task_id: str, when: str = "2026-11-24", *extra: str, **conf) -> dict:
+    """`airflow tasks test` one task; returns its final state and returned value.
+
+    `tasks test` exits 0 even when the task fails, so the state is read from its log.
+    """
+    params = json.dumps(world["conf"] | conf)
+    result = airflow(world, "tasks", "test", DAG_ID, task_id, when, *extra, "-t", params)
+    output = result.stdout + result.stderr
+    states = re.findall(r"new_state=(\w+)", output)
+    returned = re.search(r"Returned value was: (.*?)\s+\[airflow", output)
+    return {
+        "state": states[-1] if states else None,
+        "value": ast.literal_eval(returned.group(1)) if returned else None,
+        "output": output,
+    }
+
+
+def champion_version(world, settings) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    return int(client.get_model_version_by_alias(world["model_name"], "champion").version)
+
+
+@pytest.mark.slow
+def test_each_task_runs_alone(world, settings):
+    """`airflow tasks test` of every task, in order, each finding its inputs in MySQL/MLflow."""
+    from mlflow import MlflowClient
+
+    if not world["run_ids"]:
+        world["run_ids"].append(dags_test(world))
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    db = world["db"]
+
+    step = task_test(world, "check_services")
+    assert step["state"] == "success", step["output"][-3000:]
+    assert f"read/write ok in s3://{world['conf']['bucket']}" in step["value"]["s3"]
+
+    step = task_test(world, "scan_images")
+    assert step["state"] == "success"
+    latest = db.query("SELECT dataset_version FROM scans ORDER BY id DESC LIMIT 1")
+    assert step["value"]["dataset_version"] == latest[0]["dataset_version"]
+    assert step["value"]["changed"] is False
+
+    step = task_test(world, "check_dataset")
+    assert step["state"] == "success"
+    assert step["value"] is False and "skipping training" in step["output"]
+
+    versions = len(client.search_model_versions(f"name='{world['model_name']}'"))
+    step = task_test(world, "train_model", force_retrain=True)
+    assert step["state"] == "success", step["output"][-3000:]
+    assert step["value"]["skipped"] is False
+    new_version = int(step["value"]["model_version"])
+    assert len(client.search_model_versions(f"name='{world['model_name']}'")) == versions + 1
+
+    # A separate process with its own run id: the gate finds the newest undecided version.
+    step = task_test(world, "promote_model")
+    assert step["state"] == "success", step["output"][-3000:]
+    assert int(step["value"]["model_version"]) == new_version
+    decided = db.query(
+        "SELECT decision FROM model_versions WHERE model_name = %s AND model_version = %s",
+        (world["model_name"], new_version),
+    )
+    assert decided[0]["decision"] == step["value"]["decision"] in ("promoted", "challenger")
+    again = task_test(world, "promote_model")
+    assert again["state"] == "skipped"  # nothing left to decide
+
+    step = task_test(world, "publish_champion")
+    assert step["state"] == "skipped"  # alone it has no gate decision to publish
+
+    champion = champion_version(world, settings)
+    step = task_test(world, "plan_scoring")
+    assert step["state"] == "success"
+    scored_by_champion = db.query(
+        "SELECT COUNT(*) AS n FROM predictions WHERE model_version = %s", (champion,)
+    )[0]["n"]
+    if scored_by_champion == scorable_count(world):
+        assert step["value"] == []
+    else:
+        assert {s["model_version"] for s in step["value"]} == {str(champion)}
+
+    step = task_test(world, "evaluate_model")
+    assert step["state"] == "success"
+    assert int(step["value"]["model_version"]) == champion
+
+
+@pytest.mark.slow
+def test_one_shard_of_a_run_reruns_alone(world):
+    """A mapped shard reruns alone inside an existing run (its plan is that run's XCom)."""
+    if not world["run_ids"]:
+        world["run_ids"].append(dags_test(world))
+    run_id = world["run_ids"][0]
+    before = world["db"].query("SELECT COUNT(*) AS n, MAX(scored_at) AS last FROM predictions")[0]
+    step = task_test(world, "score_images", run_id, "--map-index", "0", force_rescore=True)
+    assert step["state"] == "success", step["output"][-3000:]
+    assert step["value"]["shard"] == 0 and step["value"]["scored"] > 0
+    after = world["db"].query("SELECT COUNT(*) AS n, MAX(scored_at) AS last FROM predictions")[0]
+    assert after["n"] == before["n"]  # overwritten, not duplicated
+    assert after["last"] > before["last"]
