@@ -261,3 +261,22 @@ def test_one_shard_of_a_run_reruns_alone(world):
     after = world["db"].query("SELECT COUNT(*) AS n, MAX(scored_at) AS last FROM predictions")[0]
     assert after["n"] == before["n"]  # overwritten, not duplicated
     assert after["last"] > before["last"]
+
+
+@pytest.mark.slow
+def test_bad_conf_is_refused_before_any_work(world):
+    """conf from `dags test -c` (like the REST API) is validated: the run fails, naming the param."""
+    conf = world["conf"] | {"epochs": 0}
+    result = subprocess.run(
+        ["airflow", "dags", "test", DAG_ID, "-c", json.dumps(conf)],
+        env=world["env"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "epochs" in output and "minimum of 1" in output
+    assert "Returned value was" not in output  # no task did anything
