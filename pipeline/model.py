@@ -24,6 +24,9 @@ from pipeline.data import MEAN, STD
 log = logging.getLogger(__name__)
 
 WEIGHT_CHOICES = "none, imagenet, a local path or an s3:// URI of a state dict"
+# int8 runs through ONNX Runtime (pipeline.onnx_runtime); pipeline.score and pipeline.params
+# list the same values.
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def build_model(num_classes: int, *, weights: str = "none", store=None) -> nn.Sequential:
@@ -122,17 +125,27 @@ def predict(
     top_k: int = 3,
     precision: str = "fp32",
 ) -> list[Prediction]:
-    """Top-k predictions for a float batch in [0, 1] under `inference_mode` (bf16 autocast if asked)."""
-    device = next(model.parameters()).device
-    batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    """Top-k predictions for a float batch in [0, 1] under `inference_mode`.
+
+    `precision`: fp32; bf16 (autocast); int8 (`model` is a `pipeline.onnx_runtime.Int8Model`).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}"
+        )
     with torch.inference_mode():
-        if precision == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = model(batch)
-        elif precision == "fp32":
+        if precision == "int8":
             logits = model(batch)
         else:
-            raise ValueError(f"unknown precision {precision!r}; expected one of: fp32, bf16")
+            device = next(model.parameters()).device
+            batch = batch.to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last
+            )
+            if precision == "bf16":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    logits = model(batch)
+            else:
+                logits = model(batch)
         probs = torch.softmax(logits.float(), dim=1)
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)

@@ -206,8 +206,9 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     "precision": ParamSpec(
         "string",
         "fp32",
-        "Scoring precision (bf16 only where its agreement with fp32 was measured).",
-        enum=("fp32", "bf16"),
+        "Scoring precision: fp32; bf16 or int8 (ONNX Runtime) only where their agreement with"
+        " fp32 was measured (bench/results/score.md).",
+        enum=("fp32", "bf16", "int8"),
         section="Scoring",
     ),
 }

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SUBSETS = ("test", INBOX)
 SCORABLE_SUBSETS = ("train", "val", "test", INBOX)
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")  # as pipeline.model.PRECISIONS (torch-free import here)
 TOP_K = 3
 PAGE_SIZE = 1000
 EVALUATED_SUBSETS = ("test",)
@@ -372,7 +372,15 @@ def score_shard(
             list(catalog.get_dataset(db, dataset_version)["label_map"]),
             what=f"{model_name} v{version}",
         )
-    device = next(loaded.module.parameters()).device
+    if precision == "int8":
+        from pipeline.onnx_runtime import int8_model
+
+        # Exported and calibrated on the first use of this version, then read from the cache.
+        module = int8_model(loaded, db, store, cache_dir=cache_dir)
+        device = torch.device("cpu")
+    else:
+        module = loaded.module
+        device = next(module.parameters()).device
     preset = EvalPreset(loaded.image_size)
     cache = ImageCache(cache_dir)
     rejected: Counter = Counter()
@@ -389,7 +397,7 @@ def score_shard(
         t0 = time.perf_counter()
         tensors = torch.stack([t for _, t in batch]).to(device, non_blocking=True)
         preds = predict(
-            loaded.module, to_model_input(tensors), loaded.labels, top_k=TOP_K, precision=precision
+            module, to_model_input(tensors), loaded.labels, top_k=TOP_K, precision=precision
         )
         t1 = time.perf_counter()
         scored_at = _now()
@@ -620,7 +628,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
     parser.add_argument("--shard", type=int, help="score only this shard (default: all, in turn)")
     parser.add_argument("--force", action="store_true", help="rescore images already scored")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default); bf16 autocast; int8 through ONNX Runtime (quantized on first use)",
+    )
     parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
     parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -168,6 +168,67 @@ def test_forced_rescore_overwrites_the_rows_it_already_has(
     assert all(a["scored_at"] > b["scored_at"] for a, b in zip(after, before, strict=True))
 
 
+def test_int8_scoring_calibrates_once_on_the_dataset_and_writes_every_row(
+    db, store, mlflow_names, champion, tmp_cache, monkeypatch
+):
+    from pipeline import onnx_runtime
+
+    calibrated = []
+    original = onnx_runtime.calibration_images
+
+    def recording(*args, **kwargs):
+        images = original(*args, **kwargs)
+        calibrated.append(tuple(images.shape))
+        return images
+
+    monkeypatch.setattr(onnx_runtime, "calibration_images", recording)
+    expected = _expected(db)
+    labels = set(digits_label_map(db))
+    plan = _plan(db, store, mlflow_names)
+
+    def score_int8(batch_size: int, force: bool) -> int:
+        return sum(
+            score.score_shard(
+                db,
+                store,
+                model_name=plan["model_name"],
+                model_version=plan["model_version"],
+                shard=shard,
+                shards=plan["n_shards"],
+                prefix=PREFIX,
+                cache_dir=tmp_cache,
+                dataset_version=plan["dataset_version"],
+                precision="int8",
+                force=force,
+                batch_size=batch_size,
+                workers=2,
+            )["scored"]
+            for shard in range(plan["n_shards"])
+        )
+
+    assert score_int8(batch_size=4, force=False) == len(expected)
+    n_calibration = db.query(
+        "SELECT COUNT(*) AS n FROM dataset_version_images WHERE dataset_version = %s"
+        " AND subset IN ('train', 'val')",
+        (plan["dataset_version"],),
+    )[0]["n"]
+    # One calibration for both shards, on every train/val image of this small dataset.
+    assert calibrated == [(n_calibration, 3, SIZE, SIZE)]
+    rows = _predictions(db)
+    assert {r["image_id"]: r["true_label"] for r in rows} == expected
+    for r in rows:
+        top_k = json.loads(r["top_k"])
+        assert len(top_k) == 3 and {t["label"] for t in top_k} <= labels
+        assert top_k[0]["label"] == r["predicted_label"]
+        assert [t["prob"] for t in top_k] == sorted((t["prob"] for t in top_k), reverse=True)
+
+    # Other batch sizes (5 leaves remainders) run through the same cached file.
+    assert score_int8(batch_size=5, force=True) == len(expected)
+    assert len(calibrated) == 1
+    assert len(list((tmp_cache / "models").glob("*/onnx/*.int8.onnx"))) == 1
+    assert [r["predicted_label"] for r in _predictions(db)] == [r["predicted_label"] for r in rows]
+
+
 _DIES_MID_SHARD = textwrap.dedent(
     """
     import os, signal, sys
