@@ -571,9 +571,8 @@ def main() -> int:
             f" fp32 {per_round(lambda r: r['a']['fp32'] / r['c'])},"
             f" int8 {per_round(lambda r: r['a']['int8'] / r['c'])}. On 2 CPU cores everything is"
             f" bound by the forward pass; (c) reaches {last['c']:.1f} of the {a_single:.1f} img/s"
-            f" the fp32 model alone manages at batch 1, i.e. it loses only"
-            f" {100 * (1 - last['c'] / a_single):.0f}% of its time to GET, decode and per-row"
-            " commits.",
+            f" the fp32 model alone manages at batch 1: GET, decode and per-row commits take"
+            f" {100 * (1 - last['c'] / a_single):.0f}% of its time.",
             f"- bf16 vs fp32, model alone: {' / '.join(f'{x:.2f}' for x in a_bf16_x)}x the fp32"
             f" rate ({bf16_note(a_bf16_x)}).",
             f"- int8 (ONNX Runtime, static QDQ, per-channel, percentile calibration on"

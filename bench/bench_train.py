@@ -142,7 +142,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = load_settings()
     suffix = uuid.uuid4().hex[:8]
-    name = f"{settings.mysql.database}_bench_{suffix}"
+    name = f"{settings.mysql.database}_test_bench_{suffix}"
     admin = Database(settings.mysql).connect(autocommit=True)
     with admin.cursor() as cur:
         cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")

@@ -85,6 +85,9 @@ class Int8Model:
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads sleep instead of spinning: while a batch is fetched and decoded
+        # in other threads of the same process, spinning would steal their cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
