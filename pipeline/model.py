@@ -20,13 +20,11 @@ from torch import nn
 from torchvision import models, transforms
 
 from pipeline.data import MEAN, STD
+from pipeline.params import PRECISIONS
 
 log = logging.getLogger(__name__)
 
 WEIGHT_CHOICES = "none, imagenet, a local path or an s3:// URI of a state dict"
-# int8 runs through ONNX Runtime (pipeline.onnx_runtime); pipeline.score and pipeline.params
-# list the same values.
-PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def build_model(num_classes: int, *, weights: str = "none", store=None) -> nn.Sequential:

@@ -6,6 +6,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+# Scoring precisions: fp32; bf16 autocast; int8 through ONNX Runtime (pipeline.onnx_runtime).
+PRECISIONS = ("fp32", "bf16", "int8")
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -208,7 +211,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "fp32",
         "Scoring precision: fp32; bf16 or int8 (ONNX Runtime) only where their agreement with"
         " fp32 was measured (bench/results/score.md).",
-        enum=("fp32", "bf16", "int8"),
+        enum=PRECISIONS,
         section="Scoring",
     ),
 }

@@ -36,13 +36,13 @@ from typing import Any
 from pipeline import catalog
 from pipeline.catalog import INBOX, ImageRecord
 from pipeline.db import Database
+from pipeline.params import PRECISIONS
 from pipeline.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SUBSETS = ("test", INBOX)
 SCORABLE_SUBSETS = ("train", "val", "test", INBOX)
-PRECISIONS = ("fp32", "bf16", "int8")  # as pipeline.model.PRECISIONS (torch-free import here)
 TOP_K = 3
 PAGE_SIZE = 1000
 EVALUATED_SUBSETS = ("test",)

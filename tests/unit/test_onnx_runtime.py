@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import onnx_runtime
-from pipeline.model import PRECISIONS, build_model, predict
+from pipeline.model import build_model, predict
 from pipeline.onnx_runtime import Calibration, Int8Model, int8_model, int8_path, quantize_module
 
 SIZE = 32
@@ -162,10 +162,3 @@ def test_missing_onnxruntime_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(RuntimeError, match="precision int8 needs onnxruntime"):
         Int8Model(tmp_path / "model.onnx")
-
-
-def test_precisions_are_the_same_everywhere():
-    from pipeline.params import RUN_PARAMS
-    from pipeline.score import PRECISIONS as SCORE_PRECISIONS
-
-    assert PRECISIONS == SCORE_PRECISIONS == RUN_PARAMS["precision"].enum
