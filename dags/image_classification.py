@@ -311,7 +311,8 @@ def image_classification():
             rt.database(), model_name=rt.model_name(), model_version=str(version)
         )
         rt.log.info("evaluation of %s v%s: %s", rt.model_name(), version, result)
-        return result
+        # XCom stays small whatever the number of classes: per-class rows are in MySQL/MLflow.
+        return {k: v for k, v in result.items() if k != "per_class"}
 
     checked = check_services()
     scanned = scan_images()

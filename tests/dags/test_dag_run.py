@@ -246,6 +246,12 @@ def test_each_task_runs_alone(world, settings):
     step = task_test(world, "evaluate_model")
     assert step["state"] == "success"
     assert int(step["value"]["model_version"]) == champion
+    labelled = db.query(
+        "SELECT COUNT(*) AS n FROM predictions WHERE model_version = %s AND subset = 'test'",
+        (champion,),
+    )[0]["n"]
+    assert step["value"]["n_images"] == labelled
+    assert "per_class" not in step["value"]  # the XCom stays tiny whatever the classes
 
 
 @pytest.mark.slow
