@@ -125,7 +125,7 @@ def image_classification():
         """Refuse bad datasets; return whether training should run (False skips train_model)."""
         import imgpipe_runtime as rt
 
-        from pipeline import catalog, registry
+        from pipeline import catalog, registry, train
 
         params = rt.run_params(context)
         scanned = _xcom(context, "scan_images")
@@ -140,22 +140,13 @@ def image_classification():
                 f"no dataset catalogued for s3://{params['bucket']}/{params['prefix']}: "
                 "run scan_images first"
             )
-        problems = catalog.check_dataset(info, min_images_per_label=params["min_images_per_label"])
-        if problems:
-            raise ValueError("dataset not trainable: " + "; ".join(problems))
-        if params["score_only"] or params["rollback_to"] is not None:
-            rt.log.info("score_only/rollback_to set: no training")
-            return False
-        if params["force_retrain"]:
-            return True
-        trained_on = registry.champion_dataset_version(rt.model_name())
-        if trained_on == info["dataset_version"]:
-            rt.log.info(
-                "dataset %s unchanged since the champion was trained: skipping training",
-                info["dataset_version"],
-            )
-            return False
-        return True
+        should_train, why = train.training_decision(
+            info,
+            champion_dataset_version=registry.champion_dataset_version(rt.model_name()),
+            **{k: params[k] for k in train.DECISION_PARAMS},
+        )
+        rt.log.info("%s: %s", "training" if should_train else "no training", why)
+        return should_train
 
     # PIPELINE_TRAIN_QUEUE=gpu routes training to a GPU-tagged Celery worker (docs/docker.md).
     @task(

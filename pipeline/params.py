@@ -69,6 +69,13 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         enum=("reject", "keep"),
         section="Data",
     ),
+    "allow_unseen_labels": ParamSpec(
+        "boolean",
+        False,
+        "Train even when val/test hold labels that train lacks (reported; the model cannot"
+        " predict them).",
+        section="Data",
+    ),
     "min_images_per_label": ParamSpec(
         "integer",
         5,

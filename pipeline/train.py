@@ -841,6 +841,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-version", help="default: the latest scan of bucket/prefix")
     parser.add_argument("--run-key", help="retry key: the same key resumes/reuses (default: new)")
     parser.add_argument("--force-retrain", action="store_true")
+    parser.add_argument(
+        "--min-images-per-label", type=int, default=5, help="refuse labels with fewer train images"
+    )
+    parser.add_argument(
+        "--allow-unseen-labels",
+        action="store_true",
+        help="train even when val/test hold labels that train lacks",
+    )
     for f in fields(TrainParams):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -856,6 +864,59 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# Run params `training_decision` takes (besides the dataset and the champion's dataset version).
+DECISION_PARAMS = (
+    "min_images_per_label",
+    "allow_unseen_labels",
+    "score_only",
+    "rollback_to",
+    "force_retrain",
+)
+
+
+def training_decision(
+    dataset: dict[str, Any],
+    *,
+    champion_dataset_version: str | None,
+    min_images_per_label: int = 5,
+    allow_unseen_labels: bool = False,
+    score_only: bool = False,
+    rollback_to: int | None = None,
+    force_retrain: bool = False,
+) -> tuple[bool, str]:
+    """Whether a run should train on `dataset` (a `catalog.get_dataset` row), and why.
+
+    Runs that never train (score_only, rollback_to) don't look at the dataset; otherwise an
+    untrainable dataset raises ValueError naming every problem, even when training would be
+    skipped, so a bad bucket is reported the night it appears.
+    """
+    from pipeline import catalog
+
+    if score_only:
+        return False, "score_only: no training"
+    if rollback_to is not None:
+        return False, f"rollback_to {rollback_to}: no training"
+    problems = catalog.check_dataset(
+        dataset,
+        min_images_per_label=min_images_per_label,
+        allow_unseen_labels=allow_unseen_labels,
+    )
+    if problems:
+        raise ValueError(
+            f"dataset {dataset.get('dataset_version')} not trainable: " + "; ".join(problems)
+        )
+    if force_retrain:
+        return True, "force_retrain"
+    if champion_dataset_version == dataset["dataset_version"]:
+        return False, (
+            f"dataset {dataset['dataset_version']} unchanged since the champion was trained:"
+            " skipping training"
+        )
+    if champion_dataset_version is None:
+        return True, "no champion yet"
+    return True, f"dataset changed since the champion ({champion_dataset_version})"
 
 
 def cli_train(args: argparse.Namespace, settings: Any) -> int:
@@ -876,6 +937,16 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
                 f"no scan of s3://{store.bucket}/{prefix} yet: run `python -m pipeline scan`"
             )
         version = latest["dataset_version"]
+    from pipeline import registry
+
+    train, why = training_decision(
+        catalog.get_dataset(db, version),
+        champion_dataset_version=registry.champion_dataset_version(settings.model_name),
+        min_images_per_label=args.min_images_per_label,
+        allow_unseen_labels=args.allow_unseen_labels,
+        force_retrain=args.force_retrain,
+    )
+    log.info("training decision: %s (%s)", "train" if train else "skip", why)
     params = TrainParams.from_dict({f.name: getattr(args, f.name) for f in fields(TrainParams)})
     run_key = args.run_key or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
     result = train_model(

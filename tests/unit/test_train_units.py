@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import train
 from pipeline.data import EvalPreset, ImageDecodeError, TrainPreset, decode_image
 from pipeline.params import RUN_PARAMS, validate_params
 from pipeline.registry import gate_decision
@@ -171,3 +172,60 @@ def test_gate_decision(accuracy, champion, minimum, margin, decision):
     )
     assert got == decision
     assert f"{accuracy:.4f}" in reason
+
+
+def _dataset_info(train=None, test=None, version="dv1"):
+    counts = {"train": train or {"cat": 10, "dog": 10}, "test": test or {"cat": 3, "dog": 3}}
+    return {"dataset_version": version, "counts": counts}
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected, why",
+    [
+        pytest.param({"champion_dataset_version": None}, True, "no champion", id="first-model"),
+        pytest.param({"champion_dataset_version": "dv0"}, True, "changed", id="dataset-changed"),
+        pytest.param(
+            {"champion_dataset_version": "dv1"}, False, "skipping training", id="unchanged"
+        ),
+        pytest.param(
+            {"champion_dataset_version": "dv1", "force_retrain": True},
+            True,
+            "force_retrain",
+            id="forced",
+        ),
+        pytest.param(
+            {"champion_dataset_version": None, "score_only": True}, False, "score_only", id="score"
+        ),
+        pytest.param(
+            {"champion_dataset_version": None, "rollback_to": 2}, False, "rollback_to 2", id="rb"
+        ),
+    ],
+)
+def test_training_decision(kwargs, expected, why):
+    decision, reason = train.training_decision(_dataset_info(), **kwargs)
+    assert decision is expected
+    assert why in reason
+
+
+def test_training_decision_refuses_an_untrainable_dataset_even_when_unchanged():
+    bad = _dataset_info(train={"cat": 10, "dog": 2})
+    with pytest.raises(ValueError, match=r"dv1 not trainable: .*'dog' \(2\)"):
+        train.training_decision(bad, champion_dataset_version="dv1")
+    # A run that never trains does not look at the dataset.
+    assert train.training_decision(bad, champion_dataset_version="dv1", score_only=True)[0] is False
+
+
+def test_training_decision_unseen_labels_block_unless_allowed():
+    unseen = _dataset_info(test={"cat": 3, "dog": 3, "fox": 1})
+    with pytest.raises(ValueError, match=r"\['fox'\].*allow_unseen_labels"):
+        train.training_decision(unseen, champion_dataset_version=None)
+    decision, _ = train.training_decision(
+        unseen, champion_dataset_version=None, allow_unseen_labels=True
+    )
+    assert decision is True
+
+
+def test_decision_params_are_run_params():
+    from pipeline.params import RUN_PARAMS
+
+    assert set(train.DECISION_PARAMS) <= set(RUN_PARAMS)
