@@ -97,9 +97,7 @@ def _score_all(db, store, plan, tmp_cache, **kwargs) -> list[dict]:
             prefix=PREFIX,
             cache_dir=tmp_cache,
             dataset_version=plan["dataset_version"],
-            batch_size=4,
-            workers=4,
-            **kwargs,
+            **({"batch_size": 4, "workers": 4} | kwargs),
         )
         for shard in range(plan["n_shards"])
     ]
@@ -187,24 +185,17 @@ def test_int8_scoring_calibrates_once_on_the_dataset_and_writes_every_row(
     plan = _plan(db, store, mlflow_names)
 
     def score_int8(batch_size: int, force: bool) -> int:
-        return sum(
-            score.score_shard(
-                db,
-                store,
-                model_name=plan["model_name"],
-                model_version=plan["model_version"],
-                shard=shard,
-                shards=plan["n_shards"],
-                prefix=PREFIX,
-                cache_dir=tmp_cache,
-                dataset_version=plan["dataset_version"],
-                precision="int8",
-                force=force,
-                batch_size=batch_size,
-                workers=2,
-            )["scored"]
-            for shard in range(plan["n_shards"])
+        summaries = _score_all(
+            db,
+            store,
+            plan,
+            tmp_cache,
+            precision="int8",
+            force=force,
+            batch_size=batch_size,
+            workers=2,
         )
+        return sum(s["scored"] for s in summaries)
 
     assert score_int8(batch_size=4, force=False) == len(expected)
     n_calibration = db.query(
