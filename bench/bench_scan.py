@@ -16,14 +16,13 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import catalog  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.db import Database, migrate  # noqa: E402
+from pipeline.db import Database, create_database, drop_database, migrate  # noqa: E402
 from pipeline.store import ObjectStore  # noqa: E402
 
 log = logging.getLogger("bench_scan")
@@ -70,10 +69,7 @@ def main() -> int:
     settings = load_settings()
     suffix = uuid.uuid4().hex[:8]
     db_name = f"{settings.mysql.database}_test_bench_{suffix}"
-    admin = Database(settings.mysql).connect(autocommit=True)
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    db = Database(replace(settings.mysql, database=db_name))
+    db = create_database(settings.mysql, db_name)
     store = ObjectStore(settings.s3, f"bench-{suffix}", max_pool_connections=args.upload_workers)
     store.ensure_bucket()
     prefix = "bench"
@@ -149,9 +145,7 @@ def main() -> int:
     finally:
         log.info("cleaning up bucket %s and database %s", store.bucket, db_name)
         store.delete_bucket()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{db_name}`")
-        admin.close()
+        drop_database(settings.mysql, db_name)
     return 0
 
 

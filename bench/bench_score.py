@@ -38,14 +38,13 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import catalog, score  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.db import Database, migrate  # noqa: E402
+from pipeline.db import Database, create_database, drop_database, migrate  # noqa: E402
 from pipeline.store import ObjectStore  # noqa: E402
 
 log = logging.getLogger("bench_score")
@@ -351,10 +350,7 @@ def main() -> int:
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     suffix = uuid.uuid4().hex[:8]
     db_name = f"{settings.mysql.database}_test_bench_{suffix}"
-    admin = Database(settings.mysql).connect(autocommit=True)
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    db = Database(replace(settings.mysql, database=db_name))
+    db = create_database(settings.mysql, db_name)
     store = ObjectStore(settings.s3, f"bench-{suffix}", max_pool_connections=64)
     store.ensure_bucket()
     model_name, experiment = f"bench-score-{suffix}", f"bench-score-{suffix}"
@@ -626,9 +622,7 @@ def main() -> int:
     finally:
         log.info("cleaning up bucket %s, database %s, model %s", store.bucket, db_name, model_name)
         store.delete_bucket()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{db_name}`")
-        admin.close()
+        drop_database(settings.mysql, db_name)
         client = MlflowClient()
         for name in (model_name, f"bench-digits-{suffix}"):
             try:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from pipeline import catalog, registry, train  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.db import Database, migrate  # noqa: E402
+from pipeline.db import create_database, drop_database, migrate  # noqa: E402
 from pipeline.demo_data import render_digits  # noqa: E402
 from pipeline.store import ObjectStore  # noqa: E402
 from pipeline.upload import upload_tree  # noqa: E402
@@ -143,10 +143,7 @@ def main() -> int:
     settings = load_settings()
     suffix = uuid.uuid4().hex[:8]
     name = f"{settings.mysql.database}_test_bench_{suffix}"
-    admin = Database(settings.mysql).connect(autocommit=True)
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    db = Database(replace(settings.mysql, database=name))
+    db = create_database(settings.mysql, name)
     store = ObjectStore(settings.s3, f"bench-{suffix}")
     model_name = f"bench-train-{suffix}"
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -234,9 +231,7 @@ def main() -> int:
         except Exception:  # noqa: BLE001 - may not exist if training failed early
             pass
         store.delete_bucket()
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.close()
+        drop_database(settings.mysql, name)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -80,6 +81,20 @@ class Database:
         """Run one statement in its own transaction; returns affected rows."""
         with self.transaction() as cur:
             return cur.execute(sql, args)
+
+
+def create_database(settings: MySQLSettings, name: str) -> Database:
+    """Create the empty database `name` (utf8mb4, binary collation: labels compare exactly) on
+    the server of `settings`, reachable with its account; returns it. For throwaway test/bench databases."""
+    Database(settings).execute(
+        f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    )
+    return Database(replace(settings, database=name))
+
+
+def drop_database(settings: MySQLSettings, name: str) -> None:
+    """Drop the database `name` if it exists (the counterpart of `create_database`)."""
+    Database(settings).execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def available_migrations() -> list[tuple[int, str, str]]:

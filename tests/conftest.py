@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 
@@ -25,20 +24,15 @@ def settings() -> Settings:
 @pytest.fixture
 def db(settings: Settings) -> Iterator:
     """A fresh, migrated database `<MYSQL_DATABASE>_test_<suffix>`, dropped afterwards."""
-    from pipeline.db import Database, migrate
+    from pipeline.db import create_database, drop_database, migrate
 
     name = f"{settings.mysql.database}_test_{_suffix()}"
-    admin = Database(settings.mysql).connect(autocommit=True)
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    database = Database(replace(settings.mysql, database=name))
+    database = create_database(settings.mysql, name)
     migrate(database)
     try:
         yield database
     finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.close()
+        drop_database(settings.mysql, name)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import uuid
-from dataclasses import replace
 
 import pytest
 
@@ -23,15 +22,12 @@ def world(settings, tmp_path_factory):
     from mlflow import MlflowClient
 
     from pipeline import demo_data, upload
-    from pipeline.db import Database
+    from pipeline.db import create_database, drop_database
     from pipeline.store import ObjectStore
 
     suffix = uuid.uuid4().hex[:8]
     db_name = f"{settings.mysql.database}_test_dag_{suffix}"
-    admin = Database(settings.mysql).connect(autocommit=True)
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{db_name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    db = Database(replace(settings.mysql, database=db_name))
+    db = create_database(settings.mysql, db_name)
     bucket = f"test-dag-{suffix}"
     store = ObjectStore(settings.s3, bucket)
     store.ensure_bucket()
@@ -82,9 +78,7 @@ def world(settings, tmp_path_factory):
             "run_ids": [],  # of `airflow dags test` runs, in order
         }
     finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{db_name}`")
-        admin.close()
+        drop_database(settings.mysql, db_name)
         store.delete_bucket()
         try:
             MlflowClient(settings.mlflow_tracking_uri).delete_registered_model(model_name)
