@@ -939,14 +939,15 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
         version = latest["dataset_version"]
     from pipeline import registry
 
-    train, why = training_decision(
+    should_train, why = training_decision(
         catalog.get_dataset(db, version),
         champion_dataset_version=registry.champion_dataset_version(settings.model_name),
         min_images_per_label=args.min_images_per_label,
         allow_unseen_labels=args.allow_unseen_labels,
         force_retrain=args.force_retrain,
     )
-    log.info("training decision: %s (%s)", "train" if train else "skip", why)
+    # train_model repeats the skip check itself; here the decision refuses untrainable datasets.
+    log.info("training decision: %s (%s)", "train" if should_train else "skip", why)
     params = TrainParams.from_dict({f.name: getattr(args, f.name) for f in fields(TrainParams)})
     run_key = args.run_key or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
     result = train_model(
