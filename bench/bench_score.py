@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.images import HEIGHT, WIDTH, cpu_flags, make_jpegs  # noqa: E402
 from pipeline import catalog, score  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.db import Database, create_database, drop_database, migrate  # noqa: E402
@@ -49,42 +50,10 @@ from pipeline.store import ObjectStore  # noqa: E402
 
 log = logging.getLogger("bench_score")
 RESULTS = Path(__file__).resolve().parent / "results" / "score.md"
-WIDTH, HEIGHT = 500, 375
 IMAGE_SIZE = 224
 LABELS = [str(d) for d in range(10)]
 PRECISIONS = ("fp32", "bf16", "int8")
 AGREEMENT_TARGET = 0.995
-
-
-def make_jpegs(n: int, seed: int) -> list[tuple[str, bytes]]:
-    """`n` distinct (label, JPEG bytes) of 500x375: photo crop + painted digit."""
-    import numpy as np
-    from PIL import Image, ImageEnhance
-    from sklearn.datasets import load_digits, load_sample_images
-
-    rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(p) for p in load_sample_images().images]
-    digits = load_digits()
-    out = []
-    for _ in range(n):
-        photo = photos[int(rng.integers(len(photos)))]
-        w = int(rng.integers(240, photo.width))
-        h = min(photo.height, int(w * HEIGHT / WIDTH))
-        x, y = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
-        img = photo.crop((x, y, x + w, y + h)).resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
-        img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.6, 1.3)))
-        index = int(rng.integers(len(digits.images)))
-        glyph = (digits.images[index] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-        side = int(rng.integers(220, 320))
-        mask = Image.fromarray(glyph).resize((side, side), Image.Resampling.BICUBIC)
-        colour = tuple(int(c) for c in rng.integers(180, 256, size=3))
-        ox = (WIDTH - side) // 2 + int(rng.integers(-40, 41))
-        oy = (HEIGHT - side) // 2 + int(rng.integers(-25, 26))
-        img.paste(Image.new("RGB", (side, side), colour), (ox, oy), mask)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        out.append((str(int(digits.target[index])), buf.getvalue()))
-    return out
 
 
 def fit_head(module, images: list[tuple[str, bytes]]) -> float:
@@ -180,17 +149,6 @@ def naive(db: Database, store: ObjectStore, module, records, *, model_name: str,
     finally:
         conn.close()
     return len(records) / (time.perf_counter() - t)
-
-
-def cpu_flags() -> str:
-    """The CPU features that decide bf16/int8 speed, as /proc/cpuinfo lists them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return "unknown"
-    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
 
 def onnxruntime_version() -> str:

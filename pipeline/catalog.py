@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.db import Database
+from pipeline.records import ImageRecord
 from pipeline.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -149,18 +150,6 @@ class Inspection:
     height: int | None = None
     format: str | None = None
     mode: str | None = None
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One member of a dataset version, as training and scoring need it."""
-
-    image_id: int
-    bucket: str
-    object_key: str
-    etag: str
-    subset: str
-    label: str | None
 
 
 def normalize_prefix(prefix: str) -> str:

@@ -19,25 +19,37 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
+import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.catalog import ImageRecord
-from pipeline.store import ObjectStore
+from pipeline.records import ImageRecord
+
+if TYPE_CHECKING:
+    from pipeline.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 # ImageNet statistics: the model normalizes with them (pipeline.model), here for reference only.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-_TORCHVISION_FORMATS = (b"\xff\xd8\xff", b"\x89PNG", b"RIFF")
+_JPEG = b"\xff\xd8\xff"
+_TORCHVISION_FORMATS = (_JPEG, b"\x89PNG", b"RIFF")
+# TrainPreset resizes to this much more than image_size before its random crop.
+_CROP_HEADROOM = 1.15
+_CROP_SCALE = (0.7, 1.0)
+_CROP_RATIO = (0.85, 1.18)
+_JITTER = 0.2  # brightness and contrast factors drawn from [1 - _JITTER, 1 + _JITTER]
+MAX_AUTO_WORKERS = 16
 
 
 class ImageDecodeError(ValueError):
@@ -57,7 +69,7 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
         raise ImageDecodeError("empty object")
     try:
         if data.startswith(_TORCHVISION_FORMATS) and not (
-            target_size and data.startswith(b"\xff\xd8\xff") and _jpeg_reducible(data, target_size)
+            target_size and is_jpeg(data) and _jpeg_reducible(data, target_size)
         ):
             from torchvision.io import ImageReadMode
             from torchvision.io import decode_image as tv_decode
@@ -70,6 +82,34 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure means: not decodable
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def is_jpeg(data: bytes) -> bool:
+    """JPEG by its magic bytes."""
+    return data.startswith(_JPEG)
+
+
+def gpu_decodable(data: bytes) -> bool:
+    """A sequential (baseline or extended) JPEG of 1 or 3 components: what nvJPEG decodes as
+    libjpeg does. Progressive and CMYK JPEGs, and everything else, are decoded on the CPU.
+    """
+    if not data.startswith(_JPEG):
+        return False
+    pos, end = 2, min(len(data), 1 << 16)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xC0, 0xC1):  # SOF0 baseline, SOF1 extended sequential
+            return pos + 9 < len(data) and data[pos + 9] in (1, 3)
+        if 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return False  # progressive, lossless, arithmetic; or scan data before any SOF
+        pos += 2 + length
+    return False
 
 
 def _jpeg_reducible(data: bytes, target_size: int) -> bool:
@@ -97,47 +137,328 @@ class EvalPreset:
 
     image_size: int
 
+    @property
+    def source_size(self) -> int:
+        """Side of the square images the per-image part produces."""
+        return self.image_size
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = F.resize(image, self.image_size, antialias=True)
-        return F.center_crop(image, [self.image_size, self.image_size])
+        return resize_center_crop(image, self.image_size)
 
     def from_bytes(self, data: bytes) -> torch.Tensor:
         """Decode (at reduced size where the format allows) and preprocess."""
         return self(decode_image(data, target_size=self.image_size))
 
+    def on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model input of a `uint8` batch already on its device."""
+        return to_model_input(batch)
+
 
 @dataclass(frozen=True)
 class TrainPreset:
-    """`EvalPreset` plus, when `augment`, a mild random resized crop and colour jitter."""
+    """`EvalPreset` plus, when `augment`, a mild random resized crop and colour jitter.
+
+    With `batch_augment` (GPU workers) the per-image part only resizes and centre-crops to
+    `source_size`, and `on_device` draws the crop and jitter per image on the whole batch on
+    the device, so a worker with few CPU cores per GPU still feeds it. The square source loses
+    the strips beyond the short side that the per-image crop could reach; the crop scale, aspect
+    ratios and jitter factors are the same.
+    """
 
     image_size: int
     augment: bool = True
+    batch_augment: bool = False
 
     def __post_init__(self) -> None:
         aug = T.Compose(
             [
                 T.RandomResizedCrop(
-                    self.image_size, scale=(0.7, 1.0), ratio=(0.85, 1.18), antialias=True
+                    self.image_size, scale=_CROP_SCALE, ratio=_CROP_RATIO, antialias=True
                 ),
-                T.ColorJitter(brightness=0.2, contrast=0.2),
+                T.ColorJitter(brightness=_JITTER, contrast=_JITTER),
             ]
         )
         object.__setattr__(self, "_aug", aug)
         object.__setattr__(self, "_eval", EvalPreset(self.image_size))
 
+    @property
+    def source_size(self) -> int:
+        """Side of the square images the per-image part produces."""
+        if self.augment and self.batch_augment:
+            return int(self.image_size * _CROP_HEADROOM)
+        return self.image_size
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if not self.augment:
             return self._eval(image)
+        if self.batch_augment:
+            return resize_center_crop(image, self.source_size)
         # Resize first so the crop works on a bounded image whatever the source resolution.
-        return self._aug(F.resize(image, int(self.image_size * 1.15), antialias=True))
+        return self._aug(F.resize(image, int(self.image_size * _CROP_HEADROOM), antialias=True))
 
     def from_bytes(self, data: bytes) -> torch.Tensor:
         return self(decode_image(data, target_size=self.image_size))
+
+    def on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model input of a `uint8` batch on its device: augmented there with `batch_augment`."""
+        images = to_model_input(batch)
+        if not (self.augment and self.batch_augment):
+            return images
+        with torch.no_grad():
+            images = random_resized_crop_batch(images, self.image_size)
+            return color_jitter_batch(images)
+
+
+def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Short side to `size` (antialiased), then the central `size` x `size` square."""
+    image = F.resize(image, size, antialias=True)
+    return F.center_crop(image, [size, size])
 
 
 def to_model_input(batch: torch.Tensor) -> torch.Tensor:
     """`uint8` batch `(N, 3, S, S)` → float32 in [0, 1], the input the logged model expects."""
     return batch.to(torch.float32).div_(255.0)
+
+
+def random_resized_crop_batch(
+    images: torch.Tensor,
+    size: int,
+    *,
+    scale: tuple[float, float] = _CROP_SCALE,
+    ratio: tuple[float, float] = _CROP_RATIO,
+) -> torch.Tensor:
+    """A random crop per image (area fraction in `scale`, aspect in `ratio`) resized to `size`.
+
+    One `roi_align` over the batch: bilinear, averaging ceil(crop/size) samples per output pixel
+    as its antialiasing. Crops too wide or tall for the image are clamped to it (torchvision's
+    per-image transform retries and then falls back to a centre crop).
+    """
+    from torchvision.ops import roi_align
+
+    n, _, height, width = images.shape
+    device = images.device
+    area = torch.empty(n, device=device).uniform_(*scale) * (height * width)
+    aspect = torch.exp(torch.empty(n, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    crop_w = torch.sqrt(area * aspect).clamp(max=width)
+    crop_h = torch.sqrt(area / aspect).clamp(max=height)
+    x0 = torch.rand(n, device=device) * (width - crop_w)
+    y0 = torch.rand(n, device=device) * (height - crop_h)
+    boxes = torch.stack(
+        [torch.arange(n, device=device, dtype=images.dtype), x0, y0, x0 + crop_w, y0 + crop_h], 1
+    )
+    return roi_align(images, boxes, output_size=size, sampling_ratio=0, aligned=True)
+
+
+def color_jitter_batch(images: torch.Tensor, strength: float = _JITTER) -> torch.Tensor:
+    """Brightness and contrast factors drawn per image, applied in a random order per image.
+
+    Same as torchvision's `ColorJitter(brightness, contrast)` on float images in [0, 1].
+    """
+    n = images.shape[0]
+    shape = (n, 1, 1, 1)
+    low, high = 1.0 - strength, 1.0 + strength
+    brightness = torch.empty(shape, device=images.device).uniform_(low, high)
+    contrast = torch.empty(shape, device=images.device).uniform_(low, high)
+
+    def adjust_brightness(x: torch.Tensor) -> torch.Tensor:
+        return (x * brightness).clamp_(0.0, 1.0)
+
+    def adjust_contrast(x: torch.Tensor) -> torch.Tensor:
+        mean = F.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+        return (contrast * x + (1.0 - contrast) * mean).clamp_(0.0, 1.0)
+
+    brightness_first = torch.rand(shape, device=images.device) < 0.5
+    return torch.where(
+        brightness_first,
+        adjust_contrast(adjust_brightness(images)),
+        adjust_brightness(adjust_contrast(images)),
+    )
+
+
+# ----------------------------------------------------------------------------- batches on a device
+
+
+def preprocess_on_device(
+    items: Sequence[bytes | torch.Tensor], size: int, device: torch.device
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """One `uint8` batch `(N, 3, size, size)` on `device` from encoded JPEGs and ready tensors.
+
+    `items` holds, per image, either a tensor already preprocessed to `size` on the CPU (other
+    formats) or the bytes of a JPEG (`gpu_decodable`), which are decoded on a CUDA device in one
+    nvJPEG batch and resized there (`resize_center_crop`, one call per image size). Returns the
+    batch, in order, with zeros where an image did not decode, and {index: reason} of those.
+    """
+    out = torch.zeros((len(items), 3, size, size), dtype=torch.uint8, device=device)
+    failed: dict[int, str] = {}
+    encoded = [i for i, item in enumerate(items) if not isinstance(item, torch.Tensor)]
+    ready = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
+    if ready:
+        host = torch.stack([items[i] for i in ready])
+        if device.type == "cuda":
+            host = host.pin_memory()
+        out[ready] = host.to(device, non_blocking=True)
+    if encoded:
+        decoded = _decode_jpegs(items, encoded, device, failed)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in zip(encoded, decoded, strict=True):
+            if image is not None:
+                groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+        by_index = dict(zip(encoded, decoded, strict=True))
+        for members in groups.values():
+            # One resize per image size: datasets of uniform size take one call per batch.
+            batch = torch.stack([by_index[i] for i in members])
+            if batch.shape[-2:] != (size, size):
+                batch = resize_center_crop(batch.to(torch.float32), size)
+                batch = batch.round_().clamp_(0, 255).to(torch.uint8)
+            out[members] = batch
+    return out, failed
+
+
+def _decode_jpegs(items, indices, device, failed: dict[int, str]) -> list[torch.Tensor | None]:
+    """Decoded `(3, H, W)` images on `device`; one nvJPEG batch, per image after a failure."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in indices]
+    if device.type == "cuda":
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            # One bad image fails the whole batch: find it by decoding each on the CPU.
+            log.warning("nvJPEG batch failed (%s): decoding image by image", str(exc)[:200])
+    images: list[torch.Tensor | None] = []
+    for i in indices:
+        try:
+            images.append(decode_image(items[i]).to(device))
+        except ImageDecodeError as exc:
+            failed[i] = f"decode_failed: {exc}"
+            images.append(None)
+    return images
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+class ImageDataset:
+    """(image uint8 (3,S,S), target, index) from cached files; target -1 when decoding fails.
+
+    With `encoded`, a JPEG that nvJPEG decodes comes as its bytes instead, to be decoded on the
+    GPU with its batch (`collate_encoded`, `DeviceBatches`); other images are decoded here.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], targets: Sequence[int], preset, *, encoded: bool = False
+    ) -> None:
+        self.paths, self.targets, self.preset = list(paths), list(targets), preset
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            data = self.paths[index].read_bytes()
+            if self.encoded and gpu_decodable(data):
+                return data, self.targets[index], index
+            return self.preset.from_bytes(data), self.targets[index], index
+        except (ImageDecodeError, OSError):
+            size = self.preset.source_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), -1, index
+
+
+def collate_encoded(samples: list) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Batch of an `encoded` ImageDataset: (list of bytes or tensors, targets, indices)."""
+    images, targets, indices = zip(*samples, strict=True)
+    return list(images), torch.tensor(targets), torch.tensor(indices)
+
+
+class DeviceBatches:
+    """A loader's batches with their images already on a CUDA device, one step ahead.
+
+    A background thread decodes each batch's JPEGs with nvJPEG and resizes them to the preset's
+    `source_size` on a stream of its own (`preprocess_on_device`) while the caller trains on the
+    previous batch. Images that fail to decode get target -1, like the loader's own failures.
+    """
+
+    def __init__(self, loader, size: int, device: torch.device, *, depth: int = 2) -> None:
+        self.loader, self.size, self.device, self.depth = loader, size, device, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _stage(self, stream, batch):
+        images, targets, indices = batch
+        with torch.cuda.stream(stream):
+            images, failed = preprocess_on_device(images, self.size, self.device)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        if failed:
+            targets = targets.clone()
+            targets[list(failed)] = -1
+        return images, targets, indices, ready
+
+    def __iter__(self):
+        from pipeline.inference import prefetched
+
+        stream = torch.cuda.Stream(self.device)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-batches") as pool:
+            staged = prefetched(pool, lambda b: self._stage(stream, b), self.loader, self.depth)
+            for images, targets, indices, ready in staged:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(ready)
+                images.record_stream(current)
+                yield images, targets, indices
+
+
+def default_num_workers() -> int:
+    """Loader processes when none are asked for: every core this process may use but one, capped."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, MAX_AUTO_WORKERS))
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset, *, batch_size: int, shuffle: bool, num_workers: int | None, seed: int
+) -> torch.utils.data.DataLoader:
+    """A DataLoader that also works inside daemonic task processes (Celery) and after CUDA init.
+
+    `num_workers=None` takes `default_num_workers()`.
+    """
+    if num_workers is None:
+        num_workers = default_num_workers()
+    if num_workers and multiprocessing.current_process().daemon:
+        log.warning(
+            "daemonic process (e.g. a Celery worker): loading data without worker processes"
+        )
+        num_workers = 0
+    extra: dict[str, Any] = {}
+    if num_workers:
+        # Workers only read and decode on the CPU and never touch CUDA, so forking them after
+        # CUDA is initialised is safe (torchvision's reference recipes do the same); spawned
+        # workers would each import torch again, a minute of start-up on a 16-core GPU host.
+        extra = {
+            "multiprocessing_context": "fork",
+            "persistent_workers": True,
+            "worker_init_fn": _worker_init,
+            # Batches in flight live in shared memory: fewer per worker when there are many.
+            "prefetch_factor": 4 if num_workers <= 4 else 2,
+        }
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+        collate_fn=collate_encoded if getattr(dataset, "encoded", False) else None,
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------- cache

@@ -14,12 +14,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision import models, transforms
 
-from pipeline.data import MEAN, STD
+from pipeline.data import MEAN, STD, to_model_input
 from pipeline.params import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,37 @@ def freeze_backbone(model: nn.Sequential) -> None:
 def pick_device() -> torch.device:
     """CUDA when present, else CPU with every core."""
     if torch.cuda.is_available():
+        # Fixed input sizes: let cuDNN pick the fastest convolution algorithms once.
+        torch.backends.cudnn.benchmark = True
         return torch.device("cuda")
     torch.set_num_threads(os.cpu_count() or 1)
     return torch.device("cpu")
+
+
+def training_autocast(device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """(autocast dtype, GradScaler) for training on `device`.
+
+    bf16 where the GPU has it (its range needs no loss scaling), fp16 with a GradScaler on
+    older GPUs, plain fp32 on the CPU.
+    """
+    if device.type != "cuda":
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The concrete scoring precision: `auto` is bf16 on a GPU with bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}"
+        )
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 @dataclass(frozen=True)
@@ -123,30 +152,40 @@ def predict(
     top_k: int = 3,
     precision: str = "fp32",
 ) -> list[Prediction]:
-    """Top-k predictions for a float batch in [0, 1] under `inference_mode`.
+    """Top-k predictions for a batch under `inference_mode`.
 
-    `precision`: fp32; bf16 (autocast); int8 (`model` is a `pipeline.onnx_runtime.Int8Model`).
+    `batch`: `uint8` pixels (converted on the model's device) or float in [0, 1].
+    `precision`: fp32; bf16 (autocast); int8 (`model` is a `pipeline.onnx_runtime.Int8Model`);
+    auto (`resolve_precision`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}"
-        )
+    return to_predictions(*top_k_probs(model, batch, top_k=top_k, precision=precision), labels)
+
+
+def top_k_probs(
+    model: nn.Module, batch: torch.Tensor, *, top_k: int = 3, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, class indices) of the top k, left on the model's device (no host sync)."""
+    device = torch.device("cpu") if precision == "int8" else next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     with torch.inference_mode():
+        if batch.dtype == torch.uint8:
+            batch = to_model_input(batch.to(device, non_blocking=True))
         if precision == "int8":
             logits = model(batch)
         else:
-            device = next(model.parameters()).device
             batch = batch.to(device, non_blocking=True).contiguous(
                 memory_format=torch.channels_last
             )
-            if precision == "bf16":
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    logits = model(batch)
-            else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(batch)
         probs = torch.softmax(logits.float(), dim=1)
-        k = min(top_k, probs.shape[1])
-        values, indices = probs.topk(k, dim=1)
+        return probs.topk(min(top_k, probs.shape[1]), dim=1)
+
+
+def to_predictions(
+    values: torch.Tensor, indices: torch.Tensor, labels: Sequence[str]
+) -> list[Prediction]:
+    """`Prediction`s from `top_k_probs` output (waits for it when it is on a GPU)."""
     return [
         Prediction(tuple(labels[i] for i in idx), tuple(round(float(v), 6) for v in vals))
         for vals, idx in zip(values.tolist(), indices.tolist(), strict=True)

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# Scoring precisions: fp32; bf16 autocast; int8 through ONNX Runtime (pipeline.onnx_runtime).
-PRECISIONS = ("fp32", "bf16", "int8")
+# Scoring precisions: auto (bf16 on a GPU with bf16, else fp32); fp32; bf16 autocast; int8
+# through ONNX Runtime (pipeline.onnx_runtime).
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         section="Training",
     ),
     "augment": ParamSpec(
-        "boolean", True, "Random crop/flip augmentation while training.", section="Training"
+        "boolean", True, "Random resized crop and brightness/contrast jitter while training (no flips).", section="Training"
     ),
     "seed": ParamSpec(
         "integer",
@@ -157,7 +158,20 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         section="Training",
     ),
     "num_workers": ParamSpec(
-        "integer", 2, "Data-loader worker processes.", minimum=0, maximum=64, section="Training"
+        "integer",
+        None,
+        "Data-loader worker processes; empty: every core but one, at most 16.",
+        minimum=0,
+        maximum=64,
+        nullable=True,
+        section="Training",
+    ),
+    "compile": ParamSpec(
+        "boolean",
+        False,
+        "torch.compile the model for training (pays off on GPU workers for long runs; the"
+        " first steps wait for the compiler).",
+        section="Training",
     ),
     "force_retrain": ParamSpec(
         "boolean",
@@ -215,9 +229,9 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     ),
     "precision": ParamSpec(
         "string",
-        "fp32",
-        "Scoring precision: fp32; bf16 or int8 (ONNX Runtime) only where their agreement with"
-        " fp32 was measured (bench/results/score.md).",
+        "auto",
+        "Scoring precision: auto (bf16 on a GPU, fp32 on a CPU); fp32; bf16 or int8 (ONNX"
+        " Runtime, CPU) only where their agreement with fp32 was measured (bench/results).",
         enum=PRECISIONS,
         section="Scoring",
     ),

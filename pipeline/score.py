@@ -26,9 +26,8 @@ import argparse
 import json
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -260,30 +259,6 @@ def plan_scoring(
 # ----------------------------------------------------------------------------- score
 
 
-def _load(store: ObjectStore, cache, preset, record: ImageRecord):
-    from pipeline.data import ImageDecodeError, MissingObjectError
-
-    try:
-        return record, preset.from_bytes(cache.get(store, record)), None
-    except MissingObjectError as exc:
-        return record, None, str(exc)
-    except ImageDecodeError as exc:
-        return record, None, f"decode_failed: {exc}"
-    except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
-        return record, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
-
-
-def _prefetched(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator:
-    """`map(fn, items)` in order on `pool`, never more than `depth` items in flight."""
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def upsert_predictions(cur, rows: Sequence[tuple]) -> None:
     """One multi-row upsert of prediction rows (values in `_COLUMNS` order) on a cursor."""
     cur.execute(
@@ -311,21 +286,23 @@ def score_shard(
     dataset_version: str | None = None,
     force: bool = False,
     airflow_run_id: str | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     subsets: Sequence[str] = DEFAULT_SUBSETS,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int = 8,
 ) -> dict[str, Any]:
     """Score the images of one shard with one concrete model version; returns a summary.
 
     `dataset_version` (whose test subset is scored) defaults to the latest of store.bucket +
     `prefix`; pass the plan's so every shard of a run scores the same set. Idempotent.
+    `batch_size` defaults to one that fills the device (`inference.default_batch_size`).
     """
     import torch
 
     from pipeline import registry
-    from pipeline.data import EvalPreset, ImageCache, to_model_input
-    from pipeline.model import predict
+    from pipeline.data import EvalPreset, ImageCache
+    from pipeline.inference import StageClock, predict_stream
+    from pipeline.model import resolve_precision
 
     _check_subsets(subsets)
     if precision not in PRECISIONS:
@@ -353,6 +330,7 @@ def score_shard(
         "shard": shard,
         "shards": shards,
         "dataset_version": dataset_version,
+        "precision": precision,
         "scored": 0,
         "labelled": 0,
         "correct": 0,
@@ -381,113 +359,108 @@ def score_shard(
     else:
         module = loaded.module
         device = next(module.parameters()).device
-    preset = EvalPreset(loaded.image_size)
+    summary["precision"] = precision = resolve_precision(precision, device)
     cache = ImageCache(cache_dir)
     rejected: Counter = Counter()
-    stages: Counter = Counter()  # seconds the main thread spent inferring and writing
+    clock = StageClock()
     started = last_log = time.monotonic()
-    records = _iter_records(db, parts, shard=shard, **select)
-
-    def flush(batch: list[tuple[ImageRecord, Any]], failures: list[tuple[int, str]]) -> None:
+    scored_batches = predict_stream(
+        module,
+        _iter_records(db, parts, shard=shard, **select),
+        lambda record: cache.get(store, record),
+        labels=loaded.labels,
+        preset=EvalPreset(loaded.image_size),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        top_k=TOP_K,
+        clock=clock,
+    )
+    for scored in scored_batches:
+        t0 = time.perf_counter()
+        failures = [(record.image_id, reason) for record, reason in scored.failures]
+        for record, reason in scored.failures:
+            log.warning("image %s (%s) rejected: %s", record.image_id, record.object_key, reason)
         if failures:
             catalog.mark_rejected(db, failures)
             rejected.update(reason.split(":", 1)[0] for _, reason in failures)
-        if not batch:
-            return
-        t0 = time.perf_counter()
-        tensors = torch.stack([t for _, t in batch]).to(device, non_blocking=True)
-        preds = predict(
-            module, to_model_input(tensors), loaded.labels, top_k=TOP_K, precision=precision
-        )
-        t1 = time.perf_counter()
-        scored_at = _now()
-        rows = []
-        for (record, _), pred in zip(batch, preds, strict=True):
-            correct = None if record.label is None else int(pred.label == record.label)
-            rows.append(
-                (
-                    record.image_id,
-                    model_name,
-                    int(version),
-                    pred.label,
-                    pred.confidence,
-                    json.dumps(
-                        [
-                            {"label": lb, "prob": p}
-                            for lb, p in zip(pred.labels, pred.probs, strict=True)
-                        ],
-                        ensure_ascii=False,
-                    ),
-                    record.label,
-                    correct,
-                    record.subset,
-                    dataset_version if record.subset != INBOX else None,
-                    loaded.run_id,
-                    airflow_run_id,
-                    scored_at,
-                )
+        if scored.predictions:
+            rows = prediction_rows(
+                scored.predictions,
+                model_name=model_name,
+                model_version=int(version),
+                dataset_version=dataset_version,
+                mlflow_run_id=loaded.run_id,
+                airflow_run_id=airflow_run_id,
+                scored_at=_now(),
             )
-            summary["labelled"] += correct is not None
-            summary["correct"] += bool(correct)
-        _write_batch(db, rows)
-        summary["scored"] += len(rows)
-        stages["infer"] += t1 - t0
-        stages["write"] += time.perf_counter() - t1
-
-    # Fetch+decode run ahead in the pool (about two batches) while the main thread infers/writes.
-    # Fetch threads run torch ops (resize) single-threaded: per-thread OpenMP teams on top of
-    # the model's would oversubscribe the cores and slow inference down.
-    pool = ThreadPoolExecutor(
-        max_workers=workers,
-        thread_name_prefix="score-fetch",
-        initializer=torch.set_num_threads,
-        initargs=(1,),
-    )
-    with pool:
-        batch: list[tuple[ImageRecord, Any]] = []
-        failures: list[tuple[int, str]] = []
-        loads = _prefetched(pool, lambda r: _load(store, cache, preset, r), records, 2 * batch_size)
-        for record, tensor, error in loads:
-            if error is None:
-                batch.append((record, tensor))
-            else:
-                log.warning("image %s (%s) rejected: %s", record.image_id, record.object_key, error)
-                failures.append((record.image_id, error))
-            if len(batch) + len(failures) >= batch_size:
-                flush(batch, failures)
-                batch, failures = [], []
-                now = time.monotonic()
-                if now - last_log >= _PROGRESS_EVERY_S:
-                    last_log = now
-                    _log_progress(
-                        shard,
-                        shards,
-                        summary["scored"] + sum(rejected.values()),
-                        total,
-                        now - started,
-                    )
-        flush(batch, failures)
+            _write_batch(db, rows)
+            summary["scored"] += len(rows)
+            labelled = [r for r in rows if r[_COLUMNS.index("correct")] is not None]
+            summary["labelled"] += len(labelled)
+            summary["correct"] += sum(r[_COLUMNS.index("correct")] for r in labelled)
+        clock.add("write", t0)
+        now = time.monotonic()
+        if now - last_log >= _PROGRESS_EVERY_S:
+            last_log = now
+            done = summary["scored"] + sum(rejected.values())
+            _log_progress(shard, shards, done, total, now - started)
 
     elapsed = time.monotonic() - started
     summary["rejected"] = dict(rejected)
     summary["seconds"] = round(elapsed, 3)
-    # What is left of the wall time is the main thread waiting for fetch+decode (and paging).
-    stages["wait_input"] = max(0.0, elapsed - stages["infer"] - stages["write"])
-    summary["stage_seconds"] = {k: round(v, 3) for k, v in sorted(stages.items())}
+    summary["stage_seconds"] = {k: round(v, 3) for k, v in sorted(clock.seconds.items())}
     summary["images_per_s"] = round(summary["scored"] / elapsed, 2) if elapsed > 0 else 0.0
     log.info(
-        "shard %d/%d: scored %d images with %s v%s in %.1fs (%.1f img/s, %s), rejected %s",
+        "shard %d/%d: scored %d images with %s v%s (%s) in %.1fs (%.1f img/s, %s), rejected %s",
         shard,
         shards,
         summary["scored"],
         model_name,
         version,
+        precision,
         elapsed,
         summary["images_per_s"],
         ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items()),
         dict(rejected) or "none",
     )
     return summary
+
+
+def prediction_rows(
+    predictions: Sequence[tuple[ImageRecord, Any]],
+    *,
+    model_name: str,
+    model_version: int,
+    dataset_version: str | None,
+    mlflow_run_id: str | None,
+    airflow_run_id: str | None,
+    scored_at: datetime,
+) -> list[tuple]:
+    """`predictions` rows (values in `_COLUMNS` order) for (record, Prediction) pairs."""
+    rows = []
+    for record, pred in predictions:
+        correct = None if record.label is None else int(pred.label == record.label)
+        top_k = [{"label": lb, "prob": p} for lb, p in zip(pred.labels, pred.probs, strict=True)]
+        rows.append(
+            (
+                record.image_id,
+                model_name,
+                model_version,
+                pred.label,
+                pred.confidence,
+                json.dumps(top_k, ensure_ascii=False),
+                record.label,
+                correct,
+                record.subset,
+                dataset_version if record.subset != INBOX else None,
+                mlflow_run_id,
+                airflow_run_id,
+                scored_at,
+            )
+        )
+    return rows
 
 
 def _log_progress(shard: int, shards: int, done: int, total: int, elapsed: float) -> None:
@@ -631,12 +604,15 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (default); bf16 autocast; int8 through ONNX Runtime (quantized on first use)",
+        default="auto",
+        help="auto (default: bf16 on a GPU, fp32 on a CPU); fp32; bf16 autocast; int8 through"
+        " ONNX Runtime on the CPU (quantized on first use)",
     )
     parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
     parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: 512 on a GPU, 64 on a CPU"
+    )
     parser.add_argument("--workers", type=int, default=8, help="fetch/decode threads")
     parser.add_argument("--airflow-run-id", help="recorded with every prediction")
 

@@ -52,7 +52,8 @@ class TrainParams:
     patience: int = 0
     class_weighting: str = "none"
     seed: int = 42
-    num_workers: int = 2
+    num_workers: int | None = None  # None: pipeline.data.default_num_workers()
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainParams:
@@ -74,10 +75,11 @@ class TrainParams:
                     f"unknown {name} {getattr(params, name)!r}; expected one of: {', '.join(allowed)}"
                 )
         for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("num_workers", 0)):
-            if not isinstance(getattr(params, name), int) or getattr(params, name) < low:
-                raise ValueError(
-                    f"{name} must be an integer >= {low}, got {getattr(params, name)!r}"
-                )
+            value = getattr(params, name)
+            if name == "num_workers" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not params.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {params.learning_rate!r}")
         if not 0 <= params.label_smoothing < 1:
@@ -167,72 +169,23 @@ def load_checkpoint(store, name: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- data
 
 
-class ImageDataset:
-    """(image uint8 (3,S,S), target, index) from cached files; target -1 when decoding fails."""
-
-    def __init__(self, paths: Sequence[Path], targets: Sequence[int], preset) -> None:
-        self.paths, self.targets, self.preset = list(paths), list(targets), preset
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        import torch
-
-        from pipeline.data import ImageDecodeError
-
-        try:
-            image = self.preset.from_bytes(self.paths[index].read_bytes())
-            return image, self.targets[index], index
-        except (ImageDecodeError, OSError):
-            size = self.preset.image_size
-            return torch.zeros(3, size, size, dtype=torch.uint8), -1, index
-
-
-def _worker_init(_: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, seed: int):
-    """A DataLoader that also works inside daemonic task processes (Celery) and after CUDA init."""
-    import torch
-
-    if num_workers and multiprocessing.current_process().daemon:
-        log.warning(
-            "daemonic process (e.g. a Celery worker): loading data without worker processes"
-        )
-        num_workers = 0
-    extra: dict[str, Any] = {}
-    if num_workers:
-        # Forking after CUDA initialisation breaks CUDA in the children: spawn instead.
-        method = "spawn" if torch.cuda.is_initialized() else "fork"
-        extra = {
-            "multiprocessing_context": method,
-            "persistent_workers": True,
-            "worker_init_fn": _worker_init,
-            "prefetch_factor": 4,
-        }
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=torch.cuda.is_available(),
-        drop_last=False,
-        **extra,
-    )
-
-
-def load_data(db, store, dataset_version: str, params: TrainParams, *, cache_dir: str | Path):
+def load_data(
+    db,
+    store,
+    dataset_version: str,
+    params: TrainParams,
+    *,
+    cache_dir: str | Path,
+    on_gpu: bool = False,
+):
     """Train and val datasets of a dataset version, fetched into the content-keyed cache.
 
-    Objects gone since the scan are marked rejected and left out.
+    Objects gone since the scan are marked rejected and left out. `on_gpu`: JPEGs come as bytes
+    for nvJPEG (`data.DeviceBatches`) and the random crop and jitter run on the device on whole
+    batches (`TrainPreset.on_device`).
     """
     from pipeline import catalog
-    from pipeline.data import EvalPreset, ImageCache, TrainPreset
+    from pipeline.data import EvalPreset, ImageCache, ImageDataset, TrainPreset
 
     info = catalog.get_dataset(db, dataset_version)
     label_map: dict[str, int] = info["label_map"]
@@ -259,11 +212,13 @@ def load_data(db, store, dataset_version: str, params: TrainParams, *, cache_dir
 
     def build(records, preset):
         kept = [r for r in records if r.image_id not in failures]
-        return kept, ImageDataset(
-            [cache.path(r) for r in kept], [label_map[r.label] for r in kept], preset
-        )
+        paths = [cache.path(r) for r in kept]
+        targets = [label_map[r.label] for r in kept]
+        return kept, ImageDataset(paths, targets, preset, encoded=on_gpu)
 
-    train_kept, train_set = build(train_records, TrainPreset(params.image_size, params.augment))
+    train_kept, train_set = build(
+        train_records, TrainPreset(params.image_size, params.augment, batch_augment=on_gpu)
+    )
     val_kept, val_set = build(val_records, EvalPreset(params.image_size))
     return {
         "info": info,
@@ -280,30 +235,50 @@ def load_data(db, store, dataset_version: str, params: TrainParams, *, cache_dir
 
 
 def train_one_epoch(
-    model, criterion, optimizer, loader, device, *, epoch: int, epochs: int, scaler=None
+    model,
+    criterion,
+    optimizer,
+    loader,
+    device,
+    *,
+    epoch: int,
+    epochs: int,
+    scaler=None,
+    autocast_dtype=None,
+    transform=None,
 ):
-    """One pass over the loader; returns loss, accuracy, images/s and indices that failed to decode."""
+    """One pass over the loader; returns loss, accuracy, images/s and indices that failed to decode.
+
+    Batches arrive as `uint8` and become model input on the device (`transform`, default
+    `to_model_input`; a preset's `on_device` augments there). Loss and accuracy add up on the
+    device and are read only at log time, so the host never waits for the GPU inside an epoch.
+    `autocast_dtype` (bf16 or fp16) turns on autocast; `scaler` is fp16's GradScaler.
+    """
     import torch
 
     from pipeline.data import to_model_input
 
+    transform = transform or to_model_input
     model.train()
-    total_loss = correct = seen = 0.0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     failed: list[int] = []
     steps = len(loader)
     started = last_log = time.monotonic()
     for step, (images, targets, indices) in enumerate(loader, 1):
         bad = targets < 0
-        if bad.any():
+        good = len(targets) - int(bad.sum())
+        if good < len(targets):
             failed.extend(indices[bad].tolist())
-        if bad.all():
+        if not good:
             continue
-        images = to_model_input(images).to(device, non_blocking=True)
+        images = transform(images.to(device, non_blocking=True))
         images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             output = model(images)
-            loss = criterion(output, targets)
+            loss = criterion(output, targets)  # ignore_index=-1 leaves undecodable images out
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -312,9 +287,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        good = int((~bad).sum())
-        total_loss += loss.item() * good
-        correct += float((output.argmax(1) == targets)[~bad.to(device)].sum())
+        loss_sum += loss.detach().float() * good
+        correct += (output.argmax(1) == targets).sum()  # a target of -1 never matches
         seen += good
         now = time.monotonic()
         if now - last_log >= _LOG_EVERY_S or step == steps:
@@ -326,22 +300,23 @@ def train_one_epoch(
                 epochs,
                 step,
                 steps,
-                total_loss / max(seen, 1),
-                correct / max(seen, 1),
+                float(loss_sum) / max(seen, 1),
+                int(correct) / max(seen, 1),
                 rate,
                 eta,
             )
             last_log = now
+    total_loss, total_correct = float(loss_sum), int(correct)  # waits for the last step
     elapsed = time.monotonic() - started
     return {
         "loss": total_loss / max(seen, 1),
-        "accuracy": correct / max(seen, 1),
+        "accuracy": total_correct / max(seen, 1),
         "images_per_s": seen / elapsed if elapsed else 0.0,
         "failed": failed,
     }
 
 
-def evaluate(model, criterion, loader, device):
+def evaluate(model, criterion, loader, device, *, autocast_dtype=None):
     """Loss, accuracy and (target, predicted) index pairs on a loader, in eval mode."""
     import torch
 
@@ -357,9 +332,12 @@ def evaluate(model, criterion, loader, device):
             failed.extend(indices[bad].tolist())
             if bad.all():
                 continue
-            images = to_model_input(images).to(device).contiguous(memory_format=torch.channels_last)
+            images = to_model_input(images.to(device, non_blocking=True))
+            images = images.contiguous(memory_format=torch.channels_last)
             targets = targets.to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
                 output = model(images)
             keep = ~bad.to(device)
             total_loss += float(criterion(output[keep].float(), targets[keep])) * int(keep.sum())
@@ -438,7 +416,11 @@ def _optimizer(model, params: TrainParams):
         return torch.optim.SGD(
             trainable, lr=params.learning_rate, momentum=0.9, weight_decay=params.weight_decay
         )
-    return torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+    # The fused CUDA kernel updates every parameter in a few launches instead of per tensor.
+    fused = bool(trainable) and trainable[0].is_cuda
+    return torch.optim.AdamW(
+        trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused or None
+    )
 
 
 def _scheduler(optimizer, params: TrainParams):
@@ -521,7 +503,8 @@ def train_model(
     import torch
 
     from pipeline import catalog, registry
-    from pipeline.model import build_model, freeze_backbone, pick_device
+    from pipeline.data import DeviceBatches, default_num_workers, make_loader
+    from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
 
     catalog.get_dataset(db, dataset_version)  # LookupError for an unknown version
     if not force_retrain and registry.champion_dataset_version(model_name) == dataset_version:
@@ -549,7 +532,8 @@ def train_model(
 
     seed_everything(params.seed)
     device = pick_device()
-    data = load_data(db, store, dataset_version, params, cache_dir=cache_dir)
+    on_gpu = device.type == "cuda"
+    data = load_data(db, store, dataset_version, params, cache_dir=cache_dir, on_gpu=on_gpu)
     label_map = data["label_map"]
     labels = sorted(label_map, key=label_map.get)
     n_classes = len(labels)
@@ -557,6 +541,8 @@ def train_model(
     if params.freeze_backbone:
         freeze_backbone(model)
     model = model.to(device).to(memory_format=torch.channels_last)
+    # The compiled module shares its parameters with `model`, whose state dict stays plain.
+    step_model = torch.compile(model) if params.compile else model
     weight = (
         _class_weights(data["train_set"].targets, n_classes).to(device)
         if params.class_weighting == "balanced"
@@ -567,7 +553,7 @@ def train_model(
     )
     optimizer = _optimizer(model, params)
     scheduler = _scheduler(optimizer, params)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    autocast_dtype, scaler = training_autocast(device)
 
     ckpt_name = checkpoint_name(model_name, run_key)
     state = load_checkpoint(checkpoint_store, ckpt_name)
@@ -590,20 +576,25 @@ def train_model(
     elif state is not None:
         log.warning("checkpoint %s is for other data/params: starting over", ckpt_name)
 
+    num_workers = default_num_workers() if params.num_workers is None else params.num_workers
     train_loader = make_loader(
         data["train_set"],
         batch_size=params.batch_size,
         shuffle=True,
-        num_workers=params.num_workers,
+        num_workers=num_workers,
         seed=params.seed + start_epoch,
     )
     val_loader = make_loader(
         data["val_set"],
         batch_size=params.batch_size * 2,
         shuffle=False,
-        num_workers=params.num_workers,
+        num_workers=num_workers,
         seed=params.seed,
     )
+    if on_gpu:
+        # Decoded by nvJPEG and resized on the GPU one batch ahead of the step.
+        train_loader = DeviceBatches(train_loader, data["train_set"].preset.source_size, device)
+        val_loader = DeviceBatches(val_loader, params.image_size, device)
     mlflow.set_experiment(experiment or model_name)
     bad_train: set[int] = set()
     bad_val: set[int] = set()
@@ -624,6 +615,8 @@ def train_model(
                     "class_names": json.dumps(labels, ensure_ascii=False)[:6000],
                     "code_version": code_version(),
                     "device": device.type,
+                    "num_workers": num_workers,
+                    "autocast": str(autocast_dtype).removeprefix("torch."),
                     "torch_version": torch.__version__,
                 }
             )
@@ -632,7 +625,7 @@ def train_model(
         stopped_early = False
         for epoch in range(start_epoch, params.epochs + 1):
             train_stats = train_one_epoch(
-                model,
+                step_model,
                 criterion,
                 optimizer,
                 train_loader,
@@ -640,9 +633,13 @@ def train_model(
                 epoch=epoch,
                 epochs=params.epochs,
                 scaler=scaler,
+                autocast_dtype=autocast_dtype,
+                transform=data["train_set"].preset.on_device,
             )
             scheduler.step()
-            val_stats = evaluate(model, criterion, val_loader, device)
+            val_stats = evaluate(
+                model, criterion, val_loader, device, autocast_dtype=autocast_dtype
+            )
             bad_train.update(train_stats["failed"])
             bad_val.update(val_stats["failed"])
             row = {
@@ -694,7 +691,7 @@ def train_model(
                 break
         if best["state"] is not None:
             model.load_state_dict(best["state"])
-        final = evaluate(model, criterion, val_loader, device)
+        final = evaluate(model, criterion, val_loader, device, autocast_dtype=autocast_dtype)
         rejected = _reject_undecodable(
             db,
             [

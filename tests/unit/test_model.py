@@ -71,5 +71,5 @@ def test_predict_returns_top_k_sorted_for_any_batch_size(precision):
 
 
 def test_predict_refuses_unknown_precision():
-    with pytest.raises(ValueError, match="expected one of: fp32, bf16"):
+    with pytest.raises(ValueError, match="expected one of: auto, fp32, bf16, int8"):
         predict(build_model(2).eval(), torch.rand(1, 3, 32, 32), ["a", "b"], precision="int4")

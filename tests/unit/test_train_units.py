@@ -11,16 +11,21 @@ import torch
 from PIL import Image
 
 from pipeline import train
-from pipeline.data import EvalPreset, ImageDecodeError, TrainPreset, decode_image
+from pipeline.data import (
+    EvalPreset,
+    ImageDataset,
+    ImageDecodeError,
+    TrainPreset,
+    decode_image,
+    make_loader,
+)
 from pipeline.params import RUN_PARAMS, validate_params
 from pipeline.registry import gate_decision
 from pipeline.train import (
-    ImageDataset,
     LocalCheckpointStore,
     TrainParams,
     checkpoint_name,
     load_checkpoint,
-    make_loader,
     params_from_run,
     save_checkpoint,
 )

@@ -1,0 +1,227 @@
+"""Batched prediction over a stream of images: fetch ahead on threads, preprocess and infer on the device.
+
+Three stages overlap, each a bounded look-ahead of the next:
+
+1. a thread pool fetches each image's bytes (`fetch`: S3 through the cache, or a local file);
+   on a CPU it also decodes and preprocesses them there, as on a GPU it does for anything
+   but JPEG;
+2. on a GPU, one thread turns each batch into a `uint8` tensor on the device on a stream of
+   its own: JPEGs decoded by nvJPEG in one call, resized there (`data.preprocess_on_device`);
+3. the calling thread runs the model and copies the top-k back without waiting for it, so the
+   next batch's forward pass is queued before this batch's results are read.
+
+Failures are per image: a fetch that raises `MissingObjectError` or bytes that do not decode
+come back as (item, reason); any other error (a transient S3 or network fault) propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from pipeline.data import (
+    EvalPreset,
+    ImageDecodeError,
+    MissingObjectError,
+    gpu_decodable,
+    preprocess_on_device,
+)
+from pipeline.model import Prediction, resolve_precision, to_predictions, top_k_probs
+
+T = TypeVar("T")
+
+CPU_BATCH_SIZE = 64
+# ResNet18 at 224 px in bf16 keeps an H100/H200 busy from about 256 images on; 512 leaves room.
+GPU_BATCH_SIZE = 512
+_CHUNK = 8  # images a fetch thread takes at a time
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Scoring batch size when none is asked for: one that fills the device."""
+    return GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+
+
+@dataclass
+class ScoredBatch(Generic[T]):
+    """One batch's outcome: predictions of the images that decoded, reasons for those that didn't."""
+
+    predictions: list[tuple[T, Prediction]]
+    failures: list[tuple[T, str]]
+
+
+@dataclass
+class StageClock:
+    """Seconds the calling thread spent waiting for input and running inference."""
+
+    seconds: Counter = field(default_factory=Counter)
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - since
+        return now
+
+
+def prefetched(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
+    """`map(fn, items)` in order on `pool`, never more than `depth` items in flight."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def predict_stream(
+    module: Any,
+    items: Iterable[T],
+    fetch: Callable[[T], bytes],
+    *,
+    labels: Sequence[str],
+    preset: EvalPreset,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int | None = None,
+    workers: int = 8,
+    top_k: int = 3,
+    gpu_decode: bool = True,
+    clock: StageClock | None = None,
+) -> Iterator[ScoredBatch[T]]:
+    """Predictions for `items` in order, a batch at a time; see the module docstring.
+
+    `module` is the model on `device` (or an int8 ONNX model on the CPU); `fetch` returns an
+    item's encoded bytes. `gpu_decode=False` decodes JPEGs on the fetch threads too (for hosts
+    with many cores per GPU, or to compare).
+    """
+    precision = resolve_precision(precision, device)
+    batch_size = batch_size or default_batch_size(device)
+    clock = clock or StageClock()
+    on_gpu = device.type == "cuda"
+
+    def load(item: T) -> tuple[T, bytes | torch.Tensor | None, str | None]:
+        try:
+            data = fetch(item)
+        except MissingObjectError as exc:
+            return item, None, str(exc)
+        if on_gpu and gpu_decode and gpu_decodable(data):
+            return item, data, None  # decoded on the GPU with its batch
+        try:
+            return item, preset.from_bytes(data), None
+        except ImageDecodeError as exc:
+            return item, None, f"decode_failed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
+            return item, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+    side = torch.cuda.Stream(device) if on_gpu else None
+
+    def to_device(batch: tuple[list, list]) -> tuple[list, list, torch.Tensor | None, Any]:
+        loaded, failures = batch
+        if not loaded:
+            return [], failures, None, None
+        payloads = [payload for _, payload in loaded]
+        if side is None:
+            return [item for item, _ in loaded], failures, torch.stack(payloads), None
+        with torch.cuda.stream(side):
+            images, failed = preprocess_on_device(payloads, preset.image_size, device)
+            if failed:
+                images = images[[i for i in range(len(loaded)) if i not in failed]]
+            ready = torch.cuda.Event()
+            ready.record(side)
+        kept = [item for i, (item, _) in enumerate(loaded) if i not in failed]
+        failures = failures + [(loaded[i][0], reason) for i, reason in failed.items()]
+        return kept, failures, images, ready
+
+    # Fetch threads run torch ops (resize) single-threaded: per-thread OpenMP teams on top of
+    # the model's would oversubscribe the cores and slow inference down.
+    fetchers = ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="score-fetch",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
+    stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-stage")
+    depth = max(workers, 2 * batch_size // _CHUNK)
+    with fetchers, stager:
+        # Whole chunks per task: one future per image costs more than reading a cached file.
+        chunks = prefetched(fetchers, lambda c: [load(i) for i in c], _chunked(items), depth)
+        batches = _batches((load for chunk in chunks for load in chunk), batch_size)
+        staged = prefetched(stager, to_device, batches, 2) if on_gpu else map(to_device, batches)
+        pending = None
+        since = time.perf_counter()
+        for kept, failures, images, ready in staged:
+            since = clock.add("wait_input", since)
+            launched = None
+            if images is not None:
+                if ready is not None:
+                    torch.cuda.current_stream(device).wait_event(ready)
+                    images.record_stream(torch.cuda.current_stream(device))
+                launched = _launch(module, images, top_k=top_k, precision=precision)
+            if pending is not None:
+                scored = _finish(pending, labels)
+                clock.add("infer", since)
+                yield scored
+                since = time.perf_counter()
+            else:
+                since = clock.add("infer", since)
+            pending = (kept, failures, launched)
+        if pending is not None:
+            scored = _finish(pending, labels)
+            clock.add("infer", since)
+            yield scored
+
+
+def _chunked(items: Iterable[T]) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _batches(loads: Iterable, batch_size: int) -> Iterator[tuple[list, list]]:
+    """(loaded, failures) groups of `batch_size` images in all."""
+    loaded: list = []
+    failures: list = []
+    for item, payload, error in loads:
+        if error is None:
+            loaded.append((item, payload))
+        else:
+            failures.append((item, error))
+        if len(loaded) + len(failures) >= batch_size:
+            yield loaded, failures
+            loaded, failures = [], []
+    if loaded or failures:
+        yield loaded, failures
+
+
+def _launch(module, images: torch.Tensor, *, top_k: int, precision: str):
+    """Queue the forward pass and the copy of its top-k to the host; returns without waiting."""
+    values, indices = top_k_probs(module, images, top_k=top_k, precision=precision)
+    if not values.is_cuda:
+        return values, indices, None
+    host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host_indices = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=True)
+    host_values.copy_(values, non_blocking=True)
+    host_indices.copy_(indices, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host_values, host_indices, done
+
+
+def _finish(pending, labels: Sequence[str]) -> ScoredBatch:
+    kept, failures, launched = pending
+    if launched is None:
+        return ScoredBatch([], failures)
+    values, indices, done = launched
+    if done is not None:
+        done.synchronize()
+    return ScoredBatch(list(zip(kept, to_predictions(values, indices, labels), strict=True)), failures)
