@@ -65,7 +65,9 @@ def write_cache(root: Path, n: int, *, processes: int) -> list[tuple[Path, int]]
     cache = ImageCache(root)
     out = []
     for i, (label, data) in enumerate(images):
-        record = ImageRecord(i, "bench", f"train/{label}/img_{i:05d}.jpg", f"etag{i}", "train", label)
+        record = ImageRecord(
+            i, "bench", f"train/{label}/img_{i:05d}.jpg", f"etag{i}", "train", label
+        )
         path = cache.path(record)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -360,8 +362,10 @@ def nvjpeg_rate(files, device, *, batch: int, n: int):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = [torch.frombuffer(bytearray(files[i % len(files)][0].read_bytes()), dtype=torch.uint8)
-            for i in range(batch)]
+    data = [
+        torch.frombuffer(bytearray(files[i % len(files)][0].read_bytes()), dtype=torch.uint8)
+        for i in range(batch)
+    ]
     steps = max(1, n // batch)
 
     def fn():
@@ -483,9 +487,11 @@ class Report:
 
     def put(self, key: str, value) -> None:
         self.data[key] = value
-        shown = value if not isinstance(value, dict) else {
-            k: v for k, v in value.items() if k != "predictions"
-        }
+        shown = (
+            value
+            if not isinstance(value, dict)
+            else {k: v for k, v in value.items() if k != "predictions"}
+        )
         print(f"[bench_gpu] {key}: {json.dumps(shown, default=str)}", flush=True)
         if self.out:
             (self.out / "gpu.json").write_text(json.dumps(self.data, indent=1, default=str))
@@ -504,7 +510,9 @@ def section(report: Report, name: str, fn) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="folder for gpu.json and gpu.md")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the code on a CPU)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes (checks the code on a CPU)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--only", default="", help="comma-separated sections to run")
@@ -537,23 +545,41 @@ def main() -> int:
     files = write_cache(tmp / "cache", n_files + n_test, processes=min(16, os.cpu_count() or 1))
     train_files, test_files = files[:n_files], files[n_files:]
     mean_kib = statistics.mean(p.stat().st_size for p, _ in files[:200]) / 1024
-    report.put("images", {"files": len(files), "mean_kib": round(mean_kib, 1),
-                          "size": "500x375 JPEG q90", "seconds": round(time.perf_counter() - t, 1)})
+    report.put(
+        "images",
+        {
+            "files": len(files),
+            "mean_kib": round(mean_kib, 1),
+            "size": "500x375 JPEG q90",
+            "seconds": round(time.perf_counter() - t, 1),
+        },
+    )
 
     def want(name: str) -> bool:
         return not only or name in only
 
     def training_steps():
-        for px, batch in ((size, big), (size, 64 if not smoke else 4), (64 if not smoke else 16, 64 if not smoke else 4)):
+        for px, batch in (
+            (size, big),
+            (size, 64 if not smoke else 4),
+            (64 if not smoke else 16, 64 if not smoke else 4),
+        ):
             batches = memory_batches(min(steps, 8), batch, px, device) * max(1, steps // 8)
             n = len(batches) * batch
             ref = rate(reference_step(device, batches), n, repeats, device)
             proj = rate(project_step(device, batches), n, repeats, device)
-            report.put(f"train_step_{px}px_b{batch}", {
-                "reference": [round(r) for r in ref], "project": [round(r) for r in proj],
-                "ratio": round(med(proj) / med(ref), 3)})
+            report.put(
+                f"train_step_{px}px_b{batch}",
+                {
+                    "reference": [round(r) for r in ref],
+                    "project": [round(r) for r in proj],
+                    "ratio": round(med(proj) / med(ref), 3),
+                },
+            )
         preset = TrainPreset(size, augment=True, batch_augment=True)
-        batches = memory_batches(min(steps, 8), big, preset.source_size, device) * max(1, steps // 8)
+        batches = memory_batches(min(steps, 8), big, preset.source_size, device) * max(
+            1, steps // 8
+        )
         n = len(batches) * big
         aug = rate(project_step(device, batches, transform=preset.on_device), n, repeats, device)
         report.put(f"train_step_{size}px_b{big}_gpu_augment", {"project": [round(r) for r in aug]})
@@ -573,8 +599,15 @@ def main() -> int:
 
     def file_fed():
         for gpu_decode in (True, False):
-            rates = file_fed_training(device, train_files, size=size, batch=big, n=n_loader,
-                                      repeats=repeats, gpu_decode=gpu_decode)
+            rates = file_fed_training(
+                device,
+                train_files,
+                size=size,
+                batch=big,
+                n=n_loader,
+                repeats=repeats,
+                gpu_decode=gpu_decode,
+            )
             key = f"train_from_files_{size}px_b{big}_{'nvjpeg' if gpu_decode else 'cpu_decode'}"
             report.put(key, {"project": [round(r) for r in rates]})
 
@@ -582,7 +615,10 @@ def main() -> int:
         torch.manual_seed(0)
         module = build_model(10).to(device).eval().to(memory_format=torch.channels_last)
         fn, n = reference_forward(module, device, batch=big, n=n_score)
-        report.put("score_reference_forward_bf16", {"images_per_s": [round(r) for r in rate(fn, n, repeats, device)]})
+        report.put(
+            "score_reference_forward_bf16",
+            {"images_per_s": [round(r) for r in rate(fn, n, repeats, device)]},
+        )
         for batch, workers, gpu_decode, n in (
             (2 * big, 8, True, n_score),
             (2 * big, 4, True, n_score),
@@ -590,8 +626,9 @@ def main() -> int:
             (big, 8, True, n_score),
             (2 * big, 16, False, n_score // 4),
         ):
-            fn = stream_rate(module, device, test_files, n=n, batch=batch,
-                             workers=workers, gpu_decode=gpu_decode)
+            fn = stream_rate(
+                module, device, test_files, n=n, batch=batch, workers=workers, gpu_decode=gpu_decode
+            )
             key = f"score_stream_b{batch}_w{workers}_{'nvjpeg' if gpu_decode else 'cpu_decode'}"
             report.put(key, {"images_per_s": [round(r) for r in rate(fn, n, repeats, device)]})
         stages(module)
@@ -625,11 +662,14 @@ def main() -> int:
 
     def agreement_check():
         t0 = time.perf_counter()
-        model, stats = train_classifier(device, train_files, size=size, epochs=2 if smoke else 12, batch=128 if not smoke else 8)
+        model, stats = train_classifier(
+            device, train_files, size=size, epochs=2 if smoke else 12, batch=128 if not smoke else 8
+        )
         result = agreement(model, device, test_files)
         truth = [str(t) for _, t in test_files]
         result["test_accuracy_cpu_fp32"] = sum(
-            a == b for a, b in zip(result["predictions"]["cpu_fp32"], truth, strict=True)) / len(truth)
+            a == b for a, b in zip(result["predictions"]["cpu_fp32"], truth, strict=True)
+        ) / len(truth)
         result["train_accuracy_last_epoch"] = round(stats["accuracy"], 4)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report.put("agreement", result)
@@ -641,15 +681,29 @@ def main() -> int:
         fn = project_step(device, batches, compile_model=True)
         fn()
         compile_s = time.perf_counter() - t0
-        report.put(f"train_step_{size}px_b{big}_compiled", {
-            "project": [round(r) for r in rate(fn, n, repeats, device)], "first_pass_s": round(compile_s, 1)})
+        report.put(
+            f"train_step_{size}px_b{big}_compiled",
+            {
+                "project": [round(r) for r in rate(fn, n, repeats, device)],
+                "first_pass_s": round(compile_s, 1),
+            },
+        )
         torch.manual_seed(0)
         module = build_model(10).to(device).eval().to(memory_format=torch.channels_last)
         fn, n = reference_forward(module, device, batch=big, n=n_score, compiled=True)
-        report.put("score_reference_forward_bf16_compiled", {"images_per_s": [round(r) for r in rate(fn, n, repeats, device)]})
+        report.put(
+            "score_reference_forward_bf16_compiled",
+            {"images_per_s": [round(r) for r in rate(fn, n, repeats, device)]},
+        )
 
-    plan = [("training_steps", training_steps), ("checks", checks), ("scoring", scoring),
-            ("loader", loader), ("file_fed", file_fed), ("agreement", agreement_check)]
+    plan = [
+        ("training_steps", training_steps),
+        ("checks", checks),
+        ("scoring", scoring),
+        ("loader", loader),
+        ("file_fed", file_fed),
+        ("agreement", agreement_check),
+    ]
     if not args.no_compile:
         plan.append(("compiled", compiled))
     for name, fn in plan:

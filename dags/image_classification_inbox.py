@@ -10,6 +10,7 @@ files are seen, and never trains.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
@@ -52,7 +53,10 @@ def image_classification_inbox():
         summary = catalog.scan(rt.database(), rt.object_store(params["bucket"]), params["prefix"])
         return {"dataset_version": summary.get("dataset_version")}
 
-    @task(execution_timeout=timedelta(hours=2))
+    @task(
+        execution_timeout=timedelta(hours=2),
+        queue=os.environ.get("PIPELINE_SCORE_QUEUE", "default"),
+    )
     def score_inbox(**context) -> dict:
         """Plan and score every shard of the inbox with the version behind model_ref."""
         import imgpipe_runtime as rt

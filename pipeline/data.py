@@ -16,6 +16,7 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -238,7 +239,9 @@ def random_resized_crop_batch(
     n, _, height, width = images.shape
     device = images.device
     area = torch.empty(n, device=device).uniform_(*scale) * (height * width)
-    aspect = torch.exp(torch.empty(n, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    aspect = torch.exp(
+        torch.empty(n, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    )
     crop_w = torch.sqrt(area * aspect).clamp(max=width)
     crop_h = torch.sqrt(area / aspect).clamp(max=height)
     x0 = torch.rand(n, device=device) * (width - crop_w)
@@ -387,10 +390,12 @@ class DeviceBatches:
 
     def _stage(self, stream, batch):
         images, targets, indices = batch
-        with torch.cuda.stream(stream):
+        ready = None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             images, failed = preprocess_on_device(images, self.size, self.device)
-            ready = torch.cuda.Event()
-            ready.record(stream)
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
         if failed:
             targets = targets.clone()
             targets[list(failed)] = -1
@@ -399,13 +404,15 @@ class DeviceBatches:
     def __iter__(self):
         from pipeline.inference import prefetched
 
-        stream = torch.cuda.Stream(self.device)
+        # On a CPU device (tests, a GPU-less run) the same staging runs, without streams.
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-batches") as pool:
             staged = prefetched(pool, lambda b: self._stage(stream, b), self.loader, self.depth)
             for images, targets, indices, ready in staged:
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(ready)
-                images.record_stream(current)
+                if ready is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(ready)
+                    images.record_stream(current)
                 yield images, targets, indices
 
 

@@ -224,4 +224,6 @@ def _finish(pending, labels: Sequence[str]) -> ScoredBatch:
     values, indices, done = launched
     if done is not None:
         done.synchronize()
-    return ScoredBatch(list(zip(kept, to_predictions(values, indices, labels), strict=True)), failures)
+    return ScoredBatch(
+        list(zip(kept, to_predictions(values, indices, labels), strict=True)), failures
+    )

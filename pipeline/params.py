@@ -147,7 +147,10 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         section="Training",
     ),
     "augment": ParamSpec(
-        "boolean", True, "Random resized crop and brightness/contrast jitter while training (no flips).", section="Training"
+        "boolean",
+        True,
+        "Random resized crop and brightness/contrast jitter while training (no flips).",
+        section="Training",
     ),
     "seed": ParamSpec(
         "integer",

@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import logging
-import multiprocessing
 import os
 import subprocess
 import time
