@@ -1,4 +1,7 @@
-"""Run every benchmark in turn (by hand: `make bench`); each writes bench/results/<name>.md."""
+"""Run every CPU benchmark in turn (by hand: `make bench`); each writes bench/results/<name>.md.
+
+bench_gpu.py is not among them: it runs on a CUDA machine (see its docstring).
+"""
 
 from __future__ import annotations
 

@@ -75,3 +75,42 @@ def test_report_prints_metrics_classes_and_matrix():
     # confusion rows: true label, then counts per predicted label in label order
     assert lines[-2].split() == ["a", "2", "0"]
     assert lines[-1].split() == ["b", "1", "0"]
+
+
+def test_prediction_rows_mark_correctness_and_leave_inbox_out_of_the_dataset():
+    import json
+    from datetime import datetime
+
+    from pipeline.model import Prediction
+    from pipeline.records import ImageRecord
+    from pipeline.score import _COLUMNS, prediction_rows
+
+    when = datetime(2026, 11, 26, 5, 0)
+    pred = Prediction(("cat", "dog"), (0.75, 0.25))
+    records = [
+        ImageRecord(1, "b", "test/cat/1.jpg", "e1", "test", "cat"),
+        ImageRecord(2, "b", "test/dog/2.jpg", "e2", "test", "dog"),
+        ImageRecord(3, "b", "inbox/3.jpg", "e3", "inbox", None),
+    ]
+    rows = prediction_rows(
+        [(r, pred) for r in records],
+        model_name="m",
+        model_version=4,
+        dataset_version="ds1",
+        mlflow_run_id="run",
+        airflow_run_id="manual__x",
+        scored_at=when,
+    )
+    by_column = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
+    assert [r["correct"] for r in by_column] == [1, 0, None]
+    assert [r["dataset_version"] for r in by_column] == ["ds1", "ds1", None]
+    assert by_column[0]["predicted_label"] == "cat" and by_column[0]["confidence"] == 0.75
+    assert json.loads(by_column[2]["top_k"]) == [
+        {"label": "cat", "prob": 0.75},
+        {"label": "dog", "prob": 0.25},
+    ]
+    assert {(r["image_id"], r["model_version"], r["scored_at"]) for r in by_column} == {
+        (1, 4, when),
+        (2, 4, when),
+        (3, 4, when),
+    }
