@@ -105,10 +105,18 @@ def test_train_preset_without_augmentation_equals_eval_preset():
     )
 
 
-def test_train_preset_with_augmentation_keeps_shape_and_type():
+def test_train_preset_with_augmentation_crops_and_jitters():
+    gradient = Image.linear_gradient("L").resize((50, 37)).convert("RGB")
+    buf = io.BytesIO()
+    gradient.save(buf, format="PNG")
+    data = buf.getvalue()
     torch.manual_seed(0)
-    out = TrainPreset(32, augment=True).from_bytes(_encoded("PNG", (50, 37)))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    outs = [TrainPreset(32, augment=True).from_bytes(data) for _ in range(3)]
+    plain = EvalPreset(32).from_bytes(data)
+    for out in outs:
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+        assert not torch.equal(out, plain)
+    assert not torch.equal(outs[0], outs[1])  # a new crop and jitter each time
 
 
 def test_checkpoint_round_trip_and_safe_names(tmp_path):
