@@ -9,7 +9,8 @@ Choices (see also docs/design.md):
   smaller, and one full GET then serves both the header check and the hash). Larger objects get a
   range GET of the first `header_bytes` only and no fingerprint, so they are not checked for
   duplicates. ETags are not used as content hashes: multipart uploads make them non-MD5.
-- Accepted formats: JPEG, PNG, WEBP, BMP (`ALLOWED_FORMATS`). Magic bytes decide, not the extension.
+- Accepted formats: what torchvision's `ImageFolder` reads (JPEG, PNG, PPM/PGM/PBM, BMP, TIFF,
+  WEBP) plus GIF (its first frame) (`ALLOWED_FORMATS`). Magic bytes decide, not the extension.
 - Label conflict (same bytes under two labels): policy `reject` rejects every copy (no copy is
   known to be right). Leakage (same bytes in train/val and test): policy `reject` rejects the test
   copy, keeping training data intact and the test set unseen. `keep` reports only. Default: reject.
@@ -45,7 +46,7 @@ SPLITS = ("train", "val", "test")
 INBOX = "inbox"
 SUBSETS = ("train", "val", "test", "inbox")
 LABELLED_SUBSETS = ("train", "val", "test")
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 POLICIES = ("reject", "keep")
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN"})
 DATASET_VERSION_CHARS = 20
@@ -81,6 +82,8 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"II*\x00", 0, "TIFF"),
     (b"MM\x00*", 0, "TIFF"),
     (b"WEBP", 8, "WEBP"),
+    # Netpbm (Pillow names them all PPM): P1-P3 plain, P4-P6 binary; a whitespace follows.
+    *((f"P{n}".encode() + ws, 0, "PPM") for n in range(1, 7) for ws in (b"\n", b" ", b"\r", b"\t")),
     (b"\x00\x00\x01\x00", 0, "ICO"),
     (b"ftypheic", 4, "HEIC"),
     (b"ftypavif", 4, "AVIF"),

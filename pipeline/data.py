@@ -6,7 +6,8 @@ Choices:
   (`pipeline.model`), so the logged MLflow model takes plain RGB pixels in [0, 1] and the
   training and scoring paths cannot drift apart. `EvalPreset` is the only eval transform;
   `TrainPreset` is `EvalPreset` plus optional augmentation.
-- Decoding uses `torchvision.io` (about 2x Pillow per core) for JPEG/PNG/WEBP and Pillow for the rest;
+- Decoding uses `torchvision.io` (about 2x Pillow per core) for JPEG/PNG/WEBP and Pillow for the rest
+  (BMP, GIF's first frame, TIFF, PPM/PGM/PBM; palette, alpha, CMYK and grayscale become RGB);
   JPEGs much larger than the target are decoded at reduced size by Pillow's `draft` (DCT scaling).
 - Horizontal flips are off: labels such as digits or text are not mirror-invariant.
 - The cache keys a file by (bucket, key, ETag), so a changed object is fetched again and an
@@ -75,8 +76,12 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
             from torchvision.io import ImageReadMode
             from torchvision.io import decode_image as tv_decode
 
-            return tv_decode(
+            image = tv_decode(
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
+            )
+            # 16-bit PNGs decode to uint16: scale them to the 8 bits everything else has.
+            return (
+                image if image.dtype == torch.uint8 else F.to_dtype(image, torch.uint8, scale=True)
             )
         return _decode_pillow(data, target_size)
     except ImageDecodeError:
@@ -128,6 +133,13 @@ def _decode_pillow(data: bytes, target_size: int | None) -> torch.Tensor:
         if target_size and im.format == "JPEG":
             im.draft("RGB", (target_size, target_size))
         im.load()
+        if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+            # 16-bit (and 32-bit) single-channel images: Pillow's convert would clip at 255.
+            # Integer modes are taken as 16-bit data, float ones as already in 0-255.
+            values = np.asarray(im, dtype=np.float64)
+            if im.mode != "F":
+                values = values / 257.0
+            im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
         rgb = im.convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 

@@ -178,9 +178,9 @@ def test_deleted_object_keeps_history_and_revives(db, store):
     assert len(image_rows(db)) == 11
 
 
-def tiff() -> bytes:
+def ico() -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16)).save(buf, format="TIFF")
+    Image.new("RGB", (16, 16)).save(buf, format="ICO")
     return buf.getvalue()
 
 
@@ -190,7 +190,7 @@ def test_each_rejection_reason_is_recorded(db, store):
         "train/Gold Fish/empty.png": (b"", catalog.REJECT_ZERO_BYTES),
         "train/Gold Fish/text.png": (b"just some text", catalog.REJECT_NOT_AN_IMAGE),
         "train/Gold Fish/broken.png": (b"\x89PNG\r\n\x1a\n" + b"\0" * 50, catalog.REJECT_CORRUPT),
-        "train/Gold Fish/scan.tif": (tiff(), catalog.REJECT_UNSUPPORTED),
+        "train/Gold Fish/icon.ico": (ico(), catalog.REJECT_UNSUPPORTED),
         "train/Gold Fish/tiny.png": (png(5, (4, 4)), catalog.REJECT_TOO_SMALL),
         "train/Gold Fish/big.png": (png(6, (40, 40)), catalog.REJECT_TOO_MANY_PIXELS),
     }

@@ -139,8 +139,9 @@ def _png_header_only(w: int, h: int) -> bytes:
     [
         pytest.param(b"", True, catalog.REJECT_ZERO_BYTES, id="zero-bytes"),
         pytest.param(b"hello, not an image", True, catalog.REJECT_NOT_AN_IMAGE, id="text"),
-        pytest.param(b"GIF89a" + b"\0" * 20, True, catalog.REJECT_UNSUPPORTED, id="gif"),
-        pytest.param(b"II*\x00" + b"\0" * 20, True, catalog.REJECT_UNSUPPORTED, id="tiff"),
+        pytest.param(b"\0\0\x01\0" + b"\0" * 20, True, catalog.REJECT_UNSUPPORTED, id="ico"),
+        pytest.param(b"GIF89a" + b"\0" * 20, True, catalog.REJECT_CORRUPT, id="broken-gif"),
+        pytest.param(b"II*\x00" + b"\0" * 20, True, catalog.REJECT_CORRUPT, id="broken-tiff"),
         pytest.param(b"\x89PNG\r\n\x1a\n" + b"junk" * 10, True, catalog.REJECT_CORRUPT, id="png"),
         pytest.param(_png(4, 40), True, catalog.REJECT_TOO_SMALL, id="too-small"),
         pytest.param(
