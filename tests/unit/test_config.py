@@ -88,3 +88,30 @@ def test_sqlalchemy_uri_quotes_the_password():
 def test_bad_values_name_the_variable(overrides, variable):
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env({**BASE, **overrides})
+
+
+def test_env_example_reads_the_same_in_a_shell_and_in_the_pipeline():
+    """`set -a; . ./.env` (a shell, systemd, docker compose) and the pipeline agree on every value."""
+    import json
+    import subprocess
+
+    from pipeline.config import REPO_ROOT
+
+    example = REPO_ROOT / ".env.example"
+    script = (
+        "set -a; . ./.env.example; set +a; "
+        'python3 -c "import json, os, sys; print(json.dumps(dict(os.environ)))"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    shell = json.loads(result.stdout)
+    parsed = parse_env_text(example.read_text(encoding="utf-8"))
+    assert parsed["PIPELINE_SCHEDULE"] == "0 2 * * *"
+    assert {k: shell.get(k) for k in parsed} == parsed
