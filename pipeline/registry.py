@@ -207,6 +207,13 @@ def accuracy_on(
     return (correct / total if total else 0.0), total
 
 
+def record_version(db: Database, model_name: str, version: str | int) -> None:
+    """The version's `model_versions` row (lineage: MLflow run, Airflow run, dataset version),
+    written when it is registered; idempotent, the gate's decision is kept."""
+    mv = _client().get_model_version(model_name, str(version))
+    _record_version(db, model_name, str(version), dict(mv.tags), mv.run_id)
+
+
 def _record_version(
     db: Database, model_name: str, version: str, tags: dict[str, str], run_id: str
 ) -> None:

@@ -521,6 +521,7 @@ def train_model(
         log.info(
             "run %s already registered %s v%s: nothing to train", run_key, model_name, existing
         )
+        registry.record_version(db, model_name, existing)  # a crash may have come between
         return {
             "skipped": False,
             "reused": True,
@@ -715,6 +716,7 @@ def train_model(
             run_key=run_key,
             extra_tags={"val_accuracy": f"{final['accuracy']:.6f}", "mlflow_run_id": run_id},
         )
+        registry.record_version(db, model_name, model_version)
     checkpoint_store.delete(ckpt_name)
     return {
         "skipped": False,

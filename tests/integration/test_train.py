@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import catalog, registry, train
+from pipeline import catalog, registry, score, train
 from pipeline.demo_data import render_digits
+from pipeline.model import Prediction
 from pipeline.upload import upload_tree
 
 TINY = train.TrainParams(epochs=1, batch_size=16, image_size=32, num_workers=0, augment=False)
@@ -56,7 +57,7 @@ def _gate(db, store, names, version, tmp_cache, **kwargs):
 
 
 def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
-    trainer, dataset, mlflow_names, store
+    trainer, dataset, mlflow_names, store, db
 ):
     result = trainer("manual__run-1")
     client = MlflowClient()
@@ -81,6 +82,46 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
     assert again["model_version"] == result["model_version"] and again["reused"]
     versions = client.search_model_versions(f"name='{mlflow_names['model_name']}'")
     assert len(versions) == 1
+
+    # SQL knows the version from registration on, before any gate decided on it.
+    row = db.query("SELECT * FROM model_versions WHERE model_name = %s", (mv.name,))
+    assert len(row) == 1
+    assert (row[0]["model_version"], row[0]["run_id"], row[0]["dataset_version"]) == (
+        int(result["model_version"]),
+        result["run_id"],
+        dataset,
+    )
+    assert row[0]["airflow_run_id"] == "manual__run-1" and row[0]["decision"] is None
+
+    # "Which data and which run produced this prediction?" (docs/sql.md, v_prediction_lineage)
+    record = catalog.dataset_images(db, dataset, ["test"])[0]
+    with db.transaction() as cur:
+        score.upsert_predictions(
+            cur,
+            score.prediction_rows(
+                [(record, Prediction(("3",), (0.9,)))],
+                model_name=mv.name,
+                model_version=int(result["model_version"]),
+                dataset_version=dataset,
+                mlflow_run_id=result["run_id"],
+                airflow_run_id="scheduled__score-1",
+                scored_at=datetime(2026, 1, 1),
+            ),
+        )
+    scan = db.query("SELECT MIN(id) AS id FROM scans WHERE dataset_version = %s", (dataset,))[0]
+    lineage = db.query(
+        "SELECT * FROM v_prediction_lineage WHERE object_key = %s", (record.object_key,)
+    )
+    assert len(lineage) == 1
+    got = lineage[0]
+    assert (got["model_version"], got["mlflow_run_id"]) == (
+        int(result["model_version"]),
+        result["run_id"],
+    )
+    assert got["training_airflow_run_id"] == "manual__run-1"
+    assert got["scoring_airflow_run_id"] == "scheduled__score-1"
+    assert got["training_dataset_version"] == dataset
+    assert got["training_scan_id"] == scan["id"] is not None
 
 
 def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_one(
