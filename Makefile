@@ -73,7 +73,7 @@ demo: up
 
 airflow: up
 	@echo "[make] Airflow UI on http://127.0.0.1:$${AIRFLOW_API_PORT:-8080} (user/password from .env: AIRFLOW_ADMIN_USER / AIRFLOW_ADMIN_PASSWORD)"
-	@$(RUN) bash -c 'echo $$$$ > .local/pids/airflow.pid; exec airflow standalone'
+	@$(STACK) airflow
 
 lint: venv
 	@$(VENV)/bin/ruff check pipeline dags plugins tests scripts bench

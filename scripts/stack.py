@@ -1,6 +1,6 @@
 """The local stack without Docker: MySQL, S3 (MinIO or SeaweedFS), MLflow, Airflow's home.
 
-Usage: python scripts/stack.py up|down|status|env|run -- CMD...
+Usage: python scripts/stack.py up|down [SERVICE]|status|env|airflow|run -- CMD...
 
 Every service is reused when it already answers, started otherwise, waited for with a
 timeout, and on failure reported with the last lines of its log. State and logs live in
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -591,11 +592,110 @@ def up() -> None:
         say(f"{label:8s} ok  {summary}  ({time.monotonic() - started:.1f}s)")
 
 
-def down() -> None:
-    for name in ("airflow", "mlflow", "s3", "mysql"):
-        if stop_process(name):
+SERVICES = ("airflow", "mlflow", "s3", "mysql")
+
+
+def down(only: str | None = None) -> None:
+    if only is not None and only not in SERVICES:
+        raise StackError(f"unknown service {only!r}; expected one of: {', '.join(SERVICES)}")
+    for name in [only] if only else SERVICES:
+        stopped = stop_process(name)
+        if name == "airflow":
+            stopped = stop_airflow_group() or stopped
+        if stopped:
             say(f"stopped {name}")
-    say("stack down (an external MySQL server, if used, keeps running)")
+    if only is None:
+        say("stack down (an external MySQL server, if used, keeps running)")
+
+
+# --- Airflow UI (`make airflow`) -----------------------------------------------------
+
+
+def _group_members(pgid: int) -> list:
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def stop_group(pgid: int, timeout: float = 20.0) -> bool:
+    """TERM every process of the group, KILL what is left after `timeout`; True if any was there."""
+    import psutil
+
+    members = _group_members(pgid)
+    if not members:
+        return False
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    _, alive = psutil.wait_procs(members, timeout=timeout)
+    if alive or _group_members(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        psutil.wait_procs(_group_members(pgid), timeout=5)
+    return True
+
+
+def stop_airflow_group() -> bool:
+    """Stop `airflow standalone`'s process group, also when its launcher is gone (kill -9)."""
+    path = PIDS / "airflow.pgid"
+    if not path.exists():
+        return False
+    try:
+        pgid = int(path.read_text().strip())
+    except ValueError:
+        path.unlink(missing_ok=True)
+        return False
+    stopped = stop_group(pgid)
+    path.unlink(missing_ok=True)
+    return stopped
+
+
+def run_airflow() -> int:
+    """`airflow standalone` in a process group of its own, stopped as a whole.
+
+    Its scheduler, API server, triggerer, DAG processor and executor workers all live in that
+    group. This launcher's pid is in `.local/pids/airflow.pid` and the group's in `airflow.pgid`:
+    a TERM or INT to the launcher (a service manager, `kill`, Ctrl-C) stops the whole group, and
+    `down` stops it even when the launcher itself was killed with -9.
+    """
+    env = stack_env()
+    PIDS.mkdir(parents=True, exist_ok=True)
+    earlier = read_pid("airflow")
+    if earlier is not None:
+        stop_process("airflow")  # its launcher stops its group on TERM
+    if stop_airflow_group() or earlier is not None:
+        say("an earlier `airflow standalone` of this checkout was still running: stopped it")
+    port = int(env.get("AIRFLOW_API_PORT", "8080"))
+    if port_open("127.0.0.1", port):
+        raise StackError(
+            f"port {port} is taken by another program; stop it or set AIRFLOW_API_PORT in .env"
+        )
+    proc = subprocess.Popen(["airflow", "standalone"], env=env, start_new_session=True, cwd=REPO)
+    (PIDS / "airflow.pgid").write_text(str(proc.pid))
+    (PIDS / "airflow.pid").write_text(str(os.getpid()))
+
+    def stop(signum, _frame) -> None:
+        say(f"signal {signal.Signals(signum).name}: stopping airflow standalone (group {proc.pid})")
+        stop_airflow_group()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return proc.wait()
+    finally:
+        stop_airflow_group()
+        (PIDS / "airflow.pid").unlink(missing_ok=True)
 
 
 def status() -> int:
@@ -656,7 +756,9 @@ def main(args: list[str]) -> int:
         if command == "up":
             up()
         elif command == "down":
-            down()
+            down(args[1] if len(args) > 1 else None)
+        elif command == "airflow":
+            return run_airflow()
         elif command == "status":
             return status()
         elif command == "env":
