@@ -80,18 +80,21 @@ def test_form_refuses_bad_values(dagbag, name, bad):
     params[name] = RUN_PARAMS[name].default  # and a good value passes
 
 
-def test_parsing_does_not_import_torch_or_mlflow_and_is_fast():
+HEAVY_MODULES = ("torch", "torchvision", "mlflow", "PIL", "sklearn", "onnxruntime", "numpy")
+
+
+def test_parsing_imports_none_of_the_heavy_libraries():
+    # What makes parsing slow is what it imports; its time is a benchmark's business
+    # (bench/bench_dag_parse.py), not a test's on a shared machine.
     code = (
-        "import time, sys, importlib.util\n"
+        "import sys, importlib.util\n"
         "import airflow\n"
-        "t = time.perf_counter()\n"
         f"for name in ('image_classification', 'image_classification_inbox'):\n"
         f"    spec = importlib.util.spec_from_file_location(name, r'{REPO_ROOT}/dags/' + name + '.py')\n"
         "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "elapsed = time.perf_counter() - t\n"
-        "print(elapsed, 'torch' in sys.modules, 'mlflow' in sys.modules)\n"
+        "print(' '.join(sorted(m for m in sys.modules if '.' not in m)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    elapsed, torch_loaded, mlflow_loaded = out.stdout.split()[-3:]
-    assert torch_loaded == "False" and mlflow_loaded == "False"
-    assert float(elapsed) < 1.0
+    loaded = set(out.stdout.split())
+    assert "pipeline" in loaded  # the DAG files were really executed
+    assert loaded.isdisjoint(HEAVY_MODULES), sorted(loaded & set(HEAVY_MODULES))
