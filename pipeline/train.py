@@ -852,6 +852,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             parser.add_argument(flag, type=_bool, default=default, metavar="true|false")
+        elif default is None:  # num_workers: empty means automatic
+            parser.add_argument(flag, type=int, default=None, help="default: automatic")
         else:
             parser.add_argument(flag, type=type(default), default=default)
 

@@ -290,3 +290,13 @@ def test_a_compiled_model_trains_the_plain_modules_weights():
     state = model.state_dict()
     assert set(state) == set(before)  # no `_orig_mod.` prefix: checkpoints and MLflow stay plain
     assert not torch.equal(state["1.weight"], before["1.weight"])
+
+
+def test_cli_takes_an_explicit_worker_count_and_defaults_to_automatic():
+    from pipeline.__main__ import build_parser
+
+    parser = build_parser("train")
+    explicit = parser.parse_args(["train", "--num-workers", "3", "--compile", "true"])
+    assert explicit.num_workers == 3 and explicit.compile is True
+    automatic = parser.parse_args(["train"])
+    assert automatic.num_workers is None and automatic.compile is False
