@@ -202,3 +202,74 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(trainer, sto
     assert result["run_id"] == saved["run_id"]  # same MLflow run, continued
     history = MlflowClient().get_metric_history(result["run_id"], "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2]
+
+
+def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
+    db, store, dataset, mlflow_names, tmp_path
+):
+    """A real SIGKILL of `python -m pipeline train`, then the same run key again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    epochs = 4
+    env = {
+        **os.environ,
+        "MYSQL_DATABASE": db.name,
+        "S3_BUCKET": store.bucket,
+        "MODEL_NAME": mlflow_names["model_name"],
+        "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--prefix",
+        "ds",
+        "--dataset-version",
+        dataset,
+        "--run-key",
+        "manual__killed",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "1",
+        "--image-size",
+        "64",
+        "--num-workers",
+        "0",
+        "--min-images-per-label",
+        "1",
+    ]
+    ckpt = train.checkpoint_name(mlflow_names["model_name"], "manual__killed")
+    checkpoints = train.S3CheckpointStore(store)
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    saved = None
+    while saved is None and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+        saved = train.load_checkpoint(checkpoints, ckpt)
+    assert saved is not None, first.communicate()[0].decode(errors="replace")[-3000:]
+    first.send_signal(signal.SIGKILL)  # mid-epoch: no handler, no cleanup
+    first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+    killed_at = train.load_checkpoint(checkpoints, ckpt)
+    assert 1 <= killed_at["epoch"] < epochs
+    client = MlflowClient()
+    assert client.search_model_versions(f"name='{mlflow_names['model_name']}'") == []
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-3000:]
+    assert f"after epoch {killed_at['epoch']}" in output  # resumed, not started over
+    versions = client.search_model_versions(f"name='{mlflow_names['model_name']}'")
+    assert len(versions) == 1 and versions[0].run_id == killed_at["run_id"]
+    steps = {m.step for m in client.get_metric_history(killed_at["run_id"], "val_accuracy")}
+    assert steps == set(range(1, epochs + 1))
+    assert train.load_checkpoint(checkpoints, ckpt) is None  # removed once registered
+    experiment = client.get_experiment_by_name(mlflow_names["model_name"])
+    if experiment is not None:  # the CLI logs to an experiment named after the model
+        client.delete_experiment(experiment.experiment_id)
