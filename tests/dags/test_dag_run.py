@@ -277,3 +277,40 @@ def test_bad_conf_is_refused_before_any_work(world):
     assert result.returncode != 0
     assert "epochs" in output and "minimum of 1" in output
     assert "Returned value was" not in output  # no task did anything
+
+
+@pytest.mark.slow
+def test_inbox_dag_scores_new_inbox_images_with_the_champion(world, settings, tmp_path):
+    """The second DAG end to end: new files in inbox/ get one prediction each, by the champion."""
+    from mlflow import MlflowClient
+
+    from pipeline import demo_data
+
+    champion = MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias(
+        world["model_name"], "champion"
+    )
+    local = tmp_path / "more"
+    demo_data.render_digits(local, size=32, fmt="png", inbox=5, per_label=1)
+    extra = sorted(p.name for p in (local / "inbox").iterdir())
+    for name in extra:
+        world["store"].put_bytes(
+            f"{world['prefix']}/inbox/new-{name}", (local / "inbox" / name).read_bytes()
+        )
+
+    conf = {"bucket": world["conf"]["bucket"], "prefix": world["prefix"]}
+    for _ in range(2):  # the second run finds nothing new
+        result = airflow(
+            world, "dags", "test", "image_classification_inbox", "-c", json.dumps(conf)
+        )
+        output = result.stdout + result.stderr
+        assert re.search(r"DagRun Finished: .*?state=success", output), output[-3000:]
+        rows = world["db"].query(
+            "SELECT p.model_version, COUNT(*) AS n FROM predictions p JOIN images i"
+            " ON i.id = p.image_id WHERE i.object_key LIKE %s GROUP BY p.model_version",
+            (f"{world['prefix']}/inbox/new-%",),
+        )
+        assert rows == [{"model_version": int(champion.version), "n": len(extra)}]
+    latest = world["db"].query(
+        "SELECT COUNT(*) AS n FROM v_inbox_latest_predictions WHERE predicted_label IS NULL"
+    )
+    assert latest == [{"n": 0}]
