@@ -130,16 +130,9 @@ def image_classification():
         params = rt.run_params(context)
         scanned = _xcom(context, "scan_images")
         db = rt.database()
-        info = (
-            catalog.get_dataset(db, scanned["dataset_version"])
-            if scanned
-            else catalog.latest_dataset(db, params["bucket"], params["prefix"])
+        info = catalog.resolve_dataset(
+            db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
         )
-        if info is None:
-            raise ValueError(
-                f"no dataset catalogued for s3://{params['bucket']}/{params['prefix']}: "
-                "run scan_images first"
-            )
         should_train, why = train.training_decision(
             info,
             champion_dataset_version=registry.champion_dataset_version(rt.model_name()),
@@ -162,11 +155,9 @@ def image_classification():
         params = rt.run_params(context)
         db, store = rt.database(), rt.object_store(params["bucket"])
         scanned = _xcom(context, "scan_images")
-        version = (
-            scanned or catalog.latest_dataset(db, params["bucket"], params["prefix"]) or {}
-        ).get("dataset_version")
-        if not version:
-            raise ValueError("no dataset version: run scan_images first")
+        version = catalog.resolve_dataset(
+            db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
+        )["dataset_version"]
         return train.train_model(
             db,
             store,

@@ -33,12 +33,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.db import Database
+from pipeline.db import Database, utc_now
 from pipeline.records import ImageRecord
-from pipeline.store import ObjectInfo, ObjectStore
+from pipeline.store import ObjectInfo, ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +313,6 @@ def check_dataset(
     return problems
 
 
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
@@ -491,7 +486,7 @@ def scan(
     prefix = normalize_prefix(prefix)
     bucket = store.bucket
     where = f"s3://{bucket}/{prefix}"
-    started = _now()
+    started = utc_now()
     t0 = time.monotonic()
 
     listed: dict[str, tuple[ParsedKey, ObjectInfo]] = {}
@@ -551,7 +546,7 @@ def scan(
                 gets,
             )
 
-        now = _now()
+        now = utc_now()
         for key, (parsed, obj) in listed.items():
             inspection = inspections.get(key, "unchanged")
             if inspection is None:
@@ -718,7 +713,7 @@ def scan(
                     bucket,
                     prefix,
                     started,
-                    _now(),
+                    utc_now(),
                     dataset_version,
                     n_listed,
                     len(new_keys),
@@ -772,6 +767,24 @@ def latest_dataset(db: Database, bucket: str, prefix: str) -> dict[str, Any] | N
         (bucket, normalize_prefix(prefix)),
     )
     return _dataset_row(rows[0]) if rows else None
+
+
+def resolve_dataset(
+    db: Database, bucket: str, prefix: str, dataset_version: str | None = None
+) -> dict[str, Any]:
+    """`dataset_version`'s dataset, or else the latest scan's of bucket+prefix.
+
+    LookupError (naming what to run) for an unknown version or a never-scanned prefix.
+    """
+    if dataset_version:
+        return get_dataset(db, dataset_version)
+    latest = latest_dataset(db, bucket, prefix)
+    if latest is None:
+        raise LookupError(
+            f"s3://{bucket}/{normalize_prefix(prefix)} was never scanned: "
+            "run `python -m pipeline scan` (or the DAG's scan_images) first"
+        )
+    return latest
 
 
 def get_dataset(db: Database, dataset_version: str) -> dict[str, Any]:
@@ -864,8 +877,7 @@ def cli_migrate(args: argparse.Namespace, settings: Any) -> int:
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
-    parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+    add_location_arguments(parser)
     parser.add_argument("--val-percent", type=int, default=10, help="percent of train carved")
     parser.add_argument("--leakage-policy", choices=POLICIES, default="reject")
     parser.add_argument("--label-conflict-policy", choices=POLICIES, default="reject")
@@ -876,8 +888,7 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_scan(args: argparse.Namespace, settings: Any) -> int:
     db = Database(settings.mysql)
-    store = ObjectStore(settings.s3, args.bucket or settings.s3.bucket)
-    prefix = settings.s3.prefix if args.prefix is None else args.prefix
+    store, prefix = location_from_args(settings, args)
     s = scan(
         db,
         store,

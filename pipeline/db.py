@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 MIGRATION_LOCK = "imgpipe_schema_migrations"
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def utc_now() -> datetime:
+    """Now in UTC, naive: what the DATETIME(6) columns hold (sessions run in UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Database:

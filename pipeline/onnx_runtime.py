@@ -101,13 +101,13 @@ class Int8Model:
 
 def int8_path(cache_dir: str | Path, loaded: Any, calibration: Calibration) -> Path:
     """Where the quantized model of a loaded version is cached."""
-    from pipeline.registry import _safe
+    from pipeline.registry import safe_name
 
     name = (
         f"v{loaded.model_version}-{loaded.run_id[:12]}-s{loaded.image_size}"
         f"-{calibration.key}.int8.onnx"
     )
-    return Path(cache_dir) / "models" / _safe(loaded.model_name) / "onnx" / name
+    return Path(cache_dir) / "models" / safe_name(loaded.model_name) / "onnx" / name
 
 
 def int8_model(

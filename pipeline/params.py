@@ -9,6 +9,9 @@ from typing import Any
 # Scoring precisions: auto (bf16 on a GPU with bf16, else fp32); fp32; bf16 autocast; int8
 # through ONNX Runtime (pipeline.onnx_runtime).
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "step", "none")
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -94,14 +97,12 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     "learning_rate": ParamSpec(
         "number", 0.001, "Initial learning rate.", minimum=1e-7, maximum=10, section="Training"
     ),
-    "optimizer": ParamSpec(
-        "string", "adamw", "Optimizer.", enum=("adamw", "sgd"), section="Training"
-    ),
+    "optimizer": ParamSpec("string", "adamw", "Optimizer.", enum=OPTIMIZERS, section="Training"),
     "lr_schedule": ParamSpec(
         "string",
         "cosine",
         "Learning-rate schedule over the epochs.",
-        enum=("cosine", "step", "none"),
+        enum=LR_SCHEDULES,
         section="Training",
     ),
     "weight_decay": ParamSpec(
@@ -122,7 +123,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "string",
         "none",
         "Class-imbalance handling: none, or balanced (loss weighted by inverse class frequency).",
-        enum=("none", "balanced"),
+        enum=CLASS_WEIGHTINGS,
         section="Training",
     ),
     "freeze_backbone": ParamSpec(

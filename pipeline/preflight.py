@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Settings
 from pipeline.db import Database, migrate
-from pipeline.store import ObjectStore
+from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,13 @@ def run_checks(
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bucket", help="bucket to probe (default: S3_BUCKET)")
-    parser.add_argument("--prefix", help="prefix to probe under (default: S3_PREFIX)")
+    add_location_arguments(parser)
 
 
 def cli_check(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.mysql)
-    store = ObjectStore(settings.s3, args.bucket or settings.s3.bucket)
-    summary = run_checks(db, store, args.prefix if args.prefix is not None else settings.s3.prefix)
+    store, prefix = location_from_args(settings, args)
+    summary = run_checks(db, store, prefix)
     for service, detail in summary.items():
         print(f"{service:7s} ok  {detail}")
     return 0

@@ -19,11 +19,11 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.db import Database
+from pipeline.db import Database, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,18 @@ class NoModelError(LookupError):
     """The requested alias or version does not exist in the registry."""
 
 
-def _client():
+def mlflow_client():
+    """An MLflow client for the tracking URI of this moment (MLFLOW_TRACKING_URI)."""
     from mlflow import MlflowClient
 
     return MlflowClient()
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> str:
     """A concrete version number for an alias (`champion`, `challenger`, ...) or a version."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = mlflow_client()
     ref = str(model_ref)
     try:
         if ref.isdigit():
@@ -67,7 +64,7 @@ def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> s
 
 
 def version_tags(model_name: str, model_version: str | int) -> dict[str, str]:
-    return dict(_client().get_model_version(model_name, str(model_version)).tags)
+    return dict(mlflow_client().get_model_version(model_name, str(model_version)).tags)
 
 
 def champion_dataset_version(model_name: str) -> str | None:
@@ -85,7 +82,9 @@ def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
 
     escaped = run_key.replace("'", "\\'")
     try:
-        found = _client().search_model_versions(f"name='{model_name}' and tags.run_key='{escaped}'")
+        found = mlflow_client().search_model_versions(
+            f"name='{model_name}' and tags.run_key='{escaped}'"
+        )
     except MlflowException:
         return None
     versions = sorted(int(v.version) for v in found)
@@ -101,7 +100,7 @@ def newest_ungated_version(db: Database, model_name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        found = _client().search_model_versions(f"name='{model_name}'")
+        found = mlflow_client().search_model_versions(f"name='{model_name}'")
     except MlflowException:
         return None
     if not found:
@@ -140,7 +139,7 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     from pipeline.model import pick_device
 
     version = resolve_model_version(model_name, model_ref)
-    mv = _client().get_model_version(model_name, version)
+    mv = mlflow_client().get_model_version(model_name, version)
     tags = dict(mv.tags)
     if "label_map" not in tags or "image_size" not in tags:
         raise ValueError(
@@ -149,7 +148,7 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
         )
     label_map = json.loads(tags["label_map"])
     labels = tuple(sorted(label_map, key=label_map.get))
-    local = Path(cache_dir) / "models" / _safe(model_name) / version
+    local = Path(cache_dir) / "models" / safe_name(model_name) / version
     if not (local / "MLmodel").exists():
         tmp = local.with_name(f"{version}.{os.getpid()}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -171,7 +170,8 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     )
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """`name` usable as one path segment (model names in cache paths)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -210,7 +210,7 @@ def accuracy_on(
 def record_version(db: Database, model_name: str, version: str | int) -> None:
     """The version's `model_versions` row (lineage: MLflow run, Airflow run, dataset version),
     written when it is registered; idempotent, the gate's decision is kept."""
-    mv = _client().get_model_version(model_name, str(version))
+    mv = mlflow_client().get_model_version(model_name, str(version))
     _record_version(db, model_name, str(version), dict(mv.tags), mv.run_id)
 
 
@@ -231,7 +231,7 @@ def _record_version(
             int(tags.get("image_size", 0)),
             len(json.loads(tags.get("label_map", "{}"))),
             float(tags["val_accuracy"]) if "val_accuracy" in tags else None,
-            _now(),
+            utc_now(),
         ),
     )
 
@@ -242,7 +242,7 @@ def move_alias(
     """Point `alias` at `version` in MLflow and record the move; a no-op move records nothing."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = mlflow_client()
     try:
         current = str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
@@ -269,7 +269,7 @@ def move_alias(
             int(version),
             actor[:255],
             reason[:512],
-            _now(),
+            utc_now(),
         ),
     )
     log.info("alias %s@%s: %s -> %s (%s)", model_name, alias, from_version, version, reason)
@@ -293,7 +293,7 @@ def promote(
     """
     from pipeline import catalog
 
-    client = _client()
+    client = mlflow_client()
     version = resolve_model_version(model_name, model_version)
     mv = client.get_model_version(model_name, version)
     tags = dict(mv.tags)
@@ -398,7 +398,7 @@ def _decide(
             champion_accuracy,
             decision,
             reason[:512],
-            _now(),
+            utc_now(),
             model_name,
             int(version),
         ),
@@ -412,7 +412,7 @@ def _decide(
 def rollback(db: Database, model_name: str, model_version: str, *, actor: str, reason: str) -> dict:
     """Move `champion` back to an earlier registered version (which must exist)."""
     version = resolve_model_version(model_name, model_version)
-    mv = _client().get_model_version(model_name, version)
+    mv = mlflow_client().get_model_version(model_name, version)
     _record_version(db, model_name, version, dict(mv.tags), mv.run_id)
     moved = move_alias(db, model_name, CHAMPION, version, actor=actor, reason=f"rollback: {reason}")
     return {
@@ -438,14 +438,18 @@ def champion_at(db: Database, model_name: str, when: datetime) -> str | None:
 
 def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", required=True, help="version to gate (or roll back to)")
-    parser.add_argument("--min-accuracy", type=float, default=0.5)
-    parser.add_argument("--promotion-margin", type=float, default=0.0)
+    from pipeline.params import RUN_PARAMS
+    from pipeline.store import add_location_arguments
+
+    for name in ("min_accuracy", "promotion_margin"):  # the DAG's defaults, from its form
+        spec = RUN_PARAMS[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default)
     parser.add_argument("--rollback", action="store_true", help="make it champion unconditionally")
-    parser.add_argument("--bucket", help="bucket of the images (default: S3_BUCKET)")
+    add_location_arguments(parser, prefix=False)
 
 
 def cli_promote(args: argparse.Namespace, settings: Any) -> int:
-    from pipeline.store import ObjectStore
+    from pipeline.store import location_from_args
 
     db = Database(settings.mysql)
     actor = f"cli:{os.environ.get('USER', 'unknown')}"
@@ -454,7 +458,7 @@ def cli_promote(args: argparse.Namespace, settings: Any) -> int:
     else:
         result = promote(
             db,
-            ObjectStore(settings.s3, args.bucket or settings.s3.bucket),
+            location_from_args(settings, args)[0],
             settings.model_name,
             args.model_version,
             min_accuracy=args.min_accuracy,

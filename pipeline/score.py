@@ -28,15 +28,15 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline import catalog
 from pipeline.catalog import INBOX, ImageRecord
-from pipeline.db import Database
-from pipeline.params import PRECISIONS
-from pipeline.store import ObjectStore
+from pipeline.db import Database, utc_now
+from pipeline.params import PRECISIONS, RUN_PARAMS
+from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,6 @@ _UPSERT_TAIL = " ON DUPLICATE KEY UPDATE " + ", ".join(
     f"{c} = VALUES({c})" for c in _COLUMNS if c not in _KEY
 )
 _ROW = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _check_subsets(subsets: Sequence[str]) -> None:
@@ -214,12 +210,7 @@ def plan_scoring(
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
     version = registry.resolve_model_version(model_name, model_ref)
-    dataset = catalog.latest_dataset(db, bucket, prefix)
-    if dataset is None:
-        raise LookupError(
-            f"s3://{bucket}/{catalog.normalize_prefix(prefix)} was never scanned: "
-            "run `python -m pipeline scan` (or the DAG's scan_images) first"
-        )
+    dataset = catalog.resolve_dataset(db, bucket, prefix)
     dataset_version = dataset["dataset_version"]
     parts = _selection(bucket, prefix, dataset_version, subsets)
     by_kind = _count_by_shard(
@@ -317,9 +308,9 @@ def score_shard(
             " (resolve aliases once with plan_scoring)"
         )
     version = str(model_version)
-    if dataset_version is None:
-        latest = catalog.latest_dataset(db, store.bucket, prefix)
-        dataset_version = latest["dataset_version"] if latest else None
+    dataset_version = catalog.resolve_dataset(db, store.bucket, prefix, dataset_version)[
+        "dataset_version"
+    ]
     parts = _selection(store.bucket, prefix, dataset_version, subsets)
     select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
     by_kind = _count_by_shard(db, parts, **select)
@@ -393,7 +384,7 @@ def score_shard(
                 dataset_version=dataset_version,
                 mlflow_run_id=loaded.run_id,
                 airflow_run_id=airflow_run_id,
-                scored_at=_now(),
+                scored_at=utc_now(),
             )
             _write_batch(db, rows)
             summary["scored"] += len(rows)
@@ -547,7 +538,7 @@ def evaluate(
                 metrics["n_correct"],
                 metrics["accuracy"],
                 metrics["macro_f1"],
-                _now(),
+                utc_now(),
             ),
         )
         cur.executemany(
@@ -598,9 +589,18 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     ref = parser.add_mutually_exclusive_group()
     ref.add_argument("--model-version", help="a registered version number")
     ref.add_argument("--model-ref", default="champion", help="an alias (default: champion)")
-    parser.add_argument("--shards", type=int, default=1, help="number of shards (default 1)")
+    shards = RUN_PARAMS["shards"].default  # one default for the DAG's form and the CLI
+    parser.add_argument(
+        "--shards", type=int, default=shards, help=f"number of shards (default {shards})"
+    )
     parser.add_argument("--shard", type=int, help="score only this shard (default: all, in turn)")
-    parser.add_argument("--force", action="store_true", help="rescore images already scored")
+    parser.add_argument(
+        "--force-rescore",
+        "--force",
+        dest="force_rescore",
+        action="store_true",
+        help="rescore images already scored by this version (the DAG's force_rescore)",
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -608,8 +608,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (default: bf16 on a GPU, fp32 on a CPU); fp32; bf16 autocast; int8 through"
         " ONNX Runtime on the CPU (quantized on first use)",
     )
-    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
-    parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+    add_location_arguments(parser)
     parser.add_argument(
         "--batch-size", type=int, default=None, help="default: 512 on a GPU, 64 on a CPU"
     )
@@ -619,10 +618,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_score(args: argparse.Namespace, settings: Any) -> int:
     db = Database(settings.mysql)
-    store = ObjectStore(
-        settings.s3, args.bucket or settings.s3.bucket, max_pool_connections=max(32, args.workers)
-    )
-    prefix = settings.s3.prefix if args.prefix is None else args.prefix
+    store, prefix = location_from_args(settings, args, max_pool_connections=max(32, args.workers))
     plan = plan_scoring(
         db,
         store.bucket,
@@ -630,7 +626,7 @@ def cli_score(args: argparse.Namespace, settings: Any) -> int:
         model_name=settings.model_name,
         model_ref=args.model_version or args.model_ref,
         shards=args.shards,
-        force=args.force,
+        force=args.force_rescore,
     )
     print(
         f"{plan['model_name']} v{plan['model_version']}: {plan['to_score']} images to score"
@@ -650,7 +646,7 @@ def cli_score(args: argparse.Namespace, settings: Any) -> int:
             prefix=prefix,
             cache_dir=settings.cache_dir,
             dataset_version=plan["dataset_version"],
-            force=args.force,
+            force=args.force_rescore,
             airflow_run_id=args.airflow_run_id,
             precision=args.precision,
             batch_size=args.batch_size,

@@ -137,3 +137,17 @@ class ObjectStore:
         """Empty and remove the bucket (tests use this to clean up)."""
         self.delete_prefix("")
         self.client.delete_bucket(Bucket=self.bucket)
+
+
+def add_location_arguments(parser, *, prefix: bool = True) -> None:
+    """The CLI's `--bucket` (and `--prefix`) options; `location_from_args` reads them."""
+    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
+    if prefix:
+        parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+
+
+def location_from_args(settings, args, **store_options) -> tuple[ObjectStore, str]:
+    """The store of `--bucket` and the `--prefix`, defaulting to S3_BUCKET and S3_PREFIX."""
+    store = ObjectStore(settings.s3, getattr(args, "bucket", None), **store_options)
+    prefix = getattr(args, "prefix", None)
+    return store, settings.s3.prefix if prefix is None else prefix

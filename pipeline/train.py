@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.params import CLASS_WEIGHTINGS, LR_SCHEDULES, OPTIMIZERS
+
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
-LR_SCHEDULES = ("cosine", "step", "none")
-CLASS_WEIGHTINGS = ("none", "balanced")
 _LOG_EVERY_S = 10.0
 
 
@@ -517,7 +516,7 @@ def train_model(
         }
     existing = registry.find_version_by_run_key(model_name, run_key)
     if existing:
-        mv = registry._client().get_model_version(model_name, existing)
+        mv = registry.mlflow_client().get_model_version(model_name, existing)
         log.info(
             "run %s already registered %s v%s: nothing to train", run_key, model_name, existing
         )
@@ -834,8 +833,9 @@ def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainParams()
-    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
-    parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+    from pipeline.store import add_location_arguments
+
+    add_location_arguments(parser)
     parser.add_argument("--dataset-version", help="default: the latest scan of bucket/prefix")
     parser.add_argument("--run-key", help="retry key: the same key resumes/reuses (default: new)")
     parser.add_argument("--force-retrain", action="store_true")
@@ -924,23 +924,16 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
 
     from pipeline import catalog
     from pipeline.db import Database
-    from pipeline.store import ObjectStore
+    from pipeline.store import location_from_args
 
     db = Database(settings.mysql)
-    store = ObjectStore(settings.s3, args.bucket or settings.s3.bucket)
-    prefix = settings.s3.prefix if args.prefix is None else args.prefix
-    version = args.dataset_version
-    if version is None:
-        latest = catalog.latest_dataset(db, store.bucket, prefix)
-        if latest is None:
-            raise LookupError(
-                f"no scan of s3://{store.bucket}/{prefix} yet: run `python -m pipeline scan`"
-            )
-        version = latest["dataset_version"]
+    store, prefix = location_from_args(settings, args)
+    dataset = catalog.resolve_dataset(db, store.bucket, prefix, args.dataset_version)
+    version = dataset["dataset_version"]
     from pipeline import registry
 
     should_train, why = training_decision(
-        catalog.get_dataset(db, version),
+        dataset,
         champion_dataset_version=registry.champion_dataset_version(settings.model_name),
         min_images_per_label=args.min_images_per_label,
         allow_unseen_labels=args.allow_unseen_labels,

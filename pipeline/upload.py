@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline.store import ObjectStore
+from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,13 @@ def upload_tree(
 
 def add_upload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("local_dir", metavar="LOCAL_DIR", help="a <split>/<label>/<file> tree")
-    parser.add_argument("--bucket", help="bucket (default: S3_BUCKET)")
-    parser.add_argument("--prefix", help="key prefix (default: S3_PREFIX)")
+    add_location_arguments(parser)
     parser.add_argument("--workers", type=int, default=16, help="parallel uploads (default 16)")
 
 
 def cli_upload(args: argparse.Namespace, settings: Any) -> int:
-    store = ObjectStore(settings.s3, args.bucket or settings.s3.bucket)
+    store, prefix = location_from_args(settings, args)
     store.ensure_bucket()
-    prefix = settings.s3.prefix if args.prefix is None else args.prefix
     result = upload_tree(store, args.local_dir, prefix, workers=args.workers)
     print(
         f"s3://{store.bucket}/{prefix.strip('/')}: {result['uploaded']} uploaded, "

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import catalog, registry, report, score, train
+from pipeline.db import utc_now
 from pipeline.demo_data import render_digits
 from pipeline.upload import upload_tree
 
@@ -322,7 +323,7 @@ def _prediction_row(image_id, model_name, version, predicted, true, *, subset="t
         "dataset_version": None,
         "mlflow_run_id": "run",
         "airflow_run_id": None,
-        "scored_at": extra.get("scored_at", score._now()),
+        "scored_at": extra.get("scored_at", utc_now()),
     }
     return tuple(values[c] for c in score._COLUMNS)
 
