@@ -29,6 +29,7 @@ from pipeline.data import (
     EvalPreset,
     ImageDecodeError,
     MissingObjectError,
+    chunks,
     gpu_decodable,
     preprocess_on_device,
 )
@@ -149,8 +150,8 @@ def predict_stream(
     depth = max(workers, 2 * batch_size // _CHUNK)
     with fetchers, stager:
         # Whole chunks per task: one future per image costs more than reading a cached file.
-        chunks = prefetched(fetchers, lambda c: [load(i) for i in c], _chunked(items), depth)
-        batches = _batches((load for chunk in chunks for load in chunk), batch_size)
+        fetched = prefetched(fetchers, lambda c: [load(i) for i in c], chunks(items, _CHUNK), depth)
+        batches = _batches((one for chunk in fetched for one in chunk), batch_size)
         staged = prefetched(stager, to_device, batches, 2) if on_gpu else map(to_device, batches)
         pending = None
         since = time.perf_counter()
@@ -174,17 +175,6 @@ def predict_stream(
             scored = _finish(pending, labels)
             clock.add("infer", since)
             yield scored
-
-
-def _chunked(items: Iterable[T]) -> Iterator[list[T]]:
-    chunk: list[T] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == _CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _batches(loads: Iterable, batch_size: int) -> Iterator[tuple[list, list]]:
