@@ -465,10 +465,17 @@ def _log_progress(shard: int, shards: int, done: int, total: int, elapsed: float
 # ----------------------------------------------------------------------------- evaluate
 
 
-def compute_metrics(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class P/R/F1/support and confusion counts from (true, predicted)."""
+def compute_metrics(
+    pairs: Sequence[tuple[str, str]], labels: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class P/R/F1/support and confusion counts from (true, predicted).
+
+    Per-class rows cover `labels` when given (training reports every class of the model, in
+    its order), else the labels seen as truth or prediction (scikit-learn's default).
+    """
     confusion = Counter(pairs)
-    labels = sorted({t for t, _ in pairs} | {p for _, p in pairs})
+    if labels is None:
+        labels = sorted({t for t, _ in pairs} | {p for _, p in pairs})
     n = len(pairs)
     correct = sum(v for (t, p), v in confusion.items() if t == p)
     per_class = {}

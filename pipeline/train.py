@@ -766,30 +766,22 @@ def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list
     cm = np.zeros((n, n), dtype=int)
     for t, p in pairs:
         cm[t, p] += 1
+    from pipeline.score import compute_metrics
+
+    metrics = compute_metrics([(labels[t], labels[p]) for t, p in pairs], labels)
     rows = ["label,precision,recall,f1,support"]
     table = []
-    for i, label in enumerate(labels):
-        tp = cm[i, i]
-        precision = tp / cm[:, i].sum() if cm[:, i].sum() else 0.0
-        recall = tp / cm[i, :].sum() if cm[i, :].sum() else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        table.append(
-            {
-                "label": label,
-                "precision": precision,
-                "recall": recall,
-                "f1": f1,
-                "support": int(cm[i].sum()),
-            }
-        )
+    for label in labels:
+        c = metrics["per_class"][label]
+        table.append({"label": label, **c})
         quoted = '"' + label.replace('"', '""') + '"'
-        rows.append(f"{quoted},{precision:.4f},{recall:.4f},{f1:.4f},{int(cm[i].sum())}")
+        rows.append(f"{quoted},{c['precision']:.4f},{c['recall']:.4f},{c['f1']:.4f},{c['support']}")
     mlflow.log_text("\n".join(rows) + "\n", "per_class_metrics.csv")
     mlflow.log_dict(
         {"labels": labels, "confusion_matrix": cm.tolist(), "per_class": table},
         "val_evaluation.json",
     )
-    mlflow.log_metric("val_macro_f1", float(np.mean([r["f1"] for r in table])) if table else 0.0)
+    mlflow.log_metric("val_macro_f1", metrics["macro_f1"])
 
     size = max(4.0, 0.45 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size))

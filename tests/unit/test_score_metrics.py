@@ -114,3 +114,15 @@ def test_prediction_rows_mark_correctness_and_leave_inbox_out_of_the_dataset():
         (2, 4, when),
         (3, 4, when),
     }
+
+
+def test_metrics_over_the_models_labels_include_classes_never_seen():
+    pairs = [("a", "a"), ("a", "b"), ("b", "b")]
+    every = compute_metrics(pairs, ["a", "b", "c"])
+    assert list(every["per_class"]) == ["a", "b", "c"]
+    assert every["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # a: P 1, R 1/2, F1 2/3; b: P 1/2, R 1, F1 2/3; c: 0 → macro over three classes
+    assert every["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    seen = compute_metrics(pairs)
+    assert list(seen["per_class"]) == ["a", "b"]
+    assert seen["macro_f1"] == pytest.approx(2 / 3)
