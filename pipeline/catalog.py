@@ -807,18 +807,24 @@ def dataset_images(db: Database, dataset_version: str, subsets: Sequence[str]) -
         raise ValueError(f"unknown subsets {bad}; expected some of: {', '.join(LABELLED_SUBSETS)}")
     if not subsets:
         return []
-    rows = db.query(
-        "SELECT i.id, i.bucket, i.object_key, m.etag, m.subset, m.label"
-        " FROM dataset_version_images m JOIN images i ON i.id = m.image_id"
-        " WHERE m.dataset_version = %s AND i.status = 'ok' AND i.deleted_at IS NULL"
-        f" AND i.etag = m.etag AND m.subset IN ({', '.join(['%s'] * len(subsets))})"
-        " ORDER BY i.object_key",
-        (dataset_version, *subsets),
-    )
+    sql, args = membership_query(dataset_version, subsets)
+    rows = db.query(sql + " ORDER BY i.object_key", args)
     return [
         ImageRecord(int(r["id"]), r["bucket"], r["object_key"], r["etag"], r["subset"], r["label"])
         for r in rows
     ]
+
+
+def membership_query(dataset_version: str, subsets: Sequence[str]) -> tuple[str, tuple]:
+    """SQL (columns id, bucket, object_key, etag, subset, label; `i` = images) and its args for
+    the usable members of a dataset version in `subsets`: accepted, live, and unchanged since."""
+    return (
+        "SELECT i.id, i.bucket, i.object_key, m.etag, m.subset, m.label"
+        " FROM dataset_version_images m JOIN images i ON i.id = m.image_id"
+        " WHERE m.dataset_version = %s AND i.status = 'ok' AND i.deleted_at IS NULL"
+        f" AND i.etag = m.etag AND m.subset IN ({', '.join(['%s'] * len(subsets))})",
+        (dataset_version, *subsets),
+    )
 
 
 def inbox_images(db: Database, bucket: str, prefix: str) -> list[ImageRecord]:

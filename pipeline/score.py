@@ -101,16 +101,7 @@ def _selection(
     parts = []
     labelled = [s for s in subsets if s != INBOX]
     if labelled and dataset_version:
-        parts.append(
-            (
-                "labelled",
-                "SELECT i.id, i.bucket, i.object_key, m.etag, m.subset, m.label"
-                " FROM dataset_version_images m JOIN images i ON i.id = m.image_id"
-                " WHERE m.dataset_version = %s AND i.status = 'ok' AND i.deleted_at IS NULL"
-                f" AND i.etag = m.etag AND m.subset IN ({', '.join(['%s'] * len(labelled))})",
-                (dataset_version, *labelled),
-            )
-        )
+        parts.append(("labelled", *catalog.membership_query(dataset_version, labelled)))
     if INBOX in subsets:
         parts.append(
             (
