@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import textwrap
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 import mlflow
@@ -463,11 +465,54 @@ def test_views_answer_the_documented_questions(db, digits):
         [i1, i2]
     )
 
-    # Every example query of docs/sql.md runs against these views and tables.
+    # Every example query of docs/sql.md, in its order, answers with the rows the data above
+    # implies (v2 is champion and challenger now; timestamps left out, decimals as floats).
+    key = {
+        r["id"]: r["object_key"]
+        for r in db.query("SELECT id, object_key FROM images WHERE subset = 'inbox'")
+    }
+    expected = [
+        [
+            (1, None, 3, 0.6667, None),
+            (2, "challenger", 3, 1.0, None),
+            (2, "champion", 3, 1.0, None),
+        ],
+        [],  # the champion's mistakes: v2 has none
+        [("0", 1.0, 1.0), ("2", 2.0, 1.0)],
+        [(i1, key[i1], "inbox", "9", 0.5, None), (i2, key[i2], "inbox", "8", 0.5, None)],
+        [],  # no disagreement: both aliases are on v2
+        [
+            (key[i1], "9", 0.5, 2),
+            (key[i2], "8", 0.9, 1),
+            (key[i3], None, None, None, None),
+            (key[i4], None, None, None, None),
+        ],
+        [(2,)],
+        [  # lineage: no model_versions rows in this test, so the training columns are empty
+            (key[i2], "8", 1, "run", None, None, None, None),
+            (key[i1], "9", 2, "run", None, None, None, None),
+            (key[i1], "7", 1, "run", None, None, None, None),
+            (key[i2], "8", 2, "run", None, None, None, None),
+        ],
+        [(None, 2, "test", 3), (None, 1, "test", 3), (None, 2, "inbox", 2), (None, 1, "inbox", 2)],
+        [],  # no stored evaluation yet
+        [],  # nothing rejected while scoring
+    ]
     queries = _doc_queries()
-    assert len(queries) >= 8
-    for statement in queries:
-        db.query(statement.replace("'image-classifier'", "'m'"))
+    assert len(queries) == len(expected)
+    for statement, rows_expected in zip(queries, expected, strict=True):
+        rows = db.query(statement.replace("'image-classifier'", "'m'"))
+        # Sorted: ties in ORDER BY (equal confidences or times) may come in either order.
+        assert sorted(map(_plain, rows), key=repr) == sorted(rows_expected, key=repr), statement
+
+
+def _plain(row: dict) -> tuple:
+    """A result row without timestamps, decimals as floats: comparable with literals."""
+    return tuple(
+        float(v) if isinstance(v, Decimal) else v
+        for v in row.values()
+        if not isinstance(v, datetime)
+    )
 
 
 def _doc_queries() -> list[str]:
