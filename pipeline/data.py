@@ -24,8 +24,9 @@ import logging
 import math
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -400,32 +401,44 @@ class DeviceBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _stage(self, stream, batch):
+    def _stage(self, batch):
         images, targets, indices = batch
-        ready = None
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            images, failed = preprocess_on_device(images, self.size, self.device)
-            if stream is not None:
-                ready = torch.cuda.Event()
-                ready.record(stream)
+        images, failed = preprocess_on_device(images, self.size, self.device)
         if failed:
             targets = targets.clone()
             targets[list(failed)] = -1
-        return images, targets, indices, ready
+        return images, targets, indices
 
     def __iter__(self):
-        from pipeline.inference import prefetched
-
         # On a CPU device (tests, a GPU-less run) the same staging runs, without streams.
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-batches") as pool:
-            staged = prefetched(pool, lambda b: self._stage(stream, b), self.loader, self.depth)
-            for images, targets, indices, ready in staged:
-                if ready is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(ready)
-                    images.record_stream(current)
-                yield images, targets, indices
+        return staged_on_device(self.loader, self._stage, self.device, depth=self.depth)
+
+
+def staged_on_device(batches: Iterable, stage, device: torch.device, *, depth: int = 2):
+    """`stage(batch)` for each batch, one batch ahead on a background thread, in order.
+
+    `stage` returns `(images, *rest)` with `images` on `device` (or None). On CUDA it runs on a
+    stream of its own, and each result is handed over only once the caller's stream waits for
+    it (and the allocator knows the caller uses `images`), so staging overlaps the caller's work.
+    """
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(batch):
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            images, *rest = stage(batch)
+            ready = None
+            if stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return images, rest, ready
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-batches") as pool:
+        for images, rest, ready in prefetched(pool, run, batches, depth):
+            if ready is not None and images is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(ready)
+                images.record_stream(current)
+            yield (images, *rest)
 
 
 def default_num_workers() -> int:
@@ -551,6 +564,17 @@ def fetch_object(store: ObjectStore, record: ImageRecord) -> bytes:
         if code in ("PreconditionFailed", "412"):
             raise MissingObjectError("changed_object: ETag differs from the catalog") from exc
         raise
+
+
+def prefetched(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
+    """`map(fn, items)` in order on `pool`, never more than `depth` items in flight."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def chunks(items: Iterable, size: int) -> Iterable[list]:

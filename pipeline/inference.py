@@ -17,9 +17,9 @@ come back as (item, reason); any other error (a transient S3 or network fault) p
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -31,7 +31,9 @@ from pipeline.data import (
     MissingObjectError,
     chunks,
     gpu_decodable,
+    prefetched,
     preprocess_on_device,
+    staged_on_device,
 )
 from pipeline.model import Prediction, resolve_precision, to_predictions, top_k_probs
 
@@ -66,17 +68,6 @@ class StageClock:
         now = time.perf_counter()
         self.seconds[stage] += now - since
         return now
-
-
-def prefetched(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
-    """`map(fn, items)` in order on `pool`, never more than `depth` items in flight."""
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def predict_stream(
@@ -119,24 +110,19 @@ def predict_stream(
         except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
             return item, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
 
-    side = torch.cuda.Stream(device) if on_gpu else None
-
-    def to_device(batch: tuple[list, list]) -> tuple[list, list, torch.Tensor | None, Any]:
+    def to_device(batch: tuple[list, list]) -> tuple[torch.Tensor | None, list, list]:
         loaded, failures = batch
         if not loaded:
-            return [], failures, None, None
+            return None, [], failures
         payloads = [payload for _, payload in loaded]
-        if side is None:
-            return [item for item, _ in loaded], failures, torch.stack(payloads), None
-        with torch.cuda.stream(side):
-            images, failed = preprocess_on_device(payloads, preset.image_size, device)
-            if failed:
-                images = images[[i for i in range(len(loaded)) if i not in failed]]
-            ready = torch.cuda.Event()
-            ready.record(side)
+        if not on_gpu:
+            return torch.stack(payloads), [item for item, _ in loaded], failures
+        images, failed = preprocess_on_device(payloads, preset.image_size, device)
+        if failed:
+            images = images[[i for i in range(len(loaded)) if i not in failed]]
         kept = [item for i, (item, _) in enumerate(loaded) if i not in failed]
         failures = failures + [(loaded[i][0], reason) for i, reason in failed.items()]
-        return kept, failures, images, ready
+        return images, kept, failures
 
     # Fetch threads run torch ops (resize) single-threaded: per-thread OpenMP teams on top of
     # the model's would oversubscribe the cores and slow inference down.
@@ -146,22 +132,18 @@ def predict_stream(
         initializer=torch.set_num_threads,
         initargs=(1,),
     )
-    stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-stage")
     depth = max(workers, 2 * batch_size // _CHUNK)
-    with fetchers, stager:
+    with fetchers:
         # Whole chunks per task: one future per image costs more than reading a cached file.
         fetched = prefetched(fetchers, lambda c: [load(i) for i in c], chunks(items, _CHUNK), depth)
         batches = _batches((one for chunk in fetched for one in chunk), batch_size)
-        staged = prefetched(stager, to_device, batches, 2) if on_gpu else map(to_device, batches)
+        staged = staged_on_device(batches, to_device, device) if on_gpu else map(to_device, batches)
         pending = None
         since = time.perf_counter()
-        for kept, failures, images, ready in staged:
+        for images, kept, failures in staged:
             since = clock.add("wait_input", since)
             launched = None
             if images is not None:
-                if ready is not None:
-                    torch.cuda.current_stream(device).wait_event(ready)
-                    images.record_stream(torch.cuda.current_stream(device))
                 launched = _launch(module, images, top_k=top_k, precision=precision)
             if pending is not None:
                 scored = _finish(pending, labels)
