@@ -299,9 +299,8 @@ def score_shard(
             " (resolve aliases once with plan_scoring)"
         )
     version = str(model_version)
-    dataset_version = catalog.resolve_dataset(db, store.bucket, prefix, dataset_version)[
-        "dataset_version"
-    ]
+    dataset = catalog.resolve_dataset(db, store.bucket, prefix, dataset_version)
+    dataset_version = dataset["dataset_version"]
     parts = _selection(store.bucket, prefix, dataset_version, subsets)
     select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
     by_kind = _count_by_shard(db, parts, **select)
@@ -329,7 +328,7 @@ def score_shard(
     if by_kind.get("labelled", Counter())[shard]:
         check_labels(
             loaded.labels,
-            list(catalog.get_dataset(db, dataset_version)["label_map"]),
+            list(dataset["label_map"]),
             what=f"{model_name} v{version}",
         )
     if precision == "int8":
