@@ -1,0 +1,97 @@
+"""Faults classified once: permanent errors change data (a rejection, a refusal), transient ones never.
+
+- Permanent: the bytes were read and are not a decodable image; the object is gone or its ETag
+  changed since the scan (`data.MissingObjectError`); the input is invalid (`Refusal`).
+- Transient: connection refused/reset, timeouts, 5xx and throttling, a killed database
+  connection, a full local disk. Clients retry them with their own settings (botocore's
+  `standard` retry mode, bounded); what is left is raised as `ServiceUnavailable`, naming the
+  service and its endpoint, so the task fails and Airflow's retry takes over.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class Refusal(ValueError):
+    """An input no retry can fix (a bad param, an untrainable dataset); the message says what
+    to change. DAG adapters turn it into `AirflowFailException` (no retries)."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service did not answer (after its client's own retries): fail now, retry the task later."""
+
+    def __init__(self, service: str, endpoint: str, detail: str) -> None:
+        super().__init__(f"{service} at {endpoint}: {detail}")
+        self.service, self.endpoint, self.detail = service, endpoint, detail
+
+
+# S3 error codes meaning "this object, as catalogued, is not there any more" (permanent).
+S3_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+S3_CHANGED_CODES = frozenset({"PreconditionFailed", "412"})
+# S3 error codes a later retry may cure.
+S3_TRANSIENT_CODES = frozenset(
+    {
+        "500",
+        "502",
+        "503",
+        "504",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+    }
+)
+# MySQL client/server error numbers for a lost or killed connection, lock waits and deadlocks.
+MYSQL_TRANSIENT_ERRNOS = frozenset({1040, 1053, 1205, 1213, 1927, 2003, 2006, 2013, 2055})
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore `ClientError`, or None for any other exception."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = response.get("Error", {}).get("Code")
+    return str(code) if code is not None else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same call later may succeed (see the module docstring)."""
+    try:
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
+        )
+        from botocore.exceptions import (
+            HTTPClientError,
+            ReadTimeoutError,
+        )
+
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError)):
+            return True
+    except ImportError:  # pragma: no cover - botocore is a dependency
+        pass
+    code = s3_error_code(exc)
+    if code is not None:
+        return code in S3_TRANSIENT_CODES
+    try:
+        import pymysql
+
+        if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InterfaceError):
+            return not exc.args or exc.args[0] in MYSQL_TRANSIENT_ERRNOS or exc.args[0] == 0
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return False
+
+
+def s3_unavailable(exc: BaseException, endpoint: str | None) -> ServiceUnavailable:
+    """`exc` (transient) as a `ServiceUnavailable` naming S3 and its endpoint."""
+    code = s3_error_code(exc)
+    detail = f"{code}: {exc}" if code else str(exc) or type(exc).__name__
+    return ServiceUnavailable("S3", endpoint or "the default AWS endpoint", detail)
