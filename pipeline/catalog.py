@@ -32,10 +32,12 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from typing import Any
 
 from pipeline.db import Database, utc_now
+from pipeline.errors import S3_MISSING_CODES, Refusal, is_transient, s3_error_code, s3_unavailable
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectInfo, ObjectStore, add_location_arguments, location_from_args
 
@@ -47,6 +49,7 @@ SUBSETS = ("train", "val", "test", "inbox")
 LABELLED_SUBSETS = ("train", "val", "test")
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 POLICIES = ("reject", "keep")
+SMALL_LABEL_POLICIES = ("refuse", "exclude")
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN"})
 DATASET_VERSION_CHARS = 20
 MAX_LABEL_CHARS = 255
@@ -61,10 +64,13 @@ IGNORED_UNKNOWN_SPLIT = "unknown_split"
 IGNORED_OUTSIDE_LAYOUT = "file_directly_under_prefix"
 IGNORED_LABEL_TOO_LONG = "label_too_long"
 
-# Reasons an image is rejected (stored in images.reject_reason).
+# Reasons an image is rejected: short codes in images.reject_reason (what went wrong in words,
+# e.g. the decoder's message, goes to images.reject_detail).
 REJECT_ZERO_BYTES = "zero_bytes"
 REJECT_NOT_AN_IMAGE = "not_an_image"
 REJECT_CORRUPT = "corrupt_header"
+REJECT_UNDECODABLE = "decode_failed"
+REJECT_TOO_LARGE = "too_large"
 REJECT_UNSUPPORTED = "unsupported_format"
 REJECT_TOO_MANY_PIXELS = "too_many_pixels"
 REJECT_TOO_SMALL = "too_small"
@@ -106,6 +112,7 @@ _COLUMNS = (
     "mode",
     "status",
     "reject_reason",
+    "reject_detail",
     "first_seen_at",
     "last_seen_at",
     "deleted_at",
@@ -117,6 +124,10 @@ _UPSERT = (
         f"{c} = VALUES({c})" for c in _COLUMNS if c not in ("bucket", "key_hash", "first_seen_at")
     )
 )
+
+
+# What a row says about its object; a row whose state is unchanged is never rewritten.
+_STATE_COLUMNS = tuple(c for c in _COLUMNS if c not in ("first_seen_at", "last_seen_at"))
 
 
 class ScanLockTimeout(RuntimeError):
@@ -152,6 +163,7 @@ class Inspection:
     height: int | None = None
     format: str | None = None
     mode: str | None = None
+    reject_detail: str | None = None
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -233,8 +245,9 @@ def inspect_image(
 ) -> Inspection:
     """Validate an object from its bytes (all of them when `complete`, else a header prefix).
 
-    Only the header is parsed (PIL's lazy `Image.open`), never the pixels, so a
-    decompression bomb costs nothing. Complete PNGs are also checked with `verify()`.
+    The header is parsed first (PIL's lazy `Image.open`), so a decompression bomb is refused
+    before any pixel is decoded. Complete objects are then decoded (JPEGs at 1/8 scale, which
+    is cheap), so a truncated or corrupt image is rejected here, not found by training later.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -264,7 +277,24 @@ def inspect_image(
         return Inspection("rejected", REJECT_CORRUPT, sha, format=kind)
     if min(width, height) < min_side:
         return Inspection("rejected", REJECT_TOO_SMALL, sha, width, height, fmt, mode)
+    error = _decode_error(data, kind) if complete else None
+    if error:
+        return Inspection("rejected", REJECT_UNDECODABLE, sha, width, height, fmt, mode, error)
     return Inspection("ok", None, sha, width, height, fmt, mode)
+
+
+def _decode_error(data: bytes, kind: str) -> str | None:
+    """None when the image decodes (a JPEG at 1/8 scale), else the decoder's message."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=[kind]) as im:
+            if kind == "JPEG":
+                im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as exc:  # noqa: BLE001 - every decoder failure means: not decodable
+        return f"{type(exc).__name__}: {exc}"[:1024]
+    return None
 
 
 def dataset_fingerprint(bucket: str, members: Iterable[tuple[str, str, str, str]]) -> str:
@@ -351,48 +381,6 @@ class _NamedLock:
             self.conn.close()
 
 
-def _fetch_and_inspect(
-    store: ObjectStore,
-    obj: ObjectInfo,
-    *,
-    max_pixels: int,
-    min_side: int,
-    header_bytes: int,
-    full_fetch_max_bytes: int,
-) -> tuple[Inspection | None, int]:
-    """Inspect one object; returns (inspection or None if it vanished, GETs issued)."""
-    from botocore.exceptions import ClientError
-
-    if obj.size == 0:
-        return inspect_image(b"", size=0, complete=True), 0
-    gets = 0
-    try:
-        if obj.size <= full_fetch_max_bytes:
-            gets += 1
-            data = store.get_bytes(obj.key)
-            return inspect_image(
-                data, size=obj.size, complete=True, max_pixels=max_pixels, min_side=min_side
-            ), gets
-        gets += 1
-        head = store.get_bytes(obj.key, byte_range=(0, header_bytes - 1))
-        result = inspect_image(
-            head, size=obj.size, complete=False, max_pixels=max_pixels, min_side=min_side
-        )
-        if result.reject_reason == REJECT_CORRUPT:
-            # The header may lie beyond the first bytes (e.g. a large EXIF block): read it all.
-            gets += 1
-            data = store.get_bytes(obj.key)
-            result = inspect_image(
-                data, size=obj.size, complete=True, max_pixels=max_pixels, min_side=min_side
-            )
-        return result, gets
-    except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-            log.warning("object %s vanished during the scan; next scan will catch up", obj.key)
-            return None, gets
-        raise
-
-
 def _cross_checks(
     rows: dict[str, dict[str, Any]], *, leakage_policy: str, label_conflict_policy: str
 ) -> dict[str, Any]:
@@ -439,8 +427,362 @@ def _cross_checks(
     }
 
 
-def _row_values(r: dict[str, Any]) -> tuple:
-    return tuple(r[c] for c in _COLUMNS)
+@dataclass(frozen=True)
+class ScanConfig:
+    """What turns a listing into a dataset version; stored per bucket+prefix and with every
+    dataset version, so every scan of the prefix (both DAGs, the CLI) carves and rejects alike."""
+
+    val_percent: int = 10
+    leakage_policy: str = "reject"
+    label_conflict_policy: str = "reject"
+    max_pixels: int = 50_000_000
+    min_side: int = 8
+    max_object_bytes: int = 256 * 1024 * 1024
+    small_label_policy: str = "refuse"
+    min_images_per_label: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("leakage_policy", "label_conflict_policy"):
+            _check_choice(name, getattr(self, name), POLICIES)
+        _check_choice("small_label_policy", self.small_label_policy, SMALL_LABEL_POLICIES)
+        if not 0 <= self.val_percent <= 100:
+            raise Refusal(f"val_percent must be 0-100, got {self.val_percent}")
+        for name in ("max_pixels", "min_side", "max_object_bytes", "min_images_per_label"):
+            if getattr(self, name) < 1:
+                raise Refusal(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ScanConfig:
+        """A config from stored JSON (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def overridden(self, overrides: dict[str, Any]) -> ScanConfig:
+        """This config with `overrides` (None values keep the current value)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown scan option(s) {unknown}; expected some of: {sorted(known)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise Refusal(f"unknown {name} {value!r}; expected one of: {', '.join(allowed)}")
+
+
+@dataclass
+class Listing:
+    """A LIST of the prefix placed in the layout."""
+
+    objects: dict[str, tuple[ParsedKey, ObjectInfo]]
+    n_listed: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)
+    ignored_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def has_val_split(self) -> bool:
+        return any(p.split == "val" for p, _ in self.objects.values())
+
+
+def read_listing(objects: Iterable[ObjectInfo], prefix: str) -> Listing:
+    """Place every listed object in the layout; ignored keys are counted with examples."""
+    listing = Listing({})
+    for obj in objects:
+        listing.n_listed += 1
+        parsed = parse_key(obj.key, prefix)
+        if isinstance(parsed, IgnoredKey):
+            listing.ignored[parsed.reason] += 1
+            if len(listing.ignored_examples[parsed.reason]) < 3:
+                listing.ignored_examples[parsed.reason].append(obj.key)
+            continue
+        listing.objects[obj.key] = (parsed, obj)
+    return listing
+
+
+@dataclass(frozen=True)
+class Diff:
+    """What a listing changes in the catalog of its prefix (keys)."""
+
+    new: list[str]
+    changed: list[str]
+    revived: list[str]
+    deleted: list[str]
+    unchanged: int
+
+    @property
+    def to_fetch(self) -> list[str]:
+        return self.new + self.changed
+
+
+def diff_listing(listing: Listing, rows: dict[str, dict[str, Any]]) -> Diff:
+    """New (not catalogued), changed (ETag or size differs), revived (deleted, back unchanged)
+    and deleted (live, not listed) keys."""
+    new, changed, revived = [], [], []
+    for key, (_, obj) in listing.objects.items():
+        old = rows.get(key)
+        if old is None:
+            new.append(key)
+        elif old["etag"] != obj.etag or int(old["size_bytes"]) != obj.size:
+            changed.append(key)
+        elif old["deleted_at"] is not None:
+            revived.append(key)
+    deleted = [k for k, r in rows.items() if k not in listing.objects and r["deleted_at"] is None]
+    unchanged = len(listing.objects) - len(new) - len(changed)
+    return Diff(new, changed, revived, deleted, unchanged)
+
+
+def check_deletions(
+    diff: Diff, rows: dict[str, dict[str, Any]], *, max_delete_fraction: float, where: str
+) -> None:
+    """Refuse a scan that would mark more than `max_delete_fraction` of the live catalog deleted:
+    an empty listing or a wrong prefix looks exactly like a mass deletion."""
+    live = sum(1 for r in rows.values() if r["deleted_at"] is None)
+    if diff.deleted and len(diff.deleted) > max_delete_fraction * live:
+        raise Refusal(
+            f"scan of {where} would mark {len(diff.deleted)} of {live} catalogued images deleted"
+            f" (more than max_delete_fraction {max_delete_fraction:g}); nothing was changed."
+            " Check the bucket and prefix; if the objects really were removed, rerun with"
+            " force_delete (CLI: --force-delete)"
+        )
+
+
+def apply_object(
+    rows: dict[str, dict[str, Any]],
+    parsed: ParsedKey,
+    obj: ObjectInfo,
+    inspection: Inspection | None,
+    *,
+    bucket: str,
+    prefix: str,
+    subset: str,
+    now: datetime,
+) -> None:
+    """Bring the catalog row of a listed object up to date (validation results when inspected)."""
+    row = rows.get(obj.key)
+    if row is None:
+        row = rows[obj.key] = {"id": None, "first_seen_at": now, "last_seen_at": now}
+    row.update(
+        bucket=bucket,
+        prefix=prefix,
+        object_key=obj.key,
+        key_hash=_key_hash(obj.key),
+        split=parsed.split,
+        subset=subset,
+        label=parsed.label,
+        size_bytes=obj.size,
+        etag=obj.etag,
+        deleted_at=None,
+    )
+    if inspection is not None:
+        row.update(
+            status=inspection.status,
+            reject_reason=inspection.reject_reason,
+            reject_detail=inspection.reject_detail,
+            content_sha256=inspection.content_sha256,
+            width=inspection.width,
+            height=inspection.height,
+            format=inspection.format,
+            mode=inspection.mode,
+        )
+
+
+def _row_state(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(c) for c in _STATE_COLUMNS)
+
+
+def rows_to_write(
+    rows: dict[str, dict[str, Any]], stored: dict[str, tuple], keys: Iterable[str], now: datetime
+) -> list[dict[str, Any]]:
+    """The rows among `keys` whose state differs from `stored` (what MySQL holds), stamped `now`.
+
+    An unchanged row is never written: a rescan of an unchanged bucket writes no image row.
+    """
+    out = []
+    for key in keys:
+        row = rows[key]
+        if stored.get(key) != _row_state(row):
+            row["last_seen_at"] = now
+            out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """The accepted labelled members of a catalog and what they add up to."""
+
+    dataset_version: str
+    members: list[dict[str, Any]]
+    counts: dict[str, dict[str, int]]
+    label_map: dict[str, int]
+    excluded_labels: dict[str, int]
+
+
+def build_dataset_version(
+    bucket: str, rows: Iterable[dict[str, Any]], config: ScanConfig
+) -> DatasetVersion:
+    """Members, counts, label map and version id of the live catalog rows.
+
+    With `small_label_policy="exclude"`, a label with fewer than `min_images_per_label` train
+    images is left out of the version (all its subsets); with `refuse` it stays, and training
+    refuses the version (`check_dataset`).
+    """
+    members = [
+        r
+        for r in rows
+        if r["deleted_at"] is None and r["status"] == "ok" and r["subset"] in LABELLED_SUBSETS
+    ]
+    excluded: dict[str, int] = {}
+    if config.small_label_policy == "exclude":
+        train = Counter(r["label"] for r in members if r["subset"] == "train")
+        excluded = {
+            label: train[label]
+            for label in sorted({r["label"] for r in members})
+            if 0 < train[label] < config.min_images_per_label
+        }
+        members = [r for r in members if r["label"] not in excluded]
+    counts: dict[str, dict[str, int]] = {}
+    for r in members:
+        counts.setdefault(r["subset"], {}).setdefault(r["label"], 0)
+        counts[r["subset"]][r["label"]] += 1
+    counts = {s: dict(sorted(counts[s].items())) for s in LABELLED_SUBSETS if s in counts}
+    version = dataset_fingerprint(
+        bucket, ((r["object_key"], r["etag"], r["subset"], r["label"]) for r in members)
+    )
+    return DatasetVersion(version, members, counts, build_label_map(counts), excluded)
+
+
+def _fetch_and_inspect(
+    store: ObjectStore,
+    obj: ObjectInfo,
+    config: ScanConfig,
+    *,
+    header_bytes: int,
+    full_fetch_max_bytes: int,
+) -> tuple[Inspection | None, int]:
+    """Inspect one object; returns (inspection or None if it vanished, GETs issued).
+
+    Objects read whole are decoded too (`inspect_image`), so the scan's verdict is final. A
+    transient S3 error raises `ServiceUnavailable`: it never becomes a rejection.
+    """
+    if obj.size == 0:
+        return inspect_image(b"", size=0, complete=True), 0
+    if obj.size > config.max_object_bytes:
+        return Inspection(
+            "rejected",
+            REJECT_TOO_LARGE,
+            reject_detail=f"{obj.size} bytes > max_object_bytes {config.max_object_bytes}",
+        ), 0
+    limits = {"max_pixels": config.max_pixels, "min_side": config.min_side}
+    gets = 0
+    try:
+        if obj.size <= full_fetch_max_bytes:
+            gets += 1
+            data = store.get_bytes(obj.key)
+            return inspect_image(data, size=obj.size, complete=True, **limits), gets
+        gets += 1
+        head = store.get_bytes(obj.key, byte_range=(0, header_bytes - 1))
+        result = inspect_image(head, size=obj.size, complete=False, **limits)
+        if result.reject_reason == REJECT_CORRUPT:
+            # The header may lie beyond the first bytes (e.g. a large EXIF block): read it all
+            # (bounded by max_object_bytes above).
+            gets += 1
+            data = store.get_bytes(obj.key)
+            result = inspect_image(data, size=obj.size, complete=True, **limits)
+        return result, gets
+    except Exception as exc:
+        if s3_error_code(exc) in S3_MISSING_CODES:
+            log.warning("object %s vanished during the scan; next scan will catch up", obj.key)
+            return None, gets
+        if is_transient(exc):
+            raise s3_unavailable(exc, store.endpoint) from exc
+        raise
+
+
+def inspect_objects(
+    db: Database,
+    store: ObjectStore,
+    prefix: str,
+    listing: Listing,
+    rows: dict[str, dict[str, Any]],
+    stored: dict[str, tuple],
+    keys: Sequence[str],
+    config: ScanConfig,
+    *,
+    workers: int,
+    chunk_size: int,
+    header_bytes: int,
+    full_fetch_max_bytes: int,
+) -> tuple[set[str], int]:
+    """GET and validate `keys`, committing their rows chunk by chunk; returns (inspected, GETs).
+
+    Each chunk is its own transaction, so a scan killed or timed out here keeps what it
+    validated: the next scan finds those objects unchanged and GETs only the rest.
+    """
+    inspected: set[str] = set()
+    gets = 0
+    if not keys:
+        return inspected, gets
+    t0 = time.monotonic()
+    now = utc_now()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(keys), chunk_size):
+            chunk = keys[start : start + chunk_size]
+            results = pool.map(
+                lambda k: _fetch_and_inspect(
+                    store,
+                    listing.objects[k][1],
+                    config,
+                    header_bytes=header_bytes,
+                    full_fetch_max_bytes=full_fetch_max_bytes,
+                ),
+                chunk,
+            )
+            done = []
+            for key, (inspection, n_gets) in zip(chunk, results, strict=True):
+                gets += n_gets
+                if inspection is None:
+                    continue  # vanished between LIST and GET
+                parsed, obj = listing.objects[key]
+                subset = carve_subset(
+                    parsed.relative_key,
+                    parsed.split,
+                    val_percent=config.val_percent,
+                    has_val_split=listing.has_val_split,
+                )
+                apply_object(
+                    rows,
+                    parsed,
+                    obj,
+                    inspection,
+                    bucket=store.bucket,
+                    prefix=prefix,
+                    subset=subset,
+                    now=now,
+                )
+                inspected.add(key)
+                done.append(key)
+            write = rows_to_write(rows, stored, done, now)
+            with db.transaction() as cur:
+                upsert_images(cur, write)
+            stored.update((r["object_key"], _row_state(r)) for r in write)
+            elapsed = time.monotonic() - t0
+            rate = len(inspected) / max(elapsed, 1e-9)
+            log.info(
+                "validated %d/%d new or changed objects (%.0f/s, ETA %.0fs, %d GETs)",
+                len(inspected),
+                len(keys),
+                rate,
+                (len(keys) - len(inspected)) / max(rate, 1e-9),
+                gets,
+            )
+    return inspected, gets
+
+
+def upsert_images(cur: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert or update catalog rows on their natural key (bucket, key_hash), in batches."""
+    for i in range(0, len(rows), _BATCH):
+        cur.executemany(_UPSERT, [tuple(r[c] for c in _COLUMNS) for r in rows[i : i + _BATCH]])
 
 
 def _load_rows(db: Database, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
@@ -451,9 +793,13 @@ def _load_rows(db: Database, bucket: str, prefix: str) -> dict[str, dict[str, An
     return {r["object_key"]: r for r in rows}
 
 
-def _validate_policy(name: str, value: str) -> None:
-    if value not in POLICIES:
-        raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(POLICIES)}")
+def load_scan_config(db: Database, bucket: str, prefix: str) -> ScanConfig | None:
+    """The configuration stored for bucket+prefix by its last scan, or None."""
+    rows = db.query(
+        "SELECT config FROM scan_configs WHERE bucket = %s AND prefix_hash = %s",
+        (bucket, _key_hash(normalize_prefix(prefix))),
+    )
+    return ScanConfig.from_dict(json.loads(rows[0]["config"])) if rows else None
 
 
 def scan(
@@ -461,289 +807,267 @@ def scan(
     store: ObjectStore,
     prefix: str,
     *,
-    val_percent: int = 10,
-    max_pixels: int = 50_000_000,
-    min_side: int = 8,
-    leakage_policy: str = "reject",
-    label_conflict_policy: str = "reject",
     workers: int = 16,
     header_bytes: int = 64 * 1024,
     full_fetch_max_bytes: int = 8 * 1024 * 1024,
     lock_timeout_s: int = 600,
+    chunk_size: int = 500,
+    max_delete_fraction: float = 0.5,
+    force_delete: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Catalog `s3://<bucket>/<prefix>/` into MySQL and record the dataset version.
 
-    New objects are inserted, changed ones (ETag or size) re-validated, vanished ones get
-    `deleted_at` (history stays), reappearing ones are revived. Unchanged objects cost no GET.
-    The read-validate-write phase runs under a MySQL named lock on bucket+prefix.
+    `options` are `ScanConfig` fields (`val_percent`, `leakage_policy`, ...); those not given
+    (or None) come from the configuration stored by the prefix's last scan, else the defaults,
+    and the result is stored again. New objects are inserted, changed ones (ETag or size)
+    re-validated, vanished ones get `deleted_at` (history stays), reappearing ones are revived;
+    unchanged objects cost no GET and no write. LIST, validation and writes run under a MySQL
+    named lock on bucket+prefix; validated rows are committed every `chunk_size` objects.
 
     Returns a JSON-able summary (see the module docstring for the choices it embodies).
     """
-    _validate_policy("leakage_policy", leakage_policy)
-    _validate_policy("label_conflict_policy", label_conflict_policy)
-    if not 0 <= val_percent <= 100:
-        raise ValueError(f"val_percent must be 0-100, got {val_percent}")
     prefix = normalize_prefix(prefix)
     bucket = store.bucket
     where = f"s3://{bucket}/{prefix}"
-    started = utc_now()
-    t0 = time.monotonic()
-
-    listed: dict[str, tuple[ParsedKey, ObjectInfo]] = {}
-    ignored: Counter[str] = Counter()
-    ignored_examples: dict[str, list[str]] = defaultdict(list)
-    n_listed = 0
-    for obj in store.iter_objects(f"{prefix}/" if prefix else ""):
-        n_listed += 1
-        parsed = parse_key(obj.key, prefix)
-        if isinstance(parsed, IgnoredKey):
-            ignored[parsed.reason] += 1
-            if len(ignored_examples[parsed.reason]) < 3:
-                ignored_examples[parsed.reason].append(obj.key)
-            continue
-        listed[obj.key] = (parsed, obj)
-    log.info("listed %d objects under %s in %.1fs", n_listed, where, time.monotonic() - t0)
-    has_val_split = any(p.split == "val" for p, _ in listed.values())
-
+    started, t0 = utc_now(), time.monotonic()
+    ScanConfig().overridden(options)  # unknown or invalid options fail before any work
     with _NamedLock(db, _lock_name(db, bucket, prefix), lock_timeout_s, where):
+        config = (load_scan_config(db, bucket, prefix) or ScanConfig()).overridden(options)
+        listing = read_listing(store.iter_objects(f"{prefix}/" if prefix else ""), prefix)
+        log.info(
+            "listed %d objects under %s in %.1fs", listing.n_listed, where, time.monotonic() - t0
+        )
         rows = _load_rows(db, bucket, prefix)
-        before = {k: dict(r) for k, r in rows.items()}
-        new_keys, changed_keys, revived = [], [], 0
-        for key, (_, obj) in listed.items():
-            old = rows.get(key)
-            if old is None:
-                new_keys.append(key)
-            elif old["etag"] != obj.etag or int(old["size_bytes"]) != obj.size:
-                changed_keys.append(key)
-            elif old["deleted_at"] is not None:
-                revived += 1
-
-        to_fetch = new_keys + changed_keys
-        inspections: dict[str, Inspection | None] = {}
-        gets = 0
-        if to_fetch:
-            t1 = time.monotonic()
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                results = pool.map(
-                    lambda k: _fetch_and_inspect(
-                        store,
-                        listed[k][1],
-                        max_pixels=max_pixels,
-                        min_side=min_side,
-                        header_bytes=header_bytes,
-                        full_fetch_max_bytes=full_fetch_max_bytes,
-                    ),
-                    to_fetch,
-                )
-                for k, (inspection, n_gets) in zip(to_fetch, results, strict=True):
-                    inspections[k], gets = inspection, gets + n_gets
-            elapsed = time.monotonic() - t1
-            log.info(
-                "validated %d new/changed objects in %.1fs (%.0f/s, %d GETs)",
-                len(to_fetch),
-                elapsed,
-                len(to_fetch) / max(elapsed, 1e-9),
-                gets,
-            )
-
+        stored = {k: _row_state(r) for k, r in rows.items()}
+        diff = diff_listing(listing, rows)
+        if not force_delete:
+            check_deletions(diff, rows, max_delete_fraction=max_delete_fraction, where=where)
+        inspected, gets = inspect_objects(
+            db,
+            store,
+            prefix,
+            listing,
+            rows,
+            stored,
+            diff.to_fetch,
+            config,
+            workers=workers,
+            chunk_size=chunk_size,
+            header_bytes=header_bytes,
+            full_fetch_max_bytes=full_fetch_max_bytes,
+        )
         now = utc_now()
-        for key, (parsed, obj) in listed.items():
-            inspection = inspections.get(key, "unchanged")
-            if inspection is None:
+        for key, (parsed, obj) in listing.objects.items():
+            if key in diff.to_fetch and key not in inspected:
                 continue  # vanished between LIST and GET
             subset = carve_subset(
                 parsed.relative_key,
                 parsed.split,
-                val_percent=val_percent,
-                has_val_split=has_val_split,
+                val_percent=config.val_percent,
+                has_val_split=listing.has_val_split,
             )
-            row = rows.get(key)
-            if row is None:
-                row = rows[key] = {"id": None, "first_seen_at": now}
-            row.update(
-                bucket=bucket,
-                prefix=prefix,
-                object_key=key,
-                key_hash=_key_hash(key),
-                split=parsed.split,
-                subset=subset,
-                label=parsed.label,
-                size_bytes=obj.size,
-                etag=obj.etag,
-                last_seen_at=now,
-                deleted_at=None,
+            apply_object(
+                rows, parsed, obj, None, bucket=bucket, prefix=prefix, subset=subset, now=now
             )
-            if isinstance(inspection, Inspection):
-                row.update(
-                    status=inspection.status,
-                    reject_reason=inspection.reject_reason,
-                    content_sha256=inspection.content_sha256,
-                    width=inspection.width,
-                    height=inspection.height,
-                    format=inspection.format,
-                    mode=inspection.mode,
-                )
-        deleted_keys = [
-            k for k, r in rows.items() if k not in listed and r["deleted_at"] is None and r["id"]
-        ]
-        for k in deleted_keys:
-            rows[k]["deleted_at"] = now
-
+        for key in diff.deleted:
+            rows[key]["deleted_at"] = now
         cross = _cross_checks(
-            rows, leakage_policy=leakage_policy, label_conflict_policy=label_conflict_policy
+            rows,
+            leakage_policy=config.leakage_policy,
+            label_conflict_policy=config.label_conflict_policy,
+        )
+        version = build_dataset_version(bucket, rows.values(), config)
+        summary = _summary(bucket, prefix, listing, diff, rows, version, config, cross, gets)
+        summary["seconds"] = round(time.monotonic() - t0, 3)
+        summary.update(
+            write_scan(
+                db,
+                rows_to_write(rows, stored, [k for k in listing.objects if k in rows], now),
+                [rows[k]["id"] for k in diff.deleted],
+                version,
+                config,
+                summary,
+                started=started,
+                now=now,
+            )
+        )
+    summary["seconds"] = round(time.monotonic() - t0, 3)
+    _log_scan(where, summary)
+    return summary
+
+
+def _summary(
+    bucket: str,
+    prefix: str,
+    listing: Listing,
+    diff: Diff,
+    rows: dict[str, dict[str, Any]],
+    version: DatasetVersion,
+    config: ScanConfig,
+    cross: dict[str, Any],
+    gets: int,
+) -> dict[str, Any]:
+    live = [r for r in rows.values() if r["deleted_at"] is None]
+    reasons = Counter(r["reject_reason"] for r in live if r["status"] != "ok")
+    return {
+        "bucket": bucket,
+        "prefix": prefix,
+        "dataset_version": version.dataset_version,
+        "listed": listing.n_listed,
+        "new": len(diff.new),
+        "changed_objects": len(diff.changed),
+        "unchanged": diff.unchanged,
+        "revived": len(diff.revived),
+        "deleted": len(diff.deleted),
+        "ok": sum(1 for r in live if r["status"] == "ok"),
+        "rejected": sum(1 for r in live if r["status"] != "ok"),
+        "ignored": sum(listing.ignored.values()),
+        "reasons": dict(sorted(reasons.items())),
+        "ignored_reasons": dict(sorted(listing.ignored.items())),
+        "ignored_examples": dict(listing.ignored_examples),
+        "counts": version.counts,
+        "inbox": sum(1 for r in live if r["status"] == "ok" and r["subset"] == INBOX),
+        "label_map": version.label_map,
+        "unseen_labels": unseen_labels(version.counts),
+        "excluded_labels": version.excluded_labels,
+        "gets": gets,
+        **asdict(config),
+        "has_val_split": listing.has_val_split,
+        **cross,
+    }
+
+
+def write_scan(
+    db: Database,
+    write: Sequence[dict[str, Any]],
+    deleted_ids: Sequence[int],
+    version: DatasetVersion,
+    config: ScanConfig,
+    summary: dict[str, Any],
+    *,
+    started: datetime,
+    now: datetime,
+) -> dict[str, Any]:
+    """One transaction: changed rows, deletions, the dataset version (when new) with its
+    membership, the stored config and the scan's row. Returns `changed` and `new_version`."""
+    bucket, prefix = summary["bucket"], summary["prefix"]
+    config_json = json.dumps(asdict(config), sort_keys=True)
+    with db.transaction() as cur:
+        upsert_images(cur, write)
+        for i in range(0, len(deleted_ids), _BATCH):
+            ids = deleted_ids[i : i + _BATCH]
+            cur.execute(
+                f"UPDATE images SET deleted_at = %s WHERE id IN ({', '.join(['%s'] * len(ids))})",
+                (now, *ids),
+            )
+        cur.execute(
+            "SELECT dataset_version FROM scans WHERE bucket = %s AND prefix = %s"
+            " ORDER BY id DESC LIMIT 1",
+            (bucket, prefix),
+        )
+        previous = cur.fetchone()
+        cur.execute(
+            "SELECT 1 FROM dataset_versions WHERE dataset_version = %s", (version.dataset_version,)
+        )
+        version_is_new = cur.fetchone() is None
+        if version_is_new:
+            _insert_dataset_version(cur, version, bucket, prefix, config_json, now)
+        cur.execute(
+            "INSERT INTO scan_configs (bucket, prefix, prefix_hash, config, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE"
+            " updated_at = IF(config = VALUES(config), updated_at, VALUES(updated_at)),"
+            " config = VALUES(config)",
+            (bucket, prefix, _key_hash(prefix), config_json, now),
+        )
+        result = {
+            "changed": previous is None or previous[0] != version.dataset_version,
+            "new_version": version_is_new,
+        }
+        cur.execute(
+            "INSERT INTO scans (bucket, prefix, started_at, finished_at, dataset_version,"
+            " listed, new_objects, changed_objects, deleted_objects, ok, rejected, ignored,"
+            " gets, summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                bucket,
+                prefix,
+                started,
+                utc_now(),
+                version.dataset_version,
+                summary["listed"],
+                summary["new"],
+                summary["changed_objects"],
+                summary["deleted"],
+                summary["ok"],
+                summary["rejected"],
+                summary["ignored"],
+                summary["gets"],
+                json.dumps(summary | result, ensure_ascii=False, default=str),
+            ),
+        )
+    return result
+
+
+def _insert_dataset_version(
+    cur: Any, version: DatasetVersion, bucket: str, prefix: str, config_json: str, now: datetime
+) -> None:
+    cur.execute(
+        "INSERT INTO dataset_versions (dataset_version, bucket, prefix, n_images,"
+        " counts, label_map, scan_config, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            version.dataset_version,
+            bucket,
+            prefix,
+            len(version.members),
+            json.dumps(version.counts, ensure_ascii=False),
+            json.dumps(version.label_map, ensure_ascii=False),
+            config_json,
+            now,
+        ),
+    )
+    cur.execute(
+        "SELECT id, object_key FROM images WHERE bucket = %s AND prefix = %s"
+        " AND deleted_at IS NULL AND status = 'ok' AND subset IN ('train','val','test')",
+        (bucket, prefix),
+    )
+    ids = {key: image_id for image_id, key in cur.fetchall()}
+    membership = [
+        (version.dataset_version, ids[r["object_key"]], r["subset"], r["label"], r["etag"])
+        for r in version.members
+    ]
+    for i in range(0, len(membership), _BATCH):
+        cur.executemany(
+            "INSERT INTO dataset_version_images (dataset_version, image_id, subset, label, etag)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            membership[i : i + _BATCH],
         )
 
-        tracked = ("subset", "label", "split", "status", "reject_reason", "deleted_at")
-        to_write = [
-            r
-            for k, r in rows.items()
-            if k in listed
-            and (
-                k not in before
-                or k in inspections
-                or any(before[k][c] != r[c] for c in tracked if c != "deleted_at")
-                or before[k]["deleted_at"] is not None
-            )
-        ]
 
-        live = [r for r in rows.values() if r["deleted_at"] is None]
-        members = [r for r in live if r["status"] == "ok" and r["subset"] in LABELLED_SUBSETS]
-        dataset_version = dataset_fingerprint(
-            bucket, ((r["object_key"], r["etag"], r["subset"], r["label"]) for r in members)
-        )
-        counts: dict[str, dict[str, int]] = {}
-        for r in members:
-            counts.setdefault(r["subset"], {}).setdefault(r["label"], 0)
-            counts[r["subset"]][r["label"]] += 1
-        counts = {s: dict(sorted(counts[s].items())) for s in LABELLED_SUBSETS if s in counts}
-        n_inbox = sum(1 for r in live if r["status"] == "ok" and r["subset"] == INBOX)
-        reasons = Counter(r["reject_reason"] for r in live if r["status"] != "ok")
-        label_map = build_label_map(counts)
-
-        with db.transaction() as cur:
-            for i in range(0, len(to_write), _BATCH):
-                cur.executemany(_UPSERT, [_row_values(r) for r in to_write[i : i + _BATCH]])
-            for i in range(0, len(deleted_keys), _BATCH):
-                ids = [rows[k]["id"] for k in deleted_keys[i : i + _BATCH]]
-                cur.execute(
-                    f"UPDATE images SET deleted_at = %s WHERE id IN ({', '.join(['%s'] * len(ids))})",
-                    (now, *ids),
-                )
-            cur.execute(
-                "UPDATE images SET last_seen_at = %s"
-                " WHERE bucket = %s AND prefix = %s AND deleted_at IS NULL",
-                (now, bucket, prefix),
-            )
-            cur.execute(
-                "SELECT dataset_version FROM scans WHERE bucket = %s AND prefix = %s"
-                " ORDER BY id DESC LIMIT 1",
-                (bucket, prefix),
-            )
-            previous = cur.fetchone()
-            cur.execute(
-                "SELECT 1 FROM dataset_versions WHERE dataset_version = %s", (dataset_version,)
-            )
-            version_is_new = cur.fetchone() is None
-            if version_is_new:
-                cur.execute(
-                    "INSERT INTO dataset_versions (dataset_version, bucket, prefix, n_images,"
-                    " counts, label_map, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        dataset_version,
-                        bucket,
-                        prefix,
-                        len(members),
-                        json.dumps(counts, ensure_ascii=False),
-                        json.dumps(label_map, ensure_ascii=False),
-                        now,
-                    ),
-                )
-                cur.execute(
-                    "SELECT id, object_key FROM images WHERE bucket = %s AND prefix = %s"
-                    " AND deleted_at IS NULL AND status = 'ok' AND subset IN ('train','val','test')",
-                    (bucket, prefix),
-                )
-                ids = {key: image_id for image_id, key in cur.fetchall()}
-                membership = [
-                    (dataset_version, ids[r["object_key"]], r["subset"], r["label"], r["etag"])
-                    for r in members
-                ]
-                for i in range(0, len(membership), _BATCH):
-                    cur.executemany(
-                        "INSERT INTO dataset_version_images"
-                        " (dataset_version, image_id, subset, label, etag)"
-                        " VALUES (%s, %s, %s, %s, %s)",
-                        membership[i : i + _BATCH],
-                    )
-            summary: dict[str, Any] = {
-                "bucket": bucket,
-                "prefix": prefix,
-                "dataset_version": dataset_version,
-                "changed": previous is None or previous[0] != dataset_version,
-                "new_version": version_is_new,
-                "listed": n_listed,
-                "new": len(new_keys),
-                "changed_objects": len(changed_keys),
-                "unchanged": len(listed) - len(new_keys) - len(changed_keys),
-                "revived": revived,
-                "deleted": len(deleted_keys),
-                "ok": sum(1 for r in live if r["status"] == "ok"),
-                "rejected": sum(1 for r in live if r["status"] != "ok"),
-                "ignored": sum(ignored.values()),
-                "reasons": dict(sorted(reasons.items())),
-                "ignored_reasons": dict(sorted(ignored.items())),
-                "ignored_examples": dict(ignored_examples),
-                "counts": counts,
-                "inbox": n_inbox,
-                "label_map": label_map,
-                "unseen_labels": unseen_labels(counts),
-                "gets": gets,
-                "leakage_policy": leakage_policy,
-                "label_conflict_policy": label_conflict_policy,
-                "val_percent": val_percent,
-                "has_val_split": has_val_split,
-                **cross,
-                "seconds": round(time.monotonic() - t0, 3),
-            }
-            cur.execute(
-                "INSERT INTO scans (bucket, prefix, started_at, finished_at, dataset_version,"
-                " listed, new_objects, changed_objects, deleted_objects, ok, rejected, ignored,"
-                " gets, summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    bucket,
-                    prefix,
-                    started,
-                    utc_now(),
-                    dataset_version,
-                    n_listed,
-                    len(new_keys),
-                    len(changed_keys),
-                    len(deleted_keys),
-                    summary["ok"],
-                    summary["rejected"],
-                    summary["ignored"],
-                    gets,
-                    json.dumps(summary, ensure_ascii=False, default=str),
-                ),
-            )
+def _log_scan(where: str, summary: dict[str, Any]) -> None:
     log.info(
         "scan of %s: dataset %s (changed=%s), %d listed, %d new, %d changed, %d deleted,"
         " %d rejected, %d ignored, %d GETs, %.1fs",
         where,
-        dataset_version,
+        summary["dataset_version"],
         summary["changed"],
-        n_listed,
-        len(new_keys),
-        len(changed_keys),
-        len(deleted_keys),
+        summary["listed"],
+        summary["new"],
+        summary["changed_objects"],
+        summary["deleted"],
         summary["rejected"],
         summary["ignored"],
-        gets,
+        summary["gets"],
         summary["seconds"],
     )
     if summary["unseen_labels"]:
         log.warning("labels in val/test but not in train: %s", summary["unseen_labels"])
-    return summary
+    if summary["excluded_labels"]:
+        log.warning(
+            "labels left out of dataset %s (fewer than %d train images): %s",
+            summary["dataset_version"],
+            summary["min_images_per_label"],
+            summary["excluded_labels"],
+        )
 
 
 def _dataset_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -841,26 +1165,30 @@ def inbox_images(db: Database, bucket: str, prefix: str) -> list[ImageRecord]:
     ]
 
 
+def split_reason(reason: str) -> tuple[str, str | None]:
+    """`"code: detail"` (how decoders and fetchers word a failure) → (code, detail)."""
+    code, sep, detail = reason.partition(": ")
+    return code.strip()[:255], (detail.strip()[:1024] or None) if sep else None
+
+
 def mark_rejected(db: Database, rejections: Sequence[tuple[int, str]]) -> int:
     """Reject images found damaged later (e.g. a truncated JPEG at decode); returns rows changed.
 
-    Later scans keep them rejected until their ETag changes (then they are re-validated).
+    Each reason is `"code"` or `"code: detail"`; the code goes to `reject_reason`, the detail to
+    `reject_detail`. Later scans keep them rejected until their ETag changes (then they are
+    re-validated).
     """
-    items = [(reason[:255], int(image_id)) for image_id, reason in rejections]
+    items = [(int(image_id), *split_reason(reason)) for image_id, reason in rejections]
     if not items:
         return 0
     changed = 0
     with db.transaction() as cur:
         for i in range(0, len(items), _BATCH):
             batch = items[i : i + _BATCH]
-            cur.execute(
-                "UPDATE images SET status = 'rejected', reject_reason = CASE id "
-                + " ".join("WHEN %s THEN %s" for _ in batch)
-                + f" END WHERE id IN ({', '.join(['%s'] * len(batch))})",
-                (
-                    *[v for reason, image_id in batch for v in (image_id, reason)],
-                    *[image_id for _, image_id in batch],
-                ),
+            cur.executemany(
+                "UPDATE images SET status = 'rejected', reject_reason = %s, reject_detail = %s"
+                " WHERE id = %s",
+                [(code, detail, image_id) for image_id, code, detail in batch],
             )
             changed += cur.rowcount
     log.info("marked %d images rejected", changed)
@@ -884,12 +1212,39 @@ def cli_migrate(args: argparse.Namespace, settings: Any) -> int:
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     add_location_arguments(parser)
-    parser.add_argument("--val-percent", type=int, default=10, help="percent of train carved")
-    parser.add_argument("--leakage-policy", choices=POLICIES, default="reject")
-    parser.add_argument("--label-conflict-policy", choices=POLICIES, default="reject")
-    parser.add_argument("--max-pixels", type=int, default=50_000_000)
-    parser.add_argument("--min-side", type=int, default=8)
+    default = ScanConfig()
+    stored = "default: the prefix's stored scan configuration, else"
+    parser.add_argument(
+        "--val-percent",
+        type=int,
+        help=f"percent of train carved into val ({stored} {default.val_percent})",
+    )
+    parser.add_argument(
+        "--leakage-policy", choices=POLICIES, help=f"{stored} {default.leakage_policy}"
+    )
+    parser.add_argument(
+        "--label-conflict-policy",
+        choices=POLICIES,
+        help=f"{stored} {default.label_conflict_policy}",
+    )
+    parser.add_argument(
+        "--small-label-policy",
+        choices=SMALL_LABEL_POLICIES,
+        help=f"labels with fewer than --min-images-per-label train images: refuse training or"
+        f" exclude them from the dataset version ({stored} {default.small_label_policy})",
+    )
+    parser.add_argument(
+        "--min-images-per-label", type=int, help=f"{stored} {default.min_images_per_label}"
+    )
+    parser.add_argument("--max-pixels", type=int, help=f"{stored} {default.max_pixels}")
+    parser.add_argument("--min-side", type=int, help=f"{stored} {default.min_side}")
+    parser.add_argument("--max-object-bytes", type=int, help=f"{stored} {default.max_object_bytes}")
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument(
+        "--force-delete",
+        action="store_true",
+        help="accept a scan that marks more than half of the catalogued images deleted",
+    )
 
 
 def cli_scan(args: argparse.Namespace, settings: Any) -> int:
@@ -899,12 +1254,9 @@ def cli_scan(args: argparse.Namespace, settings: Any) -> int:
         db,
         store,
         prefix,
-        val_percent=args.val_percent,
-        max_pixels=args.max_pixels,
-        min_side=args.min_side,
-        leakage_policy=args.leakage_policy,
-        label_conflict_policy=args.label_conflict_policy,
         workers=args.workers,
+        force_delete=args.force_delete,
+        **{f.name: getattr(args, f.name) for f in fields(ScanConfig)},
     )
     print(f"s3://{s['bucket']}/{s['prefix']}")
     print(f"dataset_version  {s['dataset_version']}  (changed: {s['changed']})")
@@ -923,6 +1275,11 @@ def cli_scan(args: argparse.Namespace, settings: Any) -> int:
     print(f"{'inbox':<24}{s['inbox']:>8}")
     if s["unseen_labels"]:
         print(f"\nlabels in val/test but not in train: {s['unseen_labels']}")
+    if s["excluded_labels"]:
+        print(
+            f"\nlabels left out (fewer than {s['min_images_per_label']} train images): "
+            f"{s['excluded_labels']}"
+        )
     if s["leakage"] or s["label_conflicts"]:
         print(f"\nleakage groups: {s['leakage']}, label conflicts: {s['label_conflicts']}")
     return 0

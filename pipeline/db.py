@@ -132,6 +132,20 @@ def split_statements(sql: str) -> list[str]:
     return [s for s in statements if s]
 
 
+# "Duplicate column name" / "Duplicate key name": an ALTER that an interrupted run of the same
+# migration already applied (MySQL 8.4 has no ADD COLUMN IF NOT EXISTS; DDL is not transactional).
+_ALREADY_APPLIED = (1060, 1061)
+
+
+def _execute_ddl(cur, statement: str) -> None:
+    try:
+        cur.execute(statement)
+    except pymysql.err.OperationalError as exc:
+        if not (exc.args and exc.args[0] in _ALREADY_APPLIED):
+            raise
+        log.info("already applied (%s): %s", exc.args[1], statement.splitlines()[0][:120])
+
+
 def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
     """Apply pending migrations in order; returns the versions applied now.
 
@@ -160,7 +174,7 @@ def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
                         continue
                     log.info("applying migration %04d_%s to %s", version, name, db.name)
                     for statement in split_statements(sql):
-                        cur.execute(statement)
+                        _execute_ddl(cur, statement)
                     cur.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                         (version, name),

@@ -66,6 +66,11 @@ class ObjectStore:
             )
         return self._client
 
+    @property
+    def endpoint(self) -> str | None:
+        """The S3 endpoint URL the client talks to (for messages)."""
+        return self.client.meta.endpoint_url
+
     def with_bucket(self, bucket: str) -> ObjectStore:
         """The same endpoint and client, another bucket."""
         return ObjectStore(self.settings, bucket, client=self.client)

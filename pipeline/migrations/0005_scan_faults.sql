@@ -1,8 +1,9 @@
 -- Scan faults: a rejection is a short code plus a detail; the scan configuration of a
 -- bucket+prefix is stored once and with every dataset version it produced.
--- Every statement is safe to re-run (MySQL DDL is not transactional).
+-- Every statement is safe to re-run: `migrate` treats a duplicate column from an interrupted
+-- earlier run as applied (MySQL 8.4 has no ADD COLUMN IF NOT EXISTS).
 
-ALTER TABLE images ADD COLUMN IF NOT EXISTS reject_detail VARCHAR(1024) NULL AFTER reject_reason;
+ALTER TABLE images ADD COLUMN reject_detail VARCHAR(1024) NULL AFTER reject_reason;
 
 CREATE TABLE IF NOT EXISTS scan_configs (
     bucket VARCHAR(63) NOT NULL,
@@ -13,4 +14,4 @@ CREATE TABLE IF NOT EXISTS scan_configs (
     PRIMARY KEY (bucket, prefix_hash)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
-ALTER TABLE dataset_versions ADD COLUMN IF NOT EXISTS scan_config JSON NULL;
+ALTER TABLE dataset_versions ADD COLUMN scan_config JSON NULL;

@@ -328,8 +328,12 @@ def test_mark_rejected_survives_rescan_until_the_object_changes(db, store):
     assert victim not in after and len(after) == len(members) - 1
     second = catalog.scan(db, store, P)
     row = image_rows(db, object_key=victim.object_key)[0]
-    assert (row["status"], row["reject_reason"]) == ("rejected", "decode_error: truncated JPEG")
-    assert second["reasons"] == {"decode_error: truncated JPEG": 1}
+    assert (row["status"], row["reject_reason"], row["reject_detail"]) == (
+        "rejected",
+        "decode_error",
+        "truncated JPEG",
+    )
+    assert second["reasons"] == {"decode_error": 1}
     assert second["dataset_version"] != first["dataset_version"]
 
     store.put_bytes(victim.object_key, png(4242))
