@@ -98,6 +98,9 @@ def image_classification():
             params["prefix"],
             val_percent=params["val_percent"],
             leakage_policy=params["leakage_policy"],
+            small_label_policy=params["small_label_policy"],
+            min_images_per_label=params["min_images_per_label"],
+            force_delete=params["force_delete"],
         )
         rt.log.info(
             "scan: %s",

@@ -34,10 +34,12 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from pipeline.db import Database, utc_now
 from pipeline.errors import S3_MISSING_CODES, Refusal, is_transient, s3_error_code, s3_unavailable
+from pipeline.params import SMALL_LABEL_POLICIES
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectInfo, ObjectStore, add_location_arguments, location_from_args
 
@@ -49,7 +51,6 @@ SUBSETS = ("train", "val", "test", "inbox")
 LABELLED_SUBSETS = ("train", "val", "test")
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 POLICIES = ("reject", "keep")
-SMALL_LABEL_POLICIES = ("refuse", "exclude")
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN"})
 DATASET_VERSION_CHARS = 20
 MAX_LABEL_CHARS = 255
@@ -480,7 +481,7 @@ class Listing:
     ignored: Counter[str] = field(default_factory=Counter)
     ignored_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
-    @property
+    @cached_property
     def has_val_split(self) -> bool:
         return any(p.split == "val" for p, _ in self.objects.values())
 
@@ -857,9 +858,9 @@ def scan(
             header_bytes=header_bytes,
             full_fetch_max_bytes=full_fetch_max_bytes,
         )
-        now = utc_now()
+        now, fetched = utc_now(), set(diff.to_fetch)
         for key, (parsed, obj) in listing.objects.items():
-            if key in diff.to_fetch and key not in inspected:
+            if key in fetched and key not in inspected:
                 continue  # vanished between LIST and GET
             subset = carve_subset(
                 parsed.relative_key,
@@ -1012,8 +1013,9 @@ def _insert_dataset_version(
     cur: Any, version: DatasetVersion, bucket: str, prefix: str, config_json: str, now: datetime
 ) -> None:
     cur.execute(
-        "INSERT INTO dataset_versions (dataset_version, bucket, prefix, n_images,"
-        " counts, label_map, scan_config, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        "INSERT INTO dataset_versions (dataset_version, bucket, prefix, n_images, counts,"
+        " label_map, scan_config, excluded_labels, created_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             version.dataset_version,
             bucket,
@@ -1022,6 +1024,7 @@ def _insert_dataset_version(
             json.dumps(version.counts, ensure_ascii=False),
             json.dumps(version.label_map, ensure_ascii=False),
             config_json,
+            json.dumps(version.excluded_labels, ensure_ascii=False),
             now,
         ),
     )
@@ -1079,6 +1082,7 @@ def _dataset_row(row: dict[str, Any]) -> dict[str, Any]:
         "n_images": int(row["n_images"]),
         "counts": json.loads(row["counts"]),
         "label_map": json.loads(row["label_map"]),
+        "excluded_labels": json.loads(row.get("excluded_labels") or "{}"),
         "created_at": created.isoformat() if hasattr(created, "isoformat") else str(created),
     }
 

@@ -12,6 +12,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step", "none")
 CLASS_WEIGHTINGS = ("none", "balanced")
+SMALL_LABEL_POLICIES = ("refuse", "exclude")
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,24 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     "min_images_per_label": ParamSpec(
         "integer",
         5,
-        "Training is refused when a label has fewer train images.",
+        "A label with fewer train images refuses training, or is left out (small_label_policy).",
         minimum=1,
         maximum=100000,
+        section="Data",
+    ),
+    "small_label_policy": ParamSpec(
+        "string",
+        "refuse",
+        "A label below min_images_per_label: refuse training (fix the bucket), or exclude the"
+        " label from this dataset version with a warning.",
+        enum=SMALL_LABEL_POLICIES,
+        section="Data",
+    ),
+    "force_delete": ParamSpec(
+        "boolean",
+        False,
+        "Accept a scan that marks more than half of the catalogued images deleted (refused"
+        " by default: an empty listing or a wrong prefix looks the same).",
         section="Data",
     ),
     "epochs": ParamSpec(

@@ -15,3 +15,5 @@ CREATE TABLE IF NOT EXISTS scan_configs (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
 ALTER TABLE dataset_versions ADD COLUMN scan_config JSON NULL;
+
+ALTER TABLE dataset_versions ADD COLUMN excluded_labels JSON NULL;
