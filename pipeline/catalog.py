@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import operator
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -127,8 +128,26 @@ _UPSERT = (
 )
 
 
-# What a row says about its object; a row whose state is unchanged is never rewritten.
-_STATE_COLUMNS = tuple(c for c in _COLUMNS if c not in ("first_seen_at", "last_seen_at"))
+# What a scan reads of every catalogued row: enough to diff a listing and version a dataset.
+_LOADED_COLUMNS = (
+    "object_key",
+    "size_bytes",
+    "etag",
+    "content_sha256",
+    "split",
+    "subset",
+    "label",
+    "status",
+    "reject_reason",
+    "deleted_at",
+)
+# What a scan may change in a row whose object did not change; a row whose state is unchanged
+# is never rewritten.
+_STATE_COLUMNS = ("split", "subset", "label", "status", "reject_reason", "deleted_at")
+_UPDATE_STATE = (
+    f"UPDATE images SET {', '.join(f'{c} = %s' for c in _STATE_COLUMNS)}, last_seen_at = %s"
+    " WHERE id = %s"
+)
 
 
 class ScanLockTimeout(RuntimeError):
@@ -559,10 +578,18 @@ def apply_object(
     subset: str,
     now: datetime,
 ) -> None:
-    """Bring the catalog row of a listed object up to date (validation results when inspected)."""
+    """Bring the catalog row of a listed object up to date (validation results when inspected).
+
+    Without an inspection only the state columns change (the object itself did not).
+    """
     row = rows.get(obj.key)
+    if row is not None and inspection is None:
+        row["split"], row["subset"], row["label"] = parsed.split, subset, parsed.label
+        row["deleted_at"] = None
+        return
     if row is None:
-        row = rows[obj.key] = {"id": None, "first_seen_at": now, "last_seen_at": now}
+        row = rows[obj.key] = {"id": None}
+    row.setdefault("first_seen_at", now)  # an existing row keeps its own (see _UPSERT)
     row.update(
         bucket=bucket,
         prefix=prefix,
@@ -588,24 +615,51 @@ def apply_object(
         )
 
 
-def _row_state(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(c) for c in _STATE_COLUMNS)
+_row_state = operator.itemgetter(*_STATE_COLUMNS)
+
+
+@dataclass
+class RowWrites:
+    """Catalog rows to write: whole rows of objects validated now, state updates of the others."""
+
+    upserts: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.updates)
 
 
 def rows_to_write(
-    rows: dict[str, dict[str, Any]], stored: dict[str, tuple], keys: Iterable[str], now: datetime
-) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]],
+    stored: dict[str, tuple],
+    keys: Iterable[str],
+    inspected: set[str],
+    now: datetime,
+) -> RowWrites:
     """The rows among `keys` whose state differs from `stored` (what MySQL holds), stamped `now`.
 
+    Rows of `inspected` objects are written whole; the others only change their state columns.
     An unchanged row is never written: a rescan of an unchanged bucket writes no image row.
     """
-    out = []
+    out = RowWrites()
     for key in keys:
         row = rows[key]
         if stored.get(key) != _row_state(row):
             row["last_seen_at"] = now
-            out.append(row)
+            (out.upserts if key in inspected else out.updates).append(row)
     return out
+
+
+def write_rows(cur: Any, writes: RowWrites) -> None:
+    """Execute `writes` (upserts on the natural key (bucket, key_hash), updates by id)."""
+    for i in range(0, len(writes.upserts), _BATCH):
+        batch = writes.upserts[i : i + _BATCH]
+        cur.executemany(_UPSERT, [tuple(r[c] for c in _COLUMNS) for r in batch])
+    if writes.updates:
+        cur.executemany(
+            _UPDATE_STATE,
+            [(*_row_state(r), r["last_seen_at"], r["id"]) for r in writes.updates],
+        )
 
 
 @dataclass(frozen=True)
@@ -763,10 +817,11 @@ def inspect_objects(
                 )
                 inspected.add(key)
                 done.append(key)
-            write = rows_to_write(rows, stored, done, now)
+            for key in done:
+                rows[key]["last_seen_at"] = now
             with db.transaction() as cur:
-                upsert_images(cur, write)
-            stored.update((r["object_key"], _row_state(r)) for r in write)
+                write_rows(cur, RowWrites(upserts=[rows[k] for k in done]))
+            stored.update((k, _row_state(rows[k])) for k in done)
             elapsed = time.monotonic() - t0
             rate = len(inspected) / max(elapsed, 1e-9)
             log.info(
@@ -780,15 +835,11 @@ def inspect_objects(
     return inspected, gets
 
 
-def upsert_images(cur: Any, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert or update catalog rows on their natural key (bucket, key_hash), in batches."""
-    for i in range(0, len(rows), _BATCH):
-        cur.executemany(_UPSERT, [tuple(r[c] for c in _COLUMNS) for r in rows[i : i + _BATCH]])
-
-
 def _load_rows(db: Database, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+    # Only what the diff and the dataset version need: this query is most of what a rescan
+    # of an unchanged bucket costs beyond its LIST.
     rows = db.query(
-        f"SELECT id, {', '.join(_COLUMNS)} FROM images WHERE bucket = %s AND prefix = %s",
+        f"SELECT id, {', '.join(_LOADED_COLUMNS)} FROM images WHERE bucket = %s AND prefix = %s",
         (bucket, prefix),
     )
     return {r["object_key"]: r for r in rows}
@@ -884,7 +935,9 @@ def scan(
         summary.update(
             write_scan(
                 db,
-                rows_to_write(rows, stored, [k for k in listing.objects if k in rows], now),
+                rows_to_write(
+                    rows, stored, [k for k in listing.objects if k in rows], inspected, now
+                ),
                 [rows[k]["id"] for k in diff.deleted],
                 version,
                 config,
@@ -941,7 +994,7 @@ def _summary(
 
 def write_scan(
     db: Database,
-    write: Sequence[dict[str, Any]],
+    writes: RowWrites,
     deleted_ids: Sequence[int],
     version: DatasetVersion,
     config: ScanConfig,
@@ -955,7 +1008,7 @@ def write_scan(
     bucket, prefix = summary["bucket"], summary["prefix"]
     config_json = json.dumps(asdict(config), sort_keys=True)
     with db.transaction() as cur:
-        upsert_images(cur, write)
+        write_rows(cur, writes)
         for i in range(0, len(deleted_ids), _BATCH):
             ids = deleted_ids[i : i + _BATCH]
             cur.execute(

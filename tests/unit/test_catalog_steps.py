@@ -139,14 +139,17 @@ def test_check_deletions(n_live, n_deleted, fraction, refused):
 
 
 def test_rows_to_write_skips_unchanged_rows_and_stamps_the_others():
-    rows = rows_of(row("train/a/1.png"), row("train/a/2.png"))
+    rows = rows_of(row("train/a/1.png"), row("train/a/2.png"), row("train/a/3.png"))
     stored = {k: catalog._row_state(r) for k, r in rows.items()}
     later = datetime(2026, 12, 2, tzinfo=UTC)
-    assert catalog.rows_to_write(rows, stored, list(rows), later) == []
+    assert len(catalog.rows_to_write(rows, stored, list(rows), set(), later)) == 0
     rows[f"{P}/train/a/2.png"]["status"] = "rejected"
-    written = catalog.rows_to_write(rows, stored, list(rows), later)
-    assert [r["object_key"] for r in written] == [f"{P}/train/a/2.png"]
-    assert written[0]["last_seen_at"] == later
+    rows[f"{P}/train/a/3.png"]["subset"] = "val"
+    rows[f"{P}/train/a/1.png"]["width"] = 99  # not state: only a validation writes it
+    writes = catalog.rows_to_write(rows, stored, list(rows), {f"{P}/train/a/3.png"}, later)
+    assert [r["object_key"] for r in writes.updates] == [f"{P}/train/a/2.png"]
+    assert [r["object_key"] for r in writes.upserts] == [f"{P}/train/a/3.png"]
+    assert writes.updates[0]["last_seen_at"] == later
     assert rows[f"{P}/train/a/1.png"]["last_seen_at"] == NOW
 
 
