@@ -129,7 +129,8 @@ def train_setup(device, *, compile_model: bool = False):
     import torch
 
     from pipeline.model import build_model, training_autocast
-    from pipeline.train import TrainParams, _optimizer
+    from pipeline.train import _optimizer
+    from pipeline.train_plan import TrainParams
 
     torch.manual_seed(0)
     model = build_model(10).to(device).to(memory_format=torch.channels_last)

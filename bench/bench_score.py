@@ -180,14 +180,13 @@ def trained_agreement(db: Database, store: ObjectStore, tmp: Path, args, model_n
     from pipeline.demo_data import render_digits
     from pipeline.model import predict
     from pipeline.onnx_runtime import int8_model
+    from pipeline.train_plan import TrainParams
     from pipeline.upload import upload_tree
 
     render_digits(tmp / "digits", size=args.digits_size, inbox=0)
     upload_tree(store, tmp / "digits", "digits")
     dataset_version = catalog.scan(db, store, "digits")["dataset_version"]
-    params = train.TrainParams(
-        epochs=args.digits_epochs, image_size=args.digits_size, num_workers=0
-    )
+    params = TrainParams(epochs=args.digits_epochs, image_size=args.digits_size, num_workers=0)
     t = time.monotonic()
     result = train.train_model(
         db,

@@ -2,7 +2,7 @@
 
 Run by hand (throwaway bucket, database and registered model, removed afterwards):
     .venv/bin/python scripts/stack.py run -- .venv/bin/python bench/bench_train.py
-Measures, with the default run parameters (`pipeline.train.TrainParams()`):
+Measures, with the default run parameters (`pipeline.train_plan.TrainParams()`):
   1. the pipeline's `train_model` → test accuracy of the registered model on the test split;
   2. a plain torchvision script (ImageFolder-style files, transforms v1, the same split, seed,
      optimizer, schedule and epochs) → its test accuracy;
@@ -34,13 +34,14 @@ from pipeline.config import load_settings  # noqa: E402
 from pipeline.db import create_database, drop_database, migrate  # noqa: E402
 from pipeline.demo_data import render_digits  # noqa: E402
 from pipeline.store import ObjectStore  # noqa: E402
+from pipeline.train_plan import TrainParams  # noqa: E402
 from pipeline.upload import upload_tree  # noqa: E402
 
 log = logging.getLogger("bench_train")
 RESULTS = Path(__file__).resolve().parent / "results" / "train.md"
 
 
-def compute_limit(params: train.TrainParams, n_classes: int, steps: int = 8) -> float:
+def compute_limit(params: TrainParams, n_classes: int, steps: int = 8) -> float:
     """Training steps/s × batch on random in-memory tensors: what the model alone can do."""
     from pipeline.model import build_model
 
@@ -63,7 +64,7 @@ def compute_limit(params: train.TrainParams, n_classes: int, steps: int = 8) -> 
     return steps * params.batch_size / (time.perf_counter() - started)
 
 
-def plain_torchvision(local_dir: Path, records, test_records, params: train.TrainParams) -> dict:
+def plain_torchvision(local_dir: Path, records, test_records, params: TrainParams) -> dict:
     """The reference: a textbook torchvision loop over local files, same split and seed."""
     from PIL import Image
     from torchvision import models, transforms
@@ -147,7 +148,7 @@ def main() -> int:
     store = ObjectStore(settings.s3, f"bench-{suffix}")
     model_name = f"bench-train-{suffix}"
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    params = train.TrainParams()
+    params = TrainParams()
     if args.epochs:
         params = replace(params, epochs=args.epochs)
     try:

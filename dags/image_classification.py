@@ -128,7 +128,7 @@ def image_classification():
         """Refuse bad datasets; return whether training should run (False skips train_model)."""
         import imgpipe_runtime as rt
 
-        from pipeline import catalog, registry, train
+        from pipeline import catalog, registry, train_plan
 
         params = rt.run_params(context)
         scanned = _xcom(context, "scan_images")
@@ -136,10 +136,10 @@ def image_classification():
         info = catalog.resolve_dataset(
             db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
         )
-        should_train, why = train.training_decision(
+        should_train, why = train_plan.training_decision(
             info,
             champion_dataset_version=registry.champion_dataset_version(rt.model_name()),
-            **{k: params[k] for k in train.DECISION_PARAMS},
+            **{k: params[k] for k in train_plan.DECISION_PARAMS},
         )
         rt.log.info("%s: %s", "training" if should_train else "no training", why)
         return should_train
@@ -154,6 +154,7 @@ def image_classification():
         import imgpipe_runtime as rt
 
         from pipeline import catalog, train
+        from pipeline.train_plan import TrainParams, params_from_run
 
         params = rt.run_params(context)
         db, store = rt.database(), rt.object_store(params["bucket"])
@@ -165,7 +166,7 @@ def image_classification():
             db,
             store,
             version,
-            train.TrainParams.from_dict(train.params_from_run(params)),
+            TrainParams.from_dict(params_from_run(params)),
             model_name=rt.model_name(),
             run_key=context["run_id"],
             cache_dir=rt.cache_dir(),

@@ -7,9 +7,9 @@ import importlib
 import logging
 import sys
 
-# command -> (module, help). Module `pipeline.<module>` provides
-# `add_<command>_arguments(parser)` and `cli_<command>(args, settings) -> int`
-# (command names with '-' use '_' in the function names).
+# command -> (module, help). Module `pipeline.<module>` provides `cli_<command>(args, settings)`
+# and `add_<command>_arguments(parser)`, the latter in `pipeline.<ARGUMENTS[command]>` where one
+# is named (command names with '-' use '_' in the function names).
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("preflight", "check that MySQL, S3 and MLflow are reachable and usable"),
     "migrate": ("catalog", "apply pending MySQL schema migrations"),
@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("score", "score images with a model version and write predictions to MySQL"),
     "report": ("report", "print the evaluation of the champion (or a model version)"),
 }
+# Torch-free homes of a command's flags: `train --help` and bad flags answer without torch.
+ARGUMENTS: dict[str, str] = {"train": "train_plan"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -33,7 +35,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
         if name == command:
-            module = importlib.import_module(f"pipeline.{module_name}")
+            module = importlib.import_module(f"pipeline.{ARGUMENTS.get(name, module_name)}")
             getattr(module, f"add_{name.replace('-', '_')}_arguments")(p)
     return parser
 

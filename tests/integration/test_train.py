@@ -11,9 +11,10 @@ from mlflow import MlflowClient
 from pipeline import catalog, registry, score, train
 from pipeline.demo_data import render_digits
 from pipeline.model import Prediction
+from pipeline.train_plan import TrainParams
 from pipeline.upload import upload_tree
 
-TINY = train.TrainParams(epochs=1, batch_size=16, image_size=32, num_workers=0, augment=False)
+TINY = TrainParams(epochs=1, batch_size=16, image_size=32, num_workers=0, augment=False)
 
 
 @pytest.fixture
@@ -189,7 +190,7 @@ class _DiesAfterFirstCheckpoint(train.S3CheckpointStore):
 
 
 def test_interrupted_training_resumes_after_the_last_finished_epoch(trainer, store, mlflow_names):
-    params = train.TrainParams(epochs=2, batch_size=16, image_size=32, num_workers=0)
+    params = TrainParams(epochs=2, batch_size=16, image_size=32, num_workers=0)
     with pytest.raises(_Interrupted):
         trainer("run-x", params, checkpoint_store=_DiesAfterFirstCheckpoint(store))
     saved = train.load_checkpoint(

@@ -35,7 +35,8 @@ from pipeline.data import (
 from pipeline.inference import predict_stream
 from pipeline.model import predict, resolve_precision, training_autocast
 from pipeline.params import validate_params
-from pipeline.train import TrainParams, train_one_epoch
+from pipeline.train import train_one_epoch
+from pipeline.train_plan import TrainParams
 
 CPU = torch.device("cpu")
 

@@ -1,16 +1,14 @@
-"""Training pieces without services: params, presets, decoding, checkpoints, loaders, the gate rule."""
+"""Training pieces without services: presets, decoding, checkpoints, loaders, the gate rule."""
 
 from __future__ import annotations
 
 import io
 import multiprocessing
-from dataclasses import fields
 
 import pytest
 import torch
 from PIL import Image
 
-from pipeline import train
 from pipeline.data import (
     EvalPreset,
     ImageDataset,
@@ -19,14 +17,11 @@ from pipeline.data import (
     decode_image,
     make_loader,
 )
-from pipeline.params import RUN_PARAMS, validate_params
 from pipeline.registry import gate_decision
 from pipeline.train import (
     LocalCheckpointStore,
-    TrainParams,
     checkpoint_name,
     load_checkpoint,
-    params_from_run,
     save_checkpoint,
 )
 
@@ -35,38 +30,6 @@ def _encoded(fmt: str, size=(40, 30), color=(200, 30, 90)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
-
-
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        pytest.param({"optimizer": "rmsprop"}, "expected one of: adamw, sgd", id="optimizer"),
-        pytest.param({"lr_schedule": "poly"}, "expected one of: cosine, step, none", id="schedule"),
-        pytest.param({"class_weighting": "x"}, "expected one of: none, balanced", id="weighting"),
-        pytest.param({"epochs": 0}, "epochs must be an integer >= 1", id="epochs"),
-        pytest.param({"learning_rate": 0}, "learning_rate must be > 0", id="lr"),
-        pytest.param({"momentum": 0.9}, "unknown training parameter(s) ['momentum']", id="unknown"),
-    ],
-)
-def test_train_params_refuse_bad_values_with_the_allowed_list(values, message):
-    with pytest.raises(ValueError) as err:
-        TrainParams.from_dict(values)
-    assert message in str(err.value)
-
-
-def test_every_training_parameter_is_a_run_param_with_the_same_default():
-    defaults = TrainParams()
-    for f in fields(TrainParams):
-        assert f.name in RUN_PARAMS, f.name
-        assert RUN_PARAMS[f.name].default == getattr(defaults, f.name), f.name
-
-
-def test_params_from_run_keeps_only_training_values():
-    run = validate_params({"epochs": 3, "shards": 4})
-    picked = params_from_run(run)
-    assert picked["epochs"] == 3
-    assert "shards" not in picked and "bucket" not in picked
-    assert TrainParams.from_dict(picked).epochs == 3
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP"])
@@ -185,60 +148,3 @@ def test_gate_decision(accuracy, champion, minimum, margin, decision):
     )
     assert got == decision
     assert f"{accuracy:.4f}" in reason
-
-
-def _dataset_info(train=None, test=None, version="dv1"):
-    counts = {"train": train or {"cat": 10, "dog": 10}, "test": test or {"cat": 3, "dog": 3}}
-    return {"dataset_version": version, "counts": counts}
-
-
-@pytest.mark.parametrize(
-    "kwargs, expected, why",
-    [
-        pytest.param({"champion_dataset_version": None}, True, "no champion", id="first-model"),
-        pytest.param({"champion_dataset_version": "dv0"}, True, "changed", id="dataset-changed"),
-        pytest.param(
-            {"champion_dataset_version": "dv1"}, False, "skipping training", id="unchanged"
-        ),
-        pytest.param(
-            {"champion_dataset_version": "dv1", "force_retrain": True},
-            True,
-            "force_retrain",
-            id="forced",
-        ),
-        pytest.param(
-            {"champion_dataset_version": None, "score_only": True}, False, "score_only", id="score"
-        ),
-        pytest.param(
-            {"champion_dataset_version": None, "rollback_to": 2}, False, "rollback_to 2", id="rb"
-        ),
-    ],
-)
-def test_training_decision(kwargs, expected, why):
-    decision, reason = train.training_decision(_dataset_info(), **kwargs)
-    assert decision is expected
-    assert why in reason
-
-
-def test_training_decision_refuses_an_untrainable_dataset_even_when_unchanged():
-    bad = _dataset_info(train={"cat": 10, "dog": 2})
-    with pytest.raises(ValueError, match=r"dv1 not trainable: .*'dog' \(2\)"):
-        train.training_decision(bad, champion_dataset_version="dv1")
-    # A run that never trains does not look at the dataset.
-    assert train.training_decision(bad, champion_dataset_version="dv1", score_only=True)[0] is False
-
-
-def test_training_decision_unseen_labels_block_unless_allowed():
-    unseen = _dataset_info(test={"cat": 3, "dog": 3, "fox": 1})
-    with pytest.raises(ValueError, match=r"\['fox'\].*allow_unseen_labels"):
-        train.training_decision(unseen, champion_dataset_version=None)
-    decision, _ = train.training_decision(
-        unseen, champion_dataset_version=None, allow_unseen_labels=True
-    )
-    assert decision is True
-
-
-def test_decision_params_are_run_params():
-    from pipeline.params import RUN_PARAMS
-
-    assert set(train.DECISION_PARAMS) <= set(RUN_PARAMS)

@@ -1,0 +1,163 @@
+"""What a training run is asked to do, without torch: its params, the CLI's flags, and whether to train.
+
+The DAG's `check_dataset` task and `python -m pipeline train`'s argument parsing use these, so
+this module imports nothing heavier than the catalog (no torch, torchvision, mlflow, numpy or
+PIL); `pipeline.train` does the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pipeline import catalog
+from pipeline.params import CLASS_WEIGHTINGS, LR_SCHEDULES, OPTIMIZERS
+from pipeline.store import add_location_arguments
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training hyper-parameters; the names are the run params' names."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    optimizer: str = "adamw"
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0001
+    label_smoothing: float = 0.0
+    image_size: int = 64
+    weights: str = "none"
+    freeze_backbone: bool = False
+    augment: bool = True
+    patience: int = 0
+    class_weighting: str = "none"
+    seed: int = 42
+    num_workers: int | None = None  # None: pipeline.data.default_num_workers()
+    compile: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainParams:
+        """Validated params; unknown names and values are refused with the allowed list."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown training parameter(s) {unknown}; expected: {', '.join(names)}"
+            )
+        params = cls(**values)
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("class_weighting", CLASS_WEIGHTINGS),
+        ):
+            if getattr(params, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(params, name)!r}; expected one of: {', '.join(allowed)}"
+                )
+        for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("num_workers", 0)):
+            value = getattr(params, name)
+            if name == "num_workers" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not params.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {params.learning_rate!r}")
+        if not 0 <= params.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {params.label_smoothing!r}")
+        return params
+
+
+def params_from_run(run_params: dict[str, Any]) -> dict[str, Any]:
+    """The training subset of a DAG run's params (or CLI arguments)."""
+    names = {f.name for f in fields(TrainParams)}
+    return {k: v for k, v in run_params.items() if k in names and v is not None}
+
+
+# Run params `training_decision` takes (besides the dataset and the champion's dataset version).
+DECISION_PARAMS = (
+    "min_images_per_label",
+    "allow_unseen_labels",
+    "score_only",
+    "rollback_to",
+    "force_retrain",
+)
+
+
+def training_decision(
+    dataset: dict[str, Any],
+    *,
+    champion_dataset_version: str | None,
+    min_images_per_label: int = 5,
+    allow_unseen_labels: bool = False,
+    score_only: bool = False,
+    rollback_to: int | None = None,
+    force_retrain: bool = False,
+) -> tuple[bool, str]:
+    """Whether a run should train on `dataset` (a `catalog.get_dataset` row), and why.
+
+    Runs that never train (score_only, rollback_to) don't look at the dataset; otherwise an
+    untrainable dataset raises ValueError naming every problem, even when training would be
+    skipped, so a bad bucket is reported the night it appears.
+    """
+    if score_only:
+        return False, "score_only: no training"
+    if rollback_to is not None:
+        return False, f"rollback_to {rollback_to}: no training"
+    problems = catalog.check_dataset(
+        dataset,
+        min_images_per_label=min_images_per_label,
+        allow_unseen_labels=allow_unseen_labels,
+    )
+    if problems:
+        raise ValueError(
+            f"dataset {dataset.get('dataset_version')} not trainable: " + "; ".join(problems)
+        )
+    if force_retrain:
+        return True, "force_retrain"
+    if champion_dataset_version == dataset["dataset_version"]:
+        return False, (
+            f"dataset {dataset['dataset_version']} unchanged since the champion was trained:"
+            " skipping training"
+        )
+    if champion_dataset_version is None:
+        return True, "no champion yet"
+    return True, f"dataset changed since the champion ({champion_dataset_version})"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`python -m pipeline train`'s flags: the location, the decision's, and one per TrainParams field."""
+    defaults = TrainParams()
+    add_location_arguments(parser)
+    parser.add_argument("--dataset-version", help="default: the latest scan of bucket/prefix")
+    parser.add_argument("--run-key", help="retry key: the same key resumes/reuses (default: new)")
+    parser.add_argument("--force-retrain", action="store_true")
+    parser.add_argument(
+        "--min-images-per-label", type=int, default=5, help="refuse labels with fewer train images"
+    )
+    parser.add_argument(
+        "--allow-unseen-labels",
+        action="store_true",
+        help="train even when val/test hold labels that train lacks",
+    )
+    for f in fields(TrainParams):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_bool, default=default, metavar="true|false")
+        elif default is None:  # num_workers: empty means automatic
+            parser.add_argument(flag, type=int, default=None, help="default: automatic")
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
