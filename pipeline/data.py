@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import decode_image as tv_decode
+from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
@@ -74,9 +79,6 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
         if data.startswith(_TORCHVISION_FORMATS) and not (
             target_size and is_jpeg(data) and _jpeg_reducible(data, target_size)
         ):
-            from torchvision.io import ImageReadMode
-            from torchvision.io import decode_image as tv_decode
-
             image = tv_decode(
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
             )
@@ -120,16 +122,11 @@ def gpu_decodable(data: bytes) -> bool:
 
 
 def _jpeg_reducible(data: bytes, target_size: int) -> bool:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         return min(im.size) >= 2 * target_size
 
 
 def _decode_pillow(data: bytes, target_size: int | None) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         if target_size and im.format == "JPEG":
             im.draft("RGB", (target_size, target_size))
@@ -196,10 +193,15 @@ class TrainPreset:
         object.__setattr__(self, "_eval", EvalPreset(self.image_size))
 
     @property
+    def crop_source_size(self) -> int:
+        """Short side an image is resized to before the random crop: `image_size` plus headroom."""
+        return int(self.image_size * _CROP_HEADROOM)
+
+    @property
     def source_size(self) -> int:
         """Side of the square images the per-image part produces."""
         if self.augment and self.batch_augment:
-            return int(self.image_size * _CROP_HEADROOM)
+            return self.crop_source_size
         return self.image_size
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -208,7 +210,7 @@ class TrainPreset:
         if self.batch_augment:
             return resize_center_crop(image, self.source_size)
         # Resize first so the crop works on a bounded image whatever the source resolution.
-        return self._aug(F.resize(image, int(self.image_size * _CROP_HEADROOM), antialias=True))
+        return self._aug(F.resize(image, self.crop_source_size, antialias=True))
 
     def from_bytes(self, data: bytes) -> torch.Tensor:
         return self(decode_image(data, target_size=self.image_size))
@@ -247,8 +249,6 @@ def random_resized_crop_batch(
     as its antialiasing. Crops too wide or tall for the image are clamped to it (torchvision's
     per-image transform retries and then falls back to a centre crop).
     """
-    from torchvision.ops import roi_align
-
     n, _, height, width = images.shape
     device = images.device
     area = torch.empty(n, device=device).uniform_(*scale) * (height * width)
@@ -332,8 +332,6 @@ def preprocess_on_device(
 
 def _decode_jpegs(items, indices, device, failed: dict[int, str]) -> list[torch.Tensor | None]:
     """Decoded `(3, H, W)` images on `device`; one nvJPEG batch, per image after a failure."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     data = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in indices]
     if device.type == "cuda":
         try:

@@ -82,6 +82,24 @@ def test_train_preset_with_augmentation_crops_and_jitters():
     assert not torch.equal(outs[0], outs[1])  # a new crop and jitter each time
 
 
+@pytest.mark.parametrize(
+    ("augment", "batch_augment", "source_size"),
+    [
+        pytest.param(False, False, 32, id="eval"),
+        pytest.param(True, False, 32, id="cpu-augment-crops-to-image-size"),
+        pytest.param(False, True, 32, id="gpu-no-augment"),
+        pytest.param(True, True, 36, id="gpu-augment-keeps-headroom"),
+    ],
+)
+def test_train_preset_source_size_is_the_crop_headroom_only_when_the_batch_augments(
+    augment, batch_augment, source_size
+):
+    preset = TrainPreset(32, augment=augment, batch_augment=batch_augment)
+    assert preset.crop_source_size == 36  # int(32 * 1.15): the CPU crop's input as well
+    assert preset.source_size == source_size
+    assert preset.from_bytes(_encoded("PNG", (50, 37))).shape == (3, source_size, source_size)
+
+
 def test_checkpoint_round_trip_and_safe_names(tmp_path):
     store = LocalCheckpointStore(tmp_path)
     name = checkpoint_name("my model", "manual__2026-01-01T00:00:00+00:00")
