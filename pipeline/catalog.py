@@ -504,6 +504,15 @@ class Listing:
     def has_val_split(self) -> bool:
         return any(p.split == "val" for p, _ in self.objects.values())
 
+    @cached_property
+    def digest(self) -> str:
+        """sha256 over the placed objects' sorted (key, ETag, size): equal listings, equal digests."""
+        h = hashlib.sha256()
+        for key in sorted(self.objects):
+            obj = self.objects[key][1]
+            h.update(f"{key}\0{obj.etag}\0{obj.size}\n".encode())
+        return h.hexdigest()
+
 
 def read_listing(objects: Iterable[ObjectInfo], prefix: str) -> Listing:
     """Place every listed object in the layout; ignored keys are counted with examples."""
@@ -890,6 +899,14 @@ def scan(
         log.info(
             "listed %d objects under %s in %.1fs", listing.n_listed, where, time.monotonic() - t0
         )
+        previous = _latest_summary(db, bucket, prefix)
+        if previous and is_unchanged(previous, listing, config, _catalog_mark(db, bucket, prefix)):
+            summary = unchanged_summary(previous, listing)
+            summary["seconds"] = round(time.monotonic() - t0, 3)
+            with db.transaction() as cur:
+                _insert_scan(cur, summary, started)
+            _log_scan(where, summary)
+            return summary
         rows = _load_rows(db, bucket, prefix)
         stored = {k: _row_state(r) for k, r in rows.items()}
         diff = diff_listing(listing, rows)
@@ -951,6 +968,57 @@ def scan(
     return summary
 
 
+def _latest_summary(db: Database, bucket: str, prefix: str) -> dict[str, Any] | None:
+    rows = db.query(
+        "SELECT summary FROM scans WHERE bucket = %s AND prefix = %s ORDER BY id DESC LIMIT 1",
+        (bucket, prefix),
+    )
+    return json.loads(rows[0]["summary"]) if rows else None
+
+
+_CATALOG_MARK = "SELECT COUNT(*), MAX(updated_at) FROM images WHERE bucket = %s AND prefix = %s"
+
+
+def _catalog_mark(db_or_cursor: Any, bucket: str, prefix: str) -> str:
+    """Row count and last change of a prefix's catalog rows: any write to them changes it."""
+    if isinstance(db_or_cursor, Database):
+        with db_or_cursor.transaction() as cur:
+            return _catalog_mark(cur, bucket, prefix)
+    db_or_cursor.execute(_CATALOG_MARK, (bucket, prefix))
+    count, latest = db_or_cursor.fetchone()
+    return f"{count}:{latest.isoformat() if latest else ''}"
+
+
+def is_unchanged(
+    previous: dict[str, Any], listing: Listing, config: ScanConfig, catalog_mark: str
+) -> bool:
+    """True when the previous scan saw this very listing with this config, and no catalog row
+    changed since: its dataset version and counts hold, nothing needs loading or writing."""
+    return (
+        previous.get("listing_digest") == listing.digest
+        and previous.get("catalog_mark") == catalog_mark
+        and ScanConfig.from_dict(previous) == config
+    )
+
+
+def unchanged_summary(previous: dict[str, Any], listing: Listing) -> dict[str, Any]:
+    """The summary of a scan that found what `previous` left (keys it ignores may differ)."""
+    return previous | {
+        "listed": listing.n_listed,
+        "new": 0,
+        "changed_objects": 0,
+        "unchanged": len(listing.objects),
+        "revived": 0,
+        "deleted": 0,
+        "ignored": sum(listing.ignored.values()),
+        "ignored_reasons": dict(sorted(listing.ignored.items())),
+        "ignored_examples": dict(listing.ignored_examples),
+        "gets": 0,
+        "changed": False,
+        "new_version": False,
+    }
+
+
 def _summary(
     bucket: str,
     prefix: str,
@@ -986,6 +1054,7 @@ def _summary(
         "unseen_labels": unseen_labels(version.counts),
         "excluded_labels": version.excluded_labels,
         "gets": gets,
+        "listing_digest": listing.digest,
         **asdict(config),
         "has_val_split": listing.has_val_split,
         **cross,
@@ -1004,7 +1073,8 @@ def write_scan(
     now: datetime,
 ) -> dict[str, Any]:
     """One transaction: changed rows, deletions, the dataset version (when new) with its
-    membership, the stored config and the scan's row. Returns `changed` and `new_version`."""
+    membership, the stored config and the scan's row. Returns `changed`, `new_version` and the
+    catalog mark (`is_unchanged`) the rows have once written."""
     bucket, prefix = summary["bucket"], summary["prefix"]
     config_json = json.dumps(asdict(config), sort_keys=True)
     with db.transaction() as cur:
@@ -1037,29 +1107,34 @@ def write_scan(
         result = {
             "changed": previous is None or previous[0] != version.dataset_version,
             "new_version": version_is_new,
+            "catalog_mark": _catalog_mark(cur, bucket, prefix),
         }
-        cur.execute(
-            "INSERT INTO scans (bucket, prefix, started_at, finished_at, dataset_version,"
-            " listed, new_objects, changed_objects, deleted_objects, ok, rejected, ignored,"
-            " gets, summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                bucket,
-                prefix,
-                started,
-                utc_now(),
-                version.dataset_version,
-                summary["listed"],
-                summary["new"],
-                summary["changed_objects"],
-                summary["deleted"],
-                summary["ok"],
-                summary["rejected"],
-                summary["ignored"],
-                summary["gets"],
-                json.dumps(summary | result, ensure_ascii=False, default=str),
-            ),
-        )
+        _insert_scan(cur, summary | result, started)
     return result
+
+
+def _insert_scan(cur: Any, summary: dict[str, Any], started: datetime) -> None:
+    cur.execute(
+        "INSERT INTO scans (bucket, prefix, started_at, finished_at, dataset_version,"
+        " listed, new_objects, changed_objects, deleted_objects, ok, rejected, ignored,"
+        " gets, summary) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            summary["bucket"],
+            summary["prefix"],
+            started,
+            utc_now(),
+            summary["dataset_version"],
+            summary["listed"],
+            summary["new"],
+            summary["changed_objects"],
+            summary["deleted"],
+            summary["ok"],
+            summary["rejected"],
+            summary["ignored"],
+            summary["gets"],
+            json.dumps(summary, ensure_ascii=False, default=str),
+        ),
+    )
 
 
 def _insert_dataset_version(
@@ -1296,7 +1371,10 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, help=f"{stored} {default.max_pixels}")
     parser.add_argument("--min-side", type=int, help=f"{stored} {default.min_side}")
     parser.add_argument("--max-object-bytes", type=int, help=f"{stored} {default.max_object_bytes}")
-    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=16, help="GET threads")
+    parser.add_argument(
+        "--chunk-size", type=int, default=500, help="validated objects committed per transaction"
+    )
     parser.add_argument(
         "--force-delete",
         action="store_true",
@@ -1312,6 +1390,7 @@ def cli_scan(args: argparse.Namespace, settings: Any) -> int:
         store,
         prefix,
         workers=args.workers,
+        chunk_size=args.chunk_size,
         force_delete=args.force_delete,
         **{f.name: getattr(args, f.name) for f in fields(ScanConfig)},
     )

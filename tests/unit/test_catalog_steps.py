@@ -270,3 +270,50 @@ def test_inspect_image_decodes_complete_objects(data, reason):
         None,
         catalog.REJECT_CORRUPT,
     )
+
+
+def _previous(listing: catalog.Listing, config: catalog.ScanConfig, mark: str) -> dict:
+    return {"listing_digest": listing.digest, "catalog_mark": mark, **config.__dict__}
+
+
+@pytest.mark.parametrize(
+    ("now_listed", "config", "mark", "unchanged"),
+    [
+        pytest.param([obj("train/a/1.png")], catalog.ScanConfig(), "1:t", True, id="same"),
+        pytest.param(
+            [obj("train/a/1.png"), obj("train/x.png")],
+            catalog.ScanConfig(),
+            "1:t",
+            True,
+            id="a-new-ignored-key",
+        ),
+        pytest.param([obj("train/a/1.png", "f")], catalog.ScanConfig(), "1:t", False, id="etag"),
+        pytest.param([obj("train/a/1.png", size=9)], catalog.ScanConfig(), "1:t", False, id="size"),
+        pytest.param([obj("train/a/2.png")], catalog.ScanConfig(), "1:t", False, id="renamed"),
+        pytest.param([], catalog.ScanConfig(), "1:t", False, id="deleted"),
+        pytest.param(
+            [obj("train/a/1.png")], catalog.ScanConfig(val_percent=20), "1:t", False, id="config"
+        ),
+        pytest.param([obj("train/a/1.png")], catalog.ScanConfig(), "1:u", False, id="row-changed"),
+    ],
+)
+def test_is_unchanged(now_listed, config, mark, unchanged):
+    before = catalog.read_listing([obj("train/a/1.png")], P)
+    previous = _previous(before, catalog.ScanConfig(), "1:t")
+    now = catalog.read_listing(now_listed, P)
+    assert catalog.is_unchanged(previous, now, config, mark) is unchanged
+
+
+def test_unchanged_summary_keeps_the_version_and_recounts_the_listing():
+    listing = catalog.read_listing([obj("train/a/1.png"), obj("train/x.png")], P)
+    previous = {"dataset_version": "v1", "counts": {"train": {"a": 1}}, "new": 1, "gets": 1}
+    summary = catalog.unchanged_summary(previous, listing)
+    assert (summary["dataset_version"], summary["counts"]) == ("v1", {"train": {"a": 1}})
+    assert (summary["new"], summary["gets"], summary["unchanged"], summary["listed"]) == (
+        0,
+        0,
+        1,
+        2,
+    )
+    assert summary["ignored_reasons"] == {catalog.IGNORED_NO_LABEL: 1}
+    assert (summary["changed"], summary["new_version"]) == (False, False)

@@ -1,0 +1,1 @@
+"""Fault-injection tests: real processes are killed, stopped and disconnected (no mocks)."""

