@@ -492,25 +492,40 @@ def evaluate(
     *,
     model_name: str,
     model_version: str | int,
+    dataset_version: str | None = None,
     subsets: Sequence[str] = EVALUATED_SUBSETS,
     log_to_mlflow: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a version on its labelled predictions; rewrite its evaluation rows atomically.
 
-    Returns {model_name, model_version, n_images, accuracy, macro_f1, per_class}. With no
-    labelled predictions nothing is written and n_images is 0.
+    Only predictions of images that are still usable members of `dataset_version` (accepted,
+    live, unchanged; default: the dataset of the version's latest prediction) in `subsets`
+    count: an image deleted or rejected since it was scored, or the inbox, never does.
+    Returns {model_name, model_version, dataset_version, n_images, accuracy, macro_f1,
+    per_class}. With no such predictions nothing is written and n_images is 0.
     """
     version = int(model_version)
-    rows = db.query(
-        "SELECT true_label, predicted_label FROM predictions WHERE model_name = %s"
-        " AND model_version = %s AND true_label IS NOT NULL"
-        f" AND subset IN ({', '.join(['%s'] * len(subsets))})",
-        (model_name, version, *subsets),
-    )
+    if dataset_version is None:
+        latest = db.query(
+            "SELECT dataset_version FROM predictions WHERE model_name = %s AND model_version = %s"
+            " AND dataset_version IS NOT NULL ORDER BY scored_at DESC, id DESC LIMIT 1",
+            (model_name, version),
+        )
+        dataset_version = latest[0]["dataset_version"] if latest else None
+    rows = []
+    if dataset_version is not None:
+        members, member_args = catalog.membership_query(dataset_version, subsets)
+        rows = db.query(
+            "SELECT p.true_label, p.predicted_label FROM predictions p"
+            f" JOIN ({members}) AS mem ON mem.id = p.image_id"
+            " WHERE p.model_name = %s AND p.model_version = %s AND p.true_label IS NOT NULL",
+            (*member_args, model_name, version),
+        )
     metrics = compute_metrics([(r["true_label"], r["predicted_label"]) for r in rows])
     result = {
         "model_name": model_name,
         "model_version": str(version),
+        "dataset_version": dataset_version,
         "n_images": metrics["n_images"],
         "accuracy": round(metrics["accuracy"], 6),
         "macro_f1": round(metrics["macro_f1"], 6),
@@ -654,7 +669,12 @@ def cli_score(args: argparse.Namespace, settings: Any) -> int:
             f" rejected {sum(s['rejected'].values())} {s['rejected'] or ''}".rstrip()
         )
     if args.shard is None:
-        e = evaluate(db, model_name=plan["model_name"], model_version=plan["model_version"])
+        e = evaluate(
+            db,
+            model_name=plan["model_name"],
+            model_version=plan["model_version"],
+            dataset_version=plan["dataset_version"],
+        )
         if e["n_images"]:
             print(
                 f"evaluation on {e['n_images']} test images: accuracy {e['accuracy']:.4f},"

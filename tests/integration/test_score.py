@@ -322,7 +322,7 @@ def _prediction_row(image_id, model_name, version, predicted, true, *, subset="t
         "true_label": true,
         "correct": None if true is None else int(true == predicted),
         "subset": subset,
-        "dataset_version": None,
+        "dataset_version": extra.get("dataset_version"),
         "mlflow_run_id": "run",
         "airflow_run_id": None,
         "scored_at": extra.get("scored_at", utc_now()),
@@ -337,12 +337,25 @@ def _insert(db, rows) -> None:
 
 def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_names):
     name = mlflow_names["model_name"]
-    version = _register(mlflow_names, {"a": 0, "b": 1, "c": 2}, digits["dataset_version"])
-    rows = [_prediction_row(i, name, version, p, t) for i, (t, p) in enumerate(HAND_PAIRS, 1)]
-    rows.append(_prediction_row(100, name, version, "a", None, subset="inbox"))  # not evaluated
+    dataset_version = digits["dataset_version"]
+    version = _register(mlflow_names, {"a": 0, "b": 1, "c": 2}, dataset_version)
+    test_ids = [r.image_id for r in catalog.dataset_images(db, dataset_version, ["test"])]
+    ids = test_ids[: len(HAND_PAIRS)]
+    rows = [
+        _prediction_row(i, name, version, p, t, dataset_version=dataset_version)
+        for i, (t, p) in zip(ids, HAND_PAIRS, strict=True)
+    ]
+    inbox = catalog.inbox_images(db, digits["bucket"], PREFIX)[0].image_id
+    rows.append(_prediction_row(inbox, name, version, "a", None, subset="inbox"))
+    # Scored once, then deleted or rejected: such predictions are not evaluated either.
+    gone, damaged = test_ids[len(HAND_PAIRS)], test_ids[len(HAND_PAIRS) + 1]
+    rows += [_prediction_row(i, name, version, "c", "a") for i in (gone, damaged)]
     _insert(db, rows)
+    db.execute("UPDATE images SET deleted_at = NOW(6) WHERE id = %s", (gone,))
+    catalog.mark_rejected(db, [(damaged, "decode_failed: truncated")])
 
     result = score.evaluate(db, model_name=name, model_version=version)
+    assert result["dataset_version"] == dataset_version
     assert result["n_images"] == 8
     assert result["accuracy"] == pytest.approx(5 / 8)
     assert result["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3, abs=1e-6)
@@ -366,7 +379,7 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_
     assert metrics["test_macro_f1"] == pytest.approx(11 / 18, abs=1e-6)
 
     # Re-evaluation replaces the version's rows: fix one mistake, a off-diagonal cell disappears.
-    _insert(db, [_prediction_row(3, name, version, "a", "a")])
+    _insert(db, [_prediction_row(ids[2], name, version, "a", "a")])
     again = score.evaluate(db, model_name=name, model_version=version)
     assert again["accuracy"] == pytest.approx(6 / 8)
     cells = db.query("SELECT true_label, predicted_label, n FROM confusion_matrix")
@@ -540,13 +553,15 @@ def test_a_model_with_other_classes_is_refused_with_both_lists(db, store, digits
     assert plan["to_score"] == 4
 
 
-def test_vanished_and_undecodable_images_are_rejected_and_the_shard_continues(
+def test_vanished_images_are_rejected_and_the_shard_continues(
     db, store, tmp_path, mlflow_names, tmp_cache
 ):
     render_digits(tmp_path / "digits", size=SIZE, per_label=5, inbox=4, test_percent=40)
     (tmp_path / "digits" / "inbox" / "broken.jpg").write_bytes(_broken_jpeg())
     upload_tree(store, tmp_path / "digits", PREFIX)
     scanned = catalog.scan(db, store, PREFIX)
+    # The scan decodes what it reads whole: the broken JPEG never reaches scoring.
+    assert scanned["reasons"] == {catalog.REJECT_UNDECODABLE: 1}
     version = _register(mlflow_names, digits_label_map(db), scanned["dataset_version"])
     registry.move_alias(db, mlflow_names["model_name"], "champion", version, actor="t", reason="t")
     gone = db.query("SELECT id, object_key FROM images WHERE subset = 'test' ORDER BY id LIMIT 1")[
@@ -555,6 +570,7 @@ def test_vanished_and_undecodable_images_are_rejected_and_the_shard_continues(
     store.delete(gone["object_key"])
     broken = db.query("SELECT id FROM images WHERE object_key LIKE '%%broken.jpg'")[0]["id"]
     expected = _expected(db)
+    assert broken not in expected
 
     plan = _plan(db, store, mlflow_names)
     assert plan["to_score"] == len(expected)
@@ -563,10 +579,10 @@ def test_vanished_and_undecodable_images_are_rejected_and_the_shard_continues(
     for s in summaries:
         for reason, n in s["rejected"].items():
             rejected[reason] = rejected.get(reason, 0) + n
-    assert rejected == {"missing_object": 1, "decode_failed": 1}
-    assert sum(s["scored"] for s in summaries) == len(expected) - 2
+    assert rejected == {"missing_object": 1}
+    assert sum(s["scored"] for s in summaries) == len(expected) - 1
     scored = {r["image_id"] for r in _predictions(db)}
-    assert scored == set(expected) - {gone["id"], broken}
+    assert scored == set(expected) - {gone["id"]}
     reasons = {
         r["id"]: r["reject_reason"]
         for r in db.query("SELECT id, reject_reason FROM images WHERE status = 'rejected'")
