@@ -1,8 +1,10 @@
 """Training stage: ResNet18 on one dataset version, checkpointed per epoch, logged and registered in MLflow.
 
-Shaped like torchvision's reference recipe: `load_data`, `train_one_epoch`, `evaluate`, and
-`train_model` as `main`. The DAG's `train_model` task and `python -m pipeline train` call
-`train_model`, which returns references only (MLflow run id, model version).
+Shaped like torchvision's reference recipe: `train_model` is its `main`, composed of named steps
+(`skip_or_reuse`, `load_data`, `build_training`, `resume_state`, `run_epochs` over
+`train_one_epoch` and `evaluate`, `finish_run`). The DAG's `train_model` task and
+`python -m pipeline train` call `train_model`, which returns references only (MLflow run id,
+model version). What to train with, and whether to, is `pipeline.train_plan`'s (torch-free).
 
 Retries: a checkpoint (model, optimizer, scheduler, RNG states, history, MLflow run id) is saved
 after every epoch under `<model_name>/<run_key>/last.pt` in durable storage; a retried or killed
@@ -18,18 +20,150 @@ import io
 import json
 import logging
 import os
+import random
 import subprocess
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from pipeline import catalog, registry
+from pipeline.data import (
+    DeviceBatches,
+    EvalPreset,
+    ImageCache,
+    ImageDataset,
+    ImageDecodeError,
+    TrainPreset,
+    decode_image,
+    default_num_workers,
+    make_loader,
+    to_model_input,
+)
+from pipeline.db import Database
+from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
+from pipeline.score import compute_metrics
+from pipeline.store import ObjectStore, location_from_args
 from pipeline.train_plan import TrainParams, training_decision
 
 log = logging.getLogger(__name__)
 
 _LOG_EVERY_S = 10.0
+
+
+def train_model(
+    db: Database,
+    store: ObjectStore,
+    dataset_version: str,
+    params: TrainParams,
+    *,
+    model_name: str,
+    run_key: str,
+    cache_dir: str | Path,
+    checkpoint_store,
+    force_retrain: bool = False,
+    experiment: str | None = None,
+) -> dict[str, Any]:
+    """Train on `dataset_version`, log to MLflow, register a version; returns references.
+
+    Returns `{"skipped": True, ...}` when the champion was trained on this dataset version
+    (unless `force_retrain`), and the already registered version when `run_key` made one.
+    """
+    import mlflow
+
+    catalog.get_dataset(db, dataset_version)  # LookupError for an unknown version
+    done = skip_or_reuse(
+        db, dataset_version, model_name=model_name, run_key=run_key, force_retrain=force_retrain
+    )
+    if done is not None:
+        return done
+
+    seed_everything(params.seed)
+    device = pick_device()
+    data = load_data(
+        db, store, dataset_version, params, cache_dir=cache_dir, on_gpu=device.type == "cuda"
+    )
+    training = build_training(params, device, data, store=store)
+    ckpt_name = checkpoint_name(model_name, run_key)
+    identity = checkpoint_identity(dataset_version, params)
+    progress = resume_state(training, checkpoint_store, ckpt_name, identity)
+    num_workers = default_num_workers() if params.num_workers is None else params.num_workers
+    train_loader, val_loader = build_loaders(
+        data, params, device, num_workers=num_workers, epoch=progress.epoch + 1
+    )
+
+    def save() -> None:
+        state = checkpoint_state(training, progress, identity, label_map=data["label_map"])
+        save_checkpoint(checkpoint_store, ckpt_name, state)
+
+    mlflow.set_experiment(experiment or model_name)
+    with mlflow.start_run(
+        run_id=progress.run_id, run_name=None if progress.run_id else f"train {run_key}"[:250]
+    ) as run:
+        if progress.run_id is None:
+            log_run_params(
+                data,
+                params,
+                training,
+                dataset_version=dataset_version,
+                model_name=model_name,
+                run_key=run_key,
+                num_workers=num_workers,
+            )
+        progress.run_id = run.info.run_id
+        run_epochs(training, progress, train_loader, val_loader, params, save=save)
+        result = finish_run(
+            db,
+            training,
+            progress,
+            data,
+            val_loader,
+            model_name=model_name,
+            run_key=run_key,
+            dataset_version=dataset_version,
+            image_size=params.image_size,
+        )
+    checkpoint_store.delete(ckpt_name)
+    return result
+
+
+def skip_or_reuse(
+    db: Database, dataset_version: str, *, model_name: str, run_key: str, force_retrain: bool
+) -> dict[str, Any] | None:
+    """The result of a run that needs no training, or None to train.
+
+    Skipped when the champion was trained on `dataset_version` (unless `force_retrain`);
+    reused when `run_key` already registered a version (a retry after registration).
+    """
+    if not force_retrain and registry.champion_dataset_version(model_name) == dataset_version:
+        champion = registry.resolve_model_version(model_name, registry.CHAMPION)
+        log.info("dataset %s unchanged since champion v%s: skipping", dataset_version, champion)
+        return {
+            "skipped": True,
+            "reason": "dataset unchanged since the champion was trained",
+            "dataset_version": dataset_version,
+            "champion_version": champion,
+        }
+    existing = registry.find_version_by_run_key(model_name, run_key)
+    if not existing:
+        return None
+    mv = registry.mlflow_client().get_model_version(model_name, existing)
+    log.info("run %s already registered %s v%s: nothing to train", run_key, model_name, existing)
+    registry.record_version(db, model_name, existing)  # a crash may have come between
+    return {
+        "skipped": False,
+        "reused": True,
+        "model_version": existing,
+        "run_id": mv.run_id,
+        "dataset_version": dataset_version,
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -84,48 +218,97 @@ class LocalCheckpointStore:
 
 
 def checkpoint_name(model_name: str, run_key: str) -> str:
+    """The checkpoint's name in its store: `<model_name>/<run_key>/last.pt`, made path-safe."""
     safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in f"{model_name}/{run_key}")
     return f"{safe}/last.pt"
 
 
 def save_checkpoint(store, name: str, state: dict[str, Any]) -> None:
-    import torch
-
+    """Write `state` (`checkpoint_state`) as checkpoint `name` of `store`, replacing it whole."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     store.save(name, buffer.getvalue())
 
 
 def load_checkpoint(store, name: str) -> dict[str, Any] | None:
-    import torch
-
+    """Checkpoint `name` of `store` (tensors on the CPU), or None when there is none."""
     data = store.load(name)
     if data is None:
         return None
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
+def checkpoint_identity(dataset_version: str, params: TrainParams) -> dict[str, Any]:
+    """What a checkpoint must have been made with to be resumed: the same data and params."""
+    return {"dataset_version": dataset_version, "params": asdict(params)}
+
+
+def resumable(state: dict[str, Any] | None, identity: dict[str, Any]) -> bool:
+    """Whether a loaded checkpoint (None: none) continues the run `identity` describes."""
+    return state is not None and state.get("identity") == identity
+
+
+def resume_state(
+    training: Training, checkpoint_store, ckpt_name: str, identity: dict[str, Any]
+) -> Progress:
+    """The run's progress: from its checkpoint when there is one for `identity`, else fresh.
+
+    Resuming restores the model, optimizer, schedule and RNG into `training`; a checkpoint for
+    other data or params is ignored (and overwritten after the first epoch).
+    """
+    state = load_checkpoint(checkpoint_store, ckpt_name)
+    if not resumable(state, identity):
+        if state is not None:
+            log.warning("checkpoint %s is for other data/params: starting over", ckpt_name)
+        return Progress()
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    log.info(
+        "resuming from %s after epoch %d", checkpoint_store.describe(ckpt_name), state["epoch"]
+    )
+    return Progress(
+        epoch=state["epoch"], history=state["history"], best=state["best"], run_id=state["run_id"]
+    )
+
+
+def checkpoint_state(
+    training: Training, progress: Progress, identity: dict[str, Any], *, label_map: dict[str, int]
+) -> dict[str, Any]:
+    """What a checkpoint holds after `progress.epoch`: all `resume_state` restores, and more."""
+    return {
+        "identity": identity,
+        "epoch": progress.epoch,
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": progress.history,
+        "best": progress.best,
+        "run_id": progress.run_id,
+        "label_map": label_map,
+    }
+
+
 # ----------------------------------------------------------------------------- data
 
 
 def load_data(
-    db,
-    store,
+    db: Database,
+    store: ObjectStore,
     dataset_version: str,
     params: TrainParams,
     *,
     cache_dir: str | Path,
     on_gpu: bool = False,
-):
+) -> dict[str, Any]:
     """Train and val datasets of a dataset version, fetched into the content-keyed cache.
 
     Objects gone since the scan are marked rejected and left out. `on_gpu`: JPEGs come as bytes
     for nvJPEG (`data.DeviceBatches`) and the random crop and jitter run on the device on whole
-    batches (`TrainPreset.on_device`).
+    batches (`TrainPreset.on_device`). `labels` are the class names in index order.
     """
-    from pipeline import catalog
-    from pipeline.data import EvalPreset, ImageCache, ImageDataset, TrainPreset
-
     info = catalog.get_dataset(db, dataset_version)
     label_map: dict[str, int] = info["label_map"]
     train_records = catalog.dataset_images(db, dataset_version, ["train"])
@@ -162,12 +345,128 @@ def load_data(
     return {
         "info": info,
         "label_map": label_map,
+        "labels": sorted(label_map, key=label_map.get),
         "train_records": train_kept,
         "val_records": val_kept,
         "train_set": train_set,
         "val_set": val_set,
         "missing": len(failures),
     }
+
+
+def build_loaders(
+    data: dict[str, Any],
+    params: TrainParams,
+    device: torch.device,
+    *,
+    num_workers: int,
+    epoch: int,
+) -> tuple[Iterable, Iterable]:
+    """(train, val) loaders; the train order is seeded by the first `epoch` to run, so a resumed
+    run does not replay the first epoch's. On a GPU, batches are decoded and resized there.
+    """
+    train_loader = make_loader(
+        data["train_set"],
+        batch_size=params.batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        seed=params.seed + epoch,
+    )
+    val_loader = make_loader(
+        data["val_set"],
+        batch_size=params.batch_size * 2,
+        shuffle=False,
+        num_workers=num_workers,
+        seed=params.seed,
+    )
+    if device.type == "cuda":
+        # Decoded by nvJPEG and resized on the GPU one batch ahead of the step.
+        train_loader = DeviceBatches(train_loader, data["train_set"].preset.source_size, device)
+        val_loader = DeviceBatches(val_loader, params.image_size, device)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class Training:
+    """What the epochs run with: the model (and its compiled twin), loss, optimizer, schedule."""
+
+    model: nn.Module
+    step_model: nn.Module  # `model` compiled, or `model`; it shares the parameters
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    transform: Callable[[torch.Tensor], torch.Tensor]  # a uint8 batch on the device → model input
+
+
+def build_training(
+    params: TrainParams, device: torch.device, data: dict[str, Any], *, store: ObjectStore
+) -> Training:
+    """ResNet18 for `data`'s classes on `device`, with the loss, optimizer, schedule, mixed
+    precision and batch transform of `params` (and of `data`'s train preset).
+    """
+    n_classes = len(data["labels"])
+    model = build_model(n_classes, weights=params.weights, store=store)
+    if params.freeze_backbone:
+        freeze_backbone(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    # The compiled module shares its parameters with `model`, whose state dict stays plain.
+    step_model = torch.compile(model) if params.compile else model
+    weight = (
+        _class_weights(data["train_set"].targets, n_classes).to(device)
+        if params.class_weighting == "balanced"
+        else None
+    )
+    criterion = nn.CrossEntropyLoss(
+        weight=weight, label_smoothing=params.label_smoothing, ignore_index=-1
+    )
+    optimizer = _optimizer(model, params)
+    scheduler = _scheduler(optimizer, params)
+    autocast_dtype, scaler = training_autocast(device)
+    return Training(
+        model=model,
+        step_model=step_model,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        scaler=scaler,
+        transform=data["train_set"].preset.on_device,
+    )
+
+
+def _optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            trainable, lr=params.learning_rate, momentum=0.9, weight_decay=params.weight_decay
+        )
+    # The fused CUDA kernel updates every parameter in a few launches instead of per tensor.
+    fused = bool(trainable) and trainable[0].is_cuda
+    return torch.optim.AdamW(
+        trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused or None
+    )
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, params: TrainParams
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if params.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+    if params.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, params.epochs // 3))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
+    counts = torch.bincount(torch.tensor(list(targets)), minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -193,10 +492,6 @@ def train_one_epoch(
     device and are read only at log time, so the host never waits for the GPU inside an epoch.
     `autocast_dtype` (bf16 or fp16) turns on autocast; `scaler` is fp16's GradScaler.
     """
-    import torch
-
-    from pipeline.data import to_model_input
-
     transform = transform or to_model_input
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -257,10 +552,6 @@ def train_one_epoch(
 
 def evaluate(model, criterion, loader, device, *, autocast_dtype=None):
     """Loss, accuracy and (target, predicted) index pairs on a loader, in eval mode."""
-    import torch
-
-    from pipeline.data import to_model_input
-
     model.eval()
     total_loss = 0.0
     pairs: list[tuple[int, int]] = []
@@ -290,6 +581,236 @@ def evaluate(model, criterion, loader, device, *, autocast_dtype=None):
     }
 
 
+@dataclass
+class Progress:
+    """Where a run stands: the last finished epoch, its history, the best epoch, the MLflow run.
+
+    `best` is {"accuracy", "epoch", "state": the weights on the CPU, or None}. Indices of images
+    that failed to decode are gathered for the rejection at the end (not checkpointed).
+    """
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"accuracy": -1.0, "epoch": 0, "state": None}
+    )
+    run_id: str | None = None
+    stopped_early: bool = False
+    bad_train: set[int] = field(default_factory=set)
+    bad_val: set[int] = field(default_factory=set)
+
+
+def run_epochs(
+    training: Training,
+    progress: Progress,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    params: TrainParams,
+    *,
+    save: Callable[[], None],
+) -> None:
+    """The epochs after `progress.epoch`: train, step the schedule, validate, log to the active
+    MLflow run, keep the best weights, `save()` a checkpoint; stop early after `patience`.
+    """
+    import mlflow
+
+    for epoch in range(progress.epoch + 1, params.epochs + 1):
+        train_stats = train_one_epoch(
+            training.step_model,
+            training.criterion,
+            training.optimizer,
+            train_loader,
+            training.device,
+            epoch=epoch,
+            epochs=params.epochs,
+            scaler=training.scaler,
+            autocast_dtype=training.autocast_dtype,
+            transform=training.transform,
+        )
+        training.scheduler.step()
+        val_stats = evaluate(
+            training.model,
+            training.criterion,
+            val_loader,
+            training.device,
+            autocast_dtype=training.autocast_dtype,
+        )
+        progress.bad_train.update(train_stats["failed"])
+        progress.bad_val.update(val_stats["failed"])
+        row = epoch_row(epoch, train_stats, val_stats, lr=training.optimizer.param_groups[0]["lr"])
+        progress.history.append(row)
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        log.info(
+            "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s",
+            epoch,
+            params.epochs,
+            row["train_loss"],
+            row["train_accuracy"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["images_per_s"],
+        )
+        progress.best = update_best(
+            progress.best, epoch, val_stats["accuracy"], lambda: cpu_copy(training.model)
+        )
+        progress.epoch = epoch
+        save()
+        if patience_exhausted(epoch, progress.best["epoch"], params.patience):
+            log.info("early stop: no val improvement for %d epochs", params.patience)
+            progress.stopped_early = True
+            break
+
+
+def epoch_row(
+    epoch: int, train_stats: dict[str, Any], val_stats: dict[str, Any], *, lr: float
+) -> dict[str, Any]:
+    """One epoch's line of the history (and its MLflow metrics, less `epoch`)."""
+    return {
+        "epoch": epoch,
+        "train_loss": train_stats["loss"],
+        "train_accuracy": train_stats["accuracy"],
+        "val_loss": val_stats["loss"],
+        "val_accuracy": val_stats["accuracy"],
+        "images_per_s": train_stats["images_per_s"],
+        "lr": lr,
+    }
+
+
+def update_best(
+    best: dict[str, Any],
+    epoch: int,
+    val_accuracy: float,
+    weights: Callable[[], dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """The best epoch after `epoch`: `epoch`, with `weights()`, if its val accuracy beats the
+    best's (a tie keeps the earlier epoch), else `best` unchanged.
+    """
+    if val_accuracy > best["accuracy"]:
+        return {"accuracy": val_accuracy, "epoch": epoch, "state": weights()}
+    return best
+
+
+def patience_exhausted(epoch: int, best_epoch: int, patience: int) -> bool:
+    """Whether to stop after `epoch`: `patience` epochs (0: never stop) since the best one."""
+    return bool(patience) and epoch - best_epoch >= patience
+
+
+def kept_weights(best: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The weights registered: the best epoch's; None (keep the model's last) when no epoch ran."""
+    return best["state"]
+
+
+def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `model`'s state dict on the CPU, unaffected by further training."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- MLflow run
+
+
+def log_run_params(
+    data: dict[str, Any],
+    params: TrainParams,
+    training: Training,
+    *,
+    dataset_version: str,
+    model_name: str,
+    run_key: str,
+    num_workers: int,
+) -> None:
+    """Tags, params and dataset counts of a new MLflow run (a resumed run has them already)."""
+    import mlflow
+
+    mlflow.set_tags(
+        {"run_key": run_key, "dataset_version": dataset_version, "model_name": model_name}
+    )
+    mlflow.log_params(
+        asdict(params)
+        | {
+            "dataset_version": dataset_version,
+            "n_train": len(data["train_records"]),
+            "n_val": len(data["val_records"]),
+            "n_classes": len(data["labels"]),
+            "class_names": json.dumps(data["labels"], ensure_ascii=False)[:6000],
+            "code_version": code_version(),
+            "device": training.device.type,
+            "num_workers": num_workers,
+            "autocast": str(training.autocast_dtype).removeprefix("torch."),
+            "torch_version": torch.__version__,
+        }
+    )
+    mlflow.log_dict(data["info"]["counts"], "dataset_counts.json")
+
+
+def finish_run(
+    db: Database,
+    training: Training,
+    progress: Progress,
+    data: dict[str, Any],
+    val_loader: Iterable,
+    *,
+    model_name: str,
+    run_key: str,
+    dataset_version: str,
+    image_size: int,
+) -> dict[str, Any]:
+    """Evaluate the kept weights, reject what failed to decode, log the reports, register the
+    model and record its version; returns `train_model`'s result.
+    """
+    import mlflow
+
+    model = training.model
+    weights = kept_weights(progress.best)
+    if weights is not None:
+        model.load_state_dict(weights)
+    final = evaluate(
+        model,
+        training.criterion,
+        val_loader,
+        training.device,
+        autocast_dtype=training.autocast_dtype,
+    )
+    rejected = _reject_undecodable(
+        db,
+        [
+            (data["train_records"], data["train_set"], progress.bad_train),
+            (data["val_records"], data["val_set"], progress.bad_val | set(final["failed"])),
+        ],
+    )
+    mlflow.log_metrics(
+        {
+            "best_val_accuracy": final["accuracy"],
+            "best_epoch": progress.best["epoch"],
+            "decode_failures": rejected,
+        }
+    )
+    _log_reports(progress.history, final["pairs"], data["labels"])
+    model_version = log_and_register(
+        model,
+        model_name=model_name,
+        label_map=data["label_map"],
+        image_size=image_size,
+        dataset_version=dataset_version,
+        run_key=run_key,
+        extra_tags={
+            "val_accuracy": f"{final['accuracy']:.6f}",
+            "mlflow_run_id": progress.run_id,
+        },
+    )
+    registry.record_version(db, model_name, model_version)
+    return {
+        "skipped": False,
+        "model_version": model_version,
+        "run_id": progress.run_id,
+        "dataset_version": dataset_version,
+        "val_accuracy": round(final["accuracy"], 6),
+        "epochs_run": len(progress.history),
+        "stopped_early": progress.stopped_early,
+        "decode_failures": rejected,
+        "missing_objects": data["missing"],
+    }
+
+
 def log_and_register(
     model,
     *,
@@ -307,12 +828,7 @@ def log_and_register(
     and a version tag. Registration is keyed by `run_key`: an existing version is returned.
     """
     import mlflow
-    import numpy as np
-    import torch
-    import torchvision
     from mlflow.models import infer_signature
-
-    from pipeline import registry
 
     existing = registry.find_version_by_run_key(model_name, run_key)
     if existing:
@@ -347,338 +863,11 @@ def log_and_register(
     return str(mv.version)
 
 
-def _optimizer(model, params: TrainParams):
-    import torch
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if params.optimizer == "sgd":
-        return torch.optim.SGD(
-            trainable, lr=params.learning_rate, momentum=0.9, weight_decay=params.weight_decay
-        )
-    # The fused CUDA kernel updates every parameter in a few launches instead of per tensor.
-    fused = bool(trainable) and trainable[0].is_cuda
-    return torch.optim.AdamW(
-        trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused or None
-    )
-
-
-def _scheduler(optimizer, params: TrainParams):
-    import torch
-
-    if params.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-    if params.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, params.epochs // 3))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def _class_weights(targets: Sequence[int], n_classes: int):
-    import torch
-
-    counts = torch.bincount(torch.tensor(list(targets)), minlength=n_classes).float()
-    return counts.sum() / (n_classes * counts.clamp(min=1))
-
-
-def code_version() -> str:
-    """The git commit of the code (with `-dirty`), or the package version outside a checkout."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"imgpipe-{version('imgpipe')}"
-        except PackageNotFoundError:
-            return "unknown"
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if not torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def train_model(
-    db,
-    store,
-    dataset_version: str,
-    params: TrainParams,
-    *,
-    model_name: str,
-    run_key: str,
-    cache_dir: str | Path,
-    checkpoint_store,
-    force_retrain: bool = False,
-    experiment: str | None = None,
-) -> dict[str, Any]:
-    """Train on `dataset_version`, log to MLflow, register a version; returns references.
-
-    Returns `{"skipped": True, ...}` when the champion was trained on this dataset version
-    (unless `force_retrain`), and the already registered version when `run_key` made one.
-    """
-    import mlflow
-    import torch
-
-    from pipeline import catalog, registry
-    from pipeline.data import DeviceBatches, default_num_workers, make_loader
-    from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
-
-    catalog.get_dataset(db, dataset_version)  # LookupError for an unknown version
-    if not force_retrain and registry.champion_dataset_version(model_name) == dataset_version:
-        champion = registry.resolve_model_version(model_name, registry.CHAMPION)
-        log.info("dataset %s unchanged since champion v%s: skipping", dataset_version, champion)
-        return {
-            "skipped": True,
-            "reason": "dataset unchanged since the champion was trained",
-            "dataset_version": dataset_version,
-            "champion_version": champion,
-        }
-    existing = registry.find_version_by_run_key(model_name, run_key)
-    if existing:
-        mv = registry.mlflow_client().get_model_version(model_name, existing)
-        log.info(
-            "run %s already registered %s v%s: nothing to train", run_key, model_name, existing
-        )
-        registry.record_version(db, model_name, existing)  # a crash may have come between
-        return {
-            "skipped": False,
-            "reused": True,
-            "model_version": existing,
-            "run_id": mv.run_id,
-            "dataset_version": dataset_version,
-        }
-
-    seed_everything(params.seed)
-    device = pick_device()
-    on_gpu = device.type == "cuda"
-    data = load_data(db, store, dataset_version, params, cache_dir=cache_dir, on_gpu=on_gpu)
-    label_map = data["label_map"]
-    labels = sorted(label_map, key=label_map.get)
-    n_classes = len(labels)
-    model = build_model(n_classes, weights=params.weights, store=store)
-    if params.freeze_backbone:
-        freeze_backbone(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    # The compiled module shares its parameters with `model`, whose state dict stays plain.
-    step_model = torch.compile(model) if params.compile else model
-    weight = (
-        _class_weights(data["train_set"].targets, n_classes).to(device)
-        if params.class_weighting == "balanced"
-        else None
-    )
-    criterion = torch.nn.CrossEntropyLoss(
-        weight=weight, label_smoothing=params.label_smoothing, ignore_index=-1
-    )
-    optimizer = _optimizer(model, params)
-    scheduler = _scheduler(optimizer, params)
-    autocast_dtype, scaler = training_autocast(device)
-
-    ckpt_name = checkpoint_name(model_name, run_key)
-    state = load_checkpoint(checkpoint_store, ckpt_name)
-    identity = {"dataset_version": dataset_version, "params": asdict(params)}
-    start_epoch, history, best, run_id = 1, [], {"accuracy": -1.0, "epoch": 0, "state": None}, None
-    if state is not None and state.get("identity") == identity:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, history, best, run_id = (
-            state["epoch"] + 1,
-            state["history"],
-            state["best"],
-            state["run_id"],
-        )
-        log.info(
-            "resuming from %s after epoch %d", checkpoint_store.describe(ckpt_name), state["epoch"]
-        )
-    elif state is not None:
-        log.warning("checkpoint %s is for other data/params: starting over", ckpt_name)
-
-    num_workers = default_num_workers() if params.num_workers is None else params.num_workers
-    train_loader = make_loader(
-        data["train_set"],
-        batch_size=params.batch_size,
-        shuffle=True,
-        num_workers=num_workers,
-        seed=params.seed + start_epoch,
-    )
-    val_loader = make_loader(
-        data["val_set"],
-        batch_size=params.batch_size * 2,
-        shuffle=False,
-        num_workers=num_workers,
-        seed=params.seed,
-    )
-    if on_gpu:
-        # Decoded by nvJPEG and resized on the GPU one batch ahead of the step.
-        train_loader = DeviceBatches(train_loader, data["train_set"].preset.source_size, device)
-        val_loader = DeviceBatches(val_loader, params.image_size, device)
-    mlflow.set_experiment(experiment or model_name)
-    bad_train: set[int] = set()
-    bad_val: set[int] = set()
-    with mlflow.start_run(
-        run_id=run_id, run_name=None if run_id else f"train {run_key}"[:250]
-    ) as run:
-        if run_id is None:
-            mlflow.set_tags(
-                {"run_key": run_key, "dataset_version": dataset_version, "model_name": model_name}
-            )
-            mlflow.log_params(
-                asdict(params)
-                | {
-                    "dataset_version": dataset_version,
-                    "n_train": len(data["train_records"]),
-                    "n_val": len(data["val_records"]),
-                    "n_classes": n_classes,
-                    "class_names": json.dumps(labels, ensure_ascii=False)[:6000],
-                    "code_version": code_version(),
-                    "device": device.type,
-                    "num_workers": num_workers,
-                    "autocast": str(autocast_dtype).removeprefix("torch."),
-                    "torch_version": torch.__version__,
-                }
-            )
-            mlflow.log_dict(data["info"]["counts"], "dataset_counts.json")
-        run_id = run.info.run_id
-        stopped_early = False
-        for epoch in range(start_epoch, params.epochs + 1):
-            train_stats = train_one_epoch(
-                step_model,
-                criterion,
-                optimizer,
-                train_loader,
-                device,
-                epoch=epoch,
-                epochs=params.epochs,
-                scaler=scaler,
-                autocast_dtype=autocast_dtype,
-                transform=data["train_set"].preset.on_device,
-            )
-            scheduler.step()
-            val_stats = evaluate(
-                model, criterion, val_loader, device, autocast_dtype=autocast_dtype
-            )
-            bad_train.update(train_stats["failed"])
-            bad_val.update(val_stats["failed"])
-            row = {
-                "epoch": epoch,
-                "train_loss": train_stats["loss"],
-                "train_accuracy": train_stats["accuracy"],
-                "val_loss": val_stats["loss"],
-                "val_accuracy": val_stats["accuracy"],
-                "images_per_s": train_stats["images_per_s"],
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            log.info(
-                "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s",
-                epoch,
-                params.epochs,
-                row["train_loss"],
-                row["train_accuracy"],
-                row["val_loss"],
-                row["val_accuracy"],
-                row["images_per_s"],
-            )
-            if val_stats["accuracy"] > best["accuracy"]:
-                best = {
-                    "accuracy": val_stats["accuracy"],
-                    "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                }
-            save_checkpoint(
-                checkpoint_store,
-                ckpt_name,
-                {
-                    "identity": identity,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "history": history,
-                    "best": best,
-                    "run_id": run_id,
-                    "label_map": label_map,
-                },
-            )
-            if params.patience and epoch - best["epoch"] >= params.patience:
-                log.info("early stop: no val improvement for %d epochs", params.patience)
-                stopped_early = True
-                break
-        if best["state"] is not None:
-            model.load_state_dict(best["state"])
-        final = evaluate(model, criterion, val_loader, device, autocast_dtype=autocast_dtype)
-        rejected = _reject_undecodable(
-            db,
-            [
-                (data["train_records"], data["train_set"], bad_train),
-                (data["val_records"], data["val_set"], bad_val | set(final["failed"])),
-            ],
-        )
-        mlflow.log_metrics(
-            {
-                "best_val_accuracy": final["accuracy"],
-                "best_epoch": best["epoch"],
-                "decode_failures": rejected,
-            }
-        )
-        _log_reports(history, final["pairs"], labels)
-        model_version = log_and_register(
-            model,
-            model_name=model_name,
-            label_map=label_map,
-            image_size=params.image_size,
-            dataset_version=dataset_version,
-            run_key=run_key,
-            extra_tags={"val_accuracy": f"{final['accuracy']:.6f}", "mlflow_run_id": run_id},
-        )
-        registry.record_version(db, model_name, model_version)
-    checkpoint_store.delete(ckpt_name)
-    return {
-        "skipped": False,
-        "model_version": model_version,
-        "run_id": run_id,
-        "dataset_version": dataset_version,
-        "val_accuracy": round(final["accuracy"], 6),
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "decode_failures": rejected,
-        "missing_objects": data["missing"],
-    }
-
-
 def _reject_undecodable(db, groups) -> int:
     """Mark images that failed to decode as rejected, with the decoder's reason; returns how many.
 
     `groups`: (records, dataset, failed indices into that dataset) for train and val.
     """
-    from pipeline import catalog
-    from pipeline.data import ImageDecodeError, decode_image
-
     rejections = []
     for records, dataset, failed in groups:
         for index in sorted(failed):
@@ -701,14 +890,11 @@ def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import mlflow
-    import numpy as np
 
     n = len(labels)
     cm = np.zeros((n, n), dtype=int)
     for t, p in pairs:
         cm[t, p] += 1
-    from pipeline.score import compute_metrics
-
     metrics = compute_metrics([(labels[t], labels[p]) for t, p in pairs], labels)
     rows = ["label,precision,recall,f1,support"]
     table = []
@@ -761,22 +947,52 @@ def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list
     plt.close(fig)
 
 
+def code_version() -> str:
+    """The git commit of the code (with `-dirty`), or the package version outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"imgpipe-{version('imgpipe')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; deterministic kernels on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def cli_train(args: argparse.Namespace, settings: Any) -> int:
-    from datetime import UTC, datetime
-
-    from pipeline import catalog
-    from pipeline.db import Database
-    from pipeline.store import location_from_args
-
+    """`python -m pipeline train`: refuse an untrainable dataset, train, print the references."""
     db = Database(settings.mysql)
     store, prefix = location_from_args(settings, args)
     dataset = catalog.resolve_dataset(db, store.bucket, prefix, args.dataset_version)
     version = dataset["dataset_version"]
-    from pipeline import registry
-
     should_train, why = training_decision(
         dataset,
         champion_dataset_version=registry.champion_dataset_version(settings.model_name),

@@ -1,4 +1,4 @@
-"""Training pieces without services: presets, decoding, checkpoints, loaders, the gate rule."""
+"""Training pieces without services: train_model's steps, presets, decoding, checkpoints, loaders, the gate rule."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import train
 from pipeline.data import (
     EvalPreset,
     ImageDataset,
@@ -24,6 +25,7 @@ from pipeline.train import (
     load_checkpoint,
     save_checkpoint,
 )
+from pipeline.train_plan import TrainParams
 
 
 def _encoded(fmt: str, size=(40, 30), color=(200, 30, 90)) -> bytes:
@@ -166,3 +168,126 @@ def test_gate_decision(accuracy, champion, minimum, margin, decision):
     )
     assert got == decision
     assert f"{accuracy:.4f}" in reason
+
+
+# ----------------------------------------------------------------------------- train_model's steps
+
+_IDENTITY = train.checkpoint_identity("dv1", TrainParams(epochs=2))
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        pytest.param(None, False, id="no-checkpoint"),
+        pytest.param({"identity": _IDENTITY, "epoch": 1}, True, id="same-run"),
+        pytest.param(
+            {"identity": train.checkpoint_identity("dv2", TrainParams(epochs=2))},
+            False,
+            id="other-dataset",
+        ),
+        pytest.param(
+            {"identity": train.checkpoint_identity("dv1", TrainParams(epochs=3))},
+            False,
+            id="other-params",
+        ),
+        pytest.param({"epoch": 1, "model": {}}, False, id="checkpoint-without-identity"),
+    ],
+)
+def test_a_checkpoint_is_resumed_only_for_the_same_data_and_params(state, expected):
+    assert train.resumable(state, _IDENTITY) is expected
+
+
+def _tiny_training() -> train.Training:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return train.Training(
+        model=model,
+        step_model=model,
+        criterion=torch.nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1),
+        device=torch.device("cpu"),
+        autocast_dtype=None,
+        scaler=None,
+        transform=lambda batch: batch,
+    )
+
+
+def test_resume_state_restores_this_runs_checkpoint_and_ignores_another(tmp_path, caplog):
+    store = LocalCheckpointStore(tmp_path)
+    saved = _tiny_training()
+    saved.optimizer.step()  # no gradients: only the order the scheduler checks
+    saved.scheduler.step()
+    progress = train.Progress(
+        epoch=1, history=[{"epoch": 1}], best={"accuracy": 0.5, "epoch": 1, "state": None}
+    )
+    progress.run_id = "r1"
+    state = train.checkpoint_state(saved, progress, _IDENTITY, label_map={"a": 0, "b": 1})
+    train.save_checkpoint(store, "m/run/last.pt", state)
+
+    resumed = _tiny_training()
+    got = train.resume_state(resumed, store, "m/run/last.pt", _IDENTITY)
+    assert (got.epoch, got.history, got.best, got.run_id) == (
+        1,
+        [{"epoch": 1}],
+        progress.best,
+        "r1",
+    )
+    assert torch.equal(resumed.model.weight, saved.model.weight)
+    assert resumed.scheduler.last_epoch == 1
+
+    fresh = _tiny_training()
+    other = train.checkpoint_identity("dv2", TrainParams(epochs=2))
+    got = train.resume_state(fresh, store, "m/run/last.pt", other)
+    assert (got.epoch, got.history, got.run_id, got.best["state"]) == (0, [], None, None)
+    assert not torch.equal(fresh.model.weight, saved.model.weight)
+    assert "for other data/params: starting over" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "patience", "best_epoch", "epochs_run"),
+    [
+        pytest.param([0.5, 0.6, 0.7], 0, 3, 3, id="improving"),
+        pytest.param([0.9, 0.1, 0.1, 0.1], 0, 1, 4, id="no-patience-never-stops"),
+        pytest.param([0.5, 0.7, 0.6, 0.6, 0.9], 2, 2, 4, id="stops-after-patience"),
+        pytest.param([0.5, 0.5, 0.5], 5, 1, 3, id="a-tie-keeps-the-earlier-epoch"),
+        pytest.param([0.0, 0.0], 1, 1, 2, id="zero-accuracy-still-beats-none"),
+    ],
+)
+def test_best_epoch_weights_are_kept_and_patience_stops_early(
+    accuracies, patience, best_epoch, epochs_run
+):
+    best = train.Progress().best
+    assert train.kept_weights(best) is None  # no epoch ran: the model's own weights stay
+    copies = []
+    ran = 0
+    for epoch, accuracy in enumerate(accuracies, 1):
+        ran = epoch
+        best = train.update_best(
+            best, epoch, accuracy, lambda e=epoch: copies.append(e) or {"e": e}
+        )
+        if train.patience_exhausted(epoch, best["epoch"], patience):
+            break
+    assert (best["epoch"], ran) == (best_epoch, epochs_run)
+    assert train.kept_weights(best) == {"e": best_epoch}
+    assert copies[-1] == best_epoch and len(copies) == len(
+        set(copies)
+    )  # copied on improvement only
+
+
+def test_epoch_row_is_the_history_line_and_its_metrics():
+    row = train.epoch_row(
+        3,
+        {"loss": 0.5, "accuracy": 0.8, "images_per_s": 100.0, "failed": [1]},
+        {"loss": 0.6, "accuracy": 0.7, "pairs": [], "failed": []},
+        lr=0.01,
+    )
+    assert row == {
+        "epoch": 3,
+        "train_loss": 0.5,
+        "train_accuracy": 0.8,
+        "val_loss": 0.6,
+        "val_accuracy": 0.7,
+        "images_per_s": 100.0,
+        "lr": 0.01,
+    }
