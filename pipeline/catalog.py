@@ -1264,18 +1264,28 @@ def dataset_images(db: Database, dataset_version: str, subsets: Sequence[str]) -
     if not subsets:
         return []
     sql, args = membership_query(dataset_version, subsets)
-    rows = db.query(sql + " ORDER BY i.object_key", args)
-    return [
-        ImageRecord(int(r["id"]), r["bucket"], r["object_key"], r["etag"], r["subset"], r["label"])
-        for r in rows
-    ]
+    return [image_record(r) for r in db.query(sql + " ORDER BY i.object_key", args)]
+
+
+def image_record(row: dict[str, Any]) -> ImageRecord:
+    """The record of a `membership_query` / `inbox_query` row."""
+    return ImageRecord(
+        int(row["id"]),
+        row["bucket"],
+        row["object_key"],
+        row["etag"],
+        row["subset"],
+        row["label"],
+        int(row["size_bytes"]),
+    )
 
 
 def membership_query(dataset_version: str, subsets: Sequence[str]) -> tuple[str, tuple]:
-    """SQL (columns id, bucket, object_key, etag, subset, label; `i` = images) and its args for
-    the usable members of a dataset version in `subsets`: accepted, live, and unchanged since."""
+    """SQL (columns id, bucket, object_key, etag, subset, label, size_bytes; `i` = images) and
+    its args for the usable members of a dataset version in `subsets`: accepted, live, and
+    unchanged since."""
     return (
-        "SELECT i.id, i.bucket, i.object_key, m.etag, m.subset, m.label"
+        "SELECT i.id, i.bucket, i.object_key, m.etag, m.subset, m.label, i.size_bytes"
         " FROM dataset_version_images m JOIN images i ON i.id = m.image_id"
         " WHERE m.dataset_version = %s AND i.status = 'ok' AND i.deleted_at IS NULL"
         f" AND i.etag = m.etag AND m.subset IN ({', '.join(['%s'] * len(subsets))})",
@@ -1283,18 +1293,21 @@ def membership_query(dataset_version: str, subsets: Sequence[str]) -> tuple[str,
     )
 
 
-def inbox_images(db: Database, bucket: str, prefix: str) -> list[ImageRecord]:
-    """Accepted, live unlabelled images under `<prefix>/inbox/` (label None), ordered by key."""
-    rows = db.query(
-        "SELECT id, bucket, object_key, etag, subset FROM images WHERE bucket = %s"
-        " AND prefix = %s AND subset = 'inbox' AND status = 'ok' AND deleted_at IS NULL"
-        " ORDER BY object_key",
+def inbox_query(bucket: str, prefix: str) -> tuple[str, tuple]:
+    """SQL (the columns of `membership_query`, label NULL) and args for the accepted, live
+    unlabelled images under `<prefix>/inbox/`."""
+    return (
+        "SELECT i.id, i.bucket, i.object_key, i.etag, i.subset, NULL AS label, i.size_bytes"
+        " FROM images i WHERE i.bucket = %s AND i.prefix = %s AND i.subset = 'inbox'"
+        " AND i.status = 'ok' AND i.deleted_at IS NULL",
         (bucket, normalize_prefix(prefix)),
     )
-    return [
-        ImageRecord(int(r["id"]), r["bucket"], r["object_key"], r["etag"], r["subset"], None)
-        for r in rows
-    ]
+
+
+def inbox_images(db: Database, bucket: str, prefix: str) -> list[ImageRecord]:
+    """Accepted, live unlabelled images under `<prefix>/inbox/` (label None), ordered by key."""
+    sql, args = inbox_query(bucket, prefix)
+    return [image_record(r) for r in db.query(sql + " ORDER BY i.object_key", args)]
 
 
 def split_reason(reason: str) -> tuple[str, str | None]:

@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,13 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.errors import (
+    S3_CHANGED_CODES,
+    S3_MISSING_CODES,
+    is_transient,
+    s3_error_code,
+    s3_unavailable,
+)
 from pipeline.records import ImageRecord
 
 if TYPE_CHECKING:
@@ -507,24 +515,47 @@ class ImageCache:
         return self.root / digest[:2] / digest
 
     def get(self, store: ObjectStore, record: ImageRecord) -> bytes:
-        """The object's bytes, from the cache or S3 (then cached); MissingObjectError when gone."""
+        """The object's bytes, from the cache or S3 (then cached); MissingObjectError when gone.
+
+        A cached copy whose size differs from the catalogued one (cut short by a crash or a
+        full disk) is fetched again.
+        """
         path = self.path(record)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
+            if record.size is None or len(data) == record.size:
+                return data
+            log.warning(
+                "cached copy of %s has %d bytes, the object %d: fetching it again",
+                record.object_key,
+                len(data),
+                record.size,
+            )
         except FileNotFoundError:
             pass
         data = fetch_object(store, record)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        # Unique per writer: containers sharing the cache volume can have the same pid.
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return data
+
+    def _cached(self, record: ImageRecord) -> bool:
+        try:
+            size = self.path(record).stat().st_size
+        except FileNotFoundError:
+            return False
+        return record.size is None or size == record.size
 
     def fill(
         self, store: ObjectStore, records: Sequence[ImageRecord], *, workers: int = 16
     ) -> dict[int, str]:
         """Fetch every record not cached yet, in parallel; returns {image_id: reason} of failures."""
-        missing = [r for r in records if not self.path(r).exists()]
+        missing = [r for r in records if not self._cached(r)]
         failures: dict[int, str] = {}
         if not missing:
             return failures
@@ -547,20 +578,24 @@ class ImageCache:
 
 
 def fetch_object(store: ObjectStore, record: ImageRecord) -> bytes:
-    """GET one catalogued object; MissingObjectError if it vanished or changed since the scan."""
-    from botocore.exceptions import ClientError
+    """GET one catalogued object; MissingObjectError if it vanished or changed since the scan.
 
+    Transient failures (after the client's own retries) raise `ServiceUnavailable`, naming S3
+    and its endpoint: they are never a reason to reject the image.
+    """
     try:
         response = store.client.get_object(
             Bucket=record.bucket, Key=record.object_key, IfMatch=record.etag
         )
         return response["Body"].read()
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "404", "NotFound"):
+    except Exception as exc:
+        code = s3_error_code(exc)
+        if code in S3_MISSING_CODES:
             raise MissingObjectError("missing_object: deleted since it was catalogued") from exc
-        if code in ("PreconditionFailed", "412"):
+        if code in S3_CHANGED_CODES:
             raise MissingObjectError("changed_object: ETag differs from the catalog") from exc
+        if is_transient(exc):
+            raise s3_unavailable(exc, store.endpoint) from exc
         raise
 
 

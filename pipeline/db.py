@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import pymysql
 import pymysql.cursors
 
 from pipeline.config import MySQLSettings
+from pipeline.errors import ServiceUnavailable, is_transient
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,11 @@ class Database:
                 f"or the Airflow MySQL connection, and that `make up` ran"
             ) from exc
 
+    @property
+    def endpoint(self) -> str:
+        """host:port/database, for messages."""
+        return f"{self.settings.host}:{self.settings.port}/{self.settings.database}"
+
     @contextmanager
     def transaction(self) -> Iterator[pymysql.cursors.Cursor]:
         """A cursor inside one transaction: committed on success, rolled back on error."""
@@ -68,10 +78,46 @@ class Database:
                 yield cur
             conn.commit()
         except BaseException:
-            conn.rollback()
+            with contextlib.suppress(pymysql.err.Error):  # a killed connection cannot roll back
+                conn.rollback()
             raise
         finally:
-            conn.close()
+            with contextlib.suppress(pymysql.err.Error):
+                conn.close()
+
+    def transact(self, work: Callable[[pymysql.cursors.Cursor], T], *, attempts: int = 4) -> T:
+        """`work(cursor)` in one transaction, rerun from the start when MySQL drops or kills
+        the connection, or aborts it for a deadlock or lock wait (bounded, exponential
+        backoff); then `ServiceUnavailable` naming MySQL. `work` must be safe to rerun.
+        """
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, pymysql.err.Error | ConnectionError) and is_transient(exc)
+
+        def once() -> T:
+            with self.transaction() as cur:
+                return work(cur)
+
+        retrying = Retrying(
+            retry=retry_if_exception(transient),
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.5, max=8),
+            before_sleep=lambda state: log.warning(
+                "MySQL at %s: %s; retrying (attempt %d of %d)",
+                self.endpoint,
+                state.outcome.exception(),
+                state.attempt_number + 1,
+                attempts,
+            ),
+            reraise=True,
+        )
+        try:
+            return retrying(once)
+        except (pymysql.err.Error, ConnectionError) as exc:
+            if transient(exc):
+                raise ServiceUnavailable("MySQL", self.endpoint, str(exc)) from exc
+            raise
 
     def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> list[dict]:
         """Run one read query and return its rows as dicts."""
@@ -87,6 +133,41 @@ class Database:
         """Run one statement in its own transaction; returns affected rows."""
         with self.transaction() as cur:
             return cur.execute(sql, args)
+
+
+class LockTimeout(TimeoutError):
+    """Another process held a MySQL named lock longer than this one could wait (transient)."""
+
+
+@contextmanager
+def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterator[None]:
+    """Hold the MySQL named lock `name` (GET_LOCK) for the `with` block, on its own connection.
+
+    The server releases the lock when that connection ends, so a holder that is killed never
+    leaves it behind. Names are scoped to `db` and hashed (MySQL allows 64 characters).
+    `what` names the work the lock serialises, for the timeout's message.
+    """
+    digest = hashlib.sha256(f"{db.name}\0{name}".encode()).hexdigest()[:40]
+    lock = f"imgpipe_{digest}"
+    conn = db.connect(autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
+            if cur.fetchone()[0] != 1:
+                raise LockTimeout(
+                    f"another {what} held the MySQL lock {name!r} for more than {timeout_s}s;"
+                    " wait for it to finish (a killed holder releases it at once)"
+                )
+        try:
+            yield
+        finally:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+            except pymysql.err.Error as exc:  # a lost connection has released it already
+                log.warning("releasing the MySQL lock %r: %s", name, exc)
+    finally:
+        conn.close()
 
 
 def create_database(settings: MySQLSettings, name: str) -> Database:

@@ -61,15 +61,16 @@ def s3_error_code(exc: BaseException) -> str | None:
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same call later may succeed (see the module docstring)."""
     try:
-        from botocore.exceptions import (
-            ConnectionError as BotoConnectionError,
-        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import (
             HTTPClientError,
+            IncompleteReadError,
             ReadTimeoutError,
+            ResponseStreamingError,
         )
 
-        if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError)):
+        streaming = (IncompleteReadError, ResponseStreamingError)
+        if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError, *streaming)):
             return True
     except ImportError:  # pragma: no cover - botocore is a dependency
         pass

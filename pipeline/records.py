@@ -15,3 +15,4 @@ class ImageRecord:
     etag: str
     subset: str
     label: str | None
+    size: int | None = None  # bytes, as catalogued (checks cached copies)

@@ -103,15 +103,7 @@ def _selection(
     if labelled and dataset_version:
         parts.append(("labelled", *catalog.membership_query(dataset_version, labelled)))
     if INBOX in subsets:
-        parts.append(
-            (
-                INBOX,
-                "SELECT i.id, i.bucket, i.object_key, i.etag, i.subset, NULL AS label"
-                " FROM images i WHERE i.bucket = %s AND i.prefix = %s AND i.subset = 'inbox'"
-                " AND i.status = 'ok' AND i.deleted_at IS NULL",
-                (bucket, catalog.normalize_prefix(prefix)),
-            )
-        )
+        parts.append((INBOX, *catalog.inbox_query(bucket, prefix)))
     return parts
 
 
@@ -166,10 +158,7 @@ def _iter_records(
                 f"{sql} AND i.id > %s AND i.id %% %s = %s{extra} ORDER BY i.id LIMIT %s",
                 (*args, last_id, shards, shard, *extra_args, page_size),
             )
-            for r in rows:
-                yield ImageRecord(
-                    int(r["id"]), r["bucket"], r["object_key"], r["etag"], r["subset"], r["label"]
-                )
+            yield from (catalog.image_record(r) for r in rows)
             if len(rows) < page_size:
                 break
             last_id = int(rows[-1]["id"])
@@ -250,9 +239,9 @@ def upsert_predictions(cur, rows: Sequence[tuple]) -> None:
 
 
 def _write_batch(db: Database, rows: list[tuple]) -> None:
-    # One transaction per batch: a kill leaves whole batches only.
-    with db.transaction() as cur:
-        upsert_predictions(cur, rows)
+    # One transaction per batch: a kill leaves whole batches only; an upsert is safe to rerun
+    # when MySQL drops the connection mid-batch.
+    db.transact(lambda cur: upsert_predictions(cur, rows))
 
 
 def score_shard(
