@@ -38,7 +38,7 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any
 
-from pipeline.db import Database, utc_now
+from pipeline.db import Database, named_lock, utc_now
 from pipeline.errors import S3_MISSING_CODES, Refusal, is_transient, s3_error_code, s3_unavailable
 from pipeline.params import SMALL_LABEL_POLICIES
 from pipeline.records import ImageRecord
@@ -148,10 +148,6 @@ _UPDATE_STATE = (
     f"UPDATE images SET {', '.join(f'{c} = %s' for c in _STATE_COLUMNS)}, last_seen_at = %s"
     " WHERE id = %s"
 )
-
-
-class ScanLockTimeout(RuntimeError):
-    """Another scan of the same bucket and prefix held the lock for too long."""
 
 
 @dataclass(frozen=True)
@@ -367,38 +363,9 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _lock_name(db: Database, bucket: str, prefix: str) -> str:
-    # MySQL lock names are at most 64 characters.
-    digest = hashlib.sha256(f"{db.name}\0{bucket}\0{prefix}".encode()).hexdigest()[:40]
-    return f"imgpipe_scan_{digest}"
-
-
-class _NamedLock:
-    """A MySQL named lock held on its own connection for the duration of a `with` block."""
-
-    def __init__(self, db: Database, name: str, timeout_s: int, what: str) -> None:
-        self.db, self.name, self.timeout_s, self.what = db, name, timeout_s, what
-        self.conn: Any = None
-
-    def __enter__(self) -> _NamedLock:
-        self.conn = self.db.connect(autocommit=True)
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, %s)", (self.name, self.timeout_s))
-            got = cur.fetchone()[0]
-        if got != 1:
-            self.conn.close()
-            raise ScanLockTimeout(
-                f"another scan of {self.what} held the lock {self.name!r} for more than "
-                f"{self.timeout_s}s; wait for it to finish or raise lock_timeout_s"
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute("SELECT RELEASE_LOCK(%s)", (self.name,))
-        finally:
-            self.conn.close()
+def scan_lock(bucket: str, prefix: str) -> str:
+    """The name of the MySQL named lock that serialises the scans of bucket+prefix."""
+    return f"scan\0{bucket}\0{normalize_prefix(prefix)}"
 
 
 def _cross_checks(
@@ -893,7 +860,9 @@ def scan(
     where = f"s3://{bucket}/{prefix}"
     started, t0 = utc_now(), time.monotonic()
     ScanConfig().overridden(options)  # unknown or invalid options fail before any work
-    with _NamedLock(db, _lock_name(db, bucket, prefix), lock_timeout_s, where):
+    with named_lock(
+        db, scan_lock(bucket, prefix), timeout_s=lock_timeout_s, what=f"scan of {where}"
+    ):
         config = (load_scan_config(db, bucket, prefix) or ScanConfig()).overridden(options)
         listing = read_listing(store.iter_objects(f"{prefix}/" if prefix else ""), prefix)
         log.info(

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import catalog
+from pipeline.db import LockTimeout, named_lock
 
 P = "ds"
 
@@ -305,15 +306,9 @@ def test_concurrent_scans_leave_consistent_rows(db, store):
 
 def test_scan_lock_timeout_names_the_scope(db, store):
     put_tree(store, {"train/a/0.png": png(1)})
-    name = catalog._lock_name(db, store.bucket, P)
-    holder = db.connect(autocommit=True)
-    try:
-        with holder.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, 5)", (name,))
-        with pytest.raises(catalog.ScanLockTimeout, match=f"s3://{store.bucket}/{P}"):
+    with named_lock(db, catalog.scan_lock(store.bucket, P), timeout_s=5, what="test"):
+        with pytest.raises(LockTimeout, match=f"scan of s3://{store.bucket}/{P}"):
             catalog.scan(db, store, P, lock_timeout_s=1)
-    finally:
-        holder.close()
     assert catalog.scan(db, store, P)["new"] == 1
 
 
