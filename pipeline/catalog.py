@@ -1285,26 +1285,25 @@ def split_reason(reason: str) -> tuple[str, str | None]:
     return code.strip()[:255], (detail.strip()[:1024] or None) if sep else None
 
 
-def mark_rejected(db: Database, rejections: Sequence[tuple[int, str]]) -> int:
+def mark_rejected(db: Database, rejections: Sequence[tuple[ImageRecord, str]]) -> int:
     """Reject images found damaged later (e.g. a truncated JPEG at decode); returns rows changed.
 
     Each reason is `"code"` or `"code: detail"`; the code goes to `reject_reason`, the detail to
-    `reject_detail`. Later scans keep them rejected until their ETag changes (then they are
-    re-validated).
+    `reject_detail`. A rejection holds for the ETag it was made for: a row whose object changed
+    meanwhile is left alone, and later scans keep a rejection until the ETag changes (then the
+    object is validated again).
     """
-    items = [(int(image_id), *split_reason(reason)) for image_id, reason in rejections]
+    items = [(*split_reason(reason), r.image_id, r.etag) for r, reason in rejections]
     if not items:
         return 0
     changed = 0
     with db.transaction() as cur:
         for i in range(0, len(items), _BATCH):
-            batch = items[i : i + _BATCH]
-            cur.executemany(
+            changed += cur.executemany(
                 "UPDATE images SET status = 'rejected', reject_reason = %s, reject_detail = %s"
-                " WHERE id = %s",
-                [(code, detail, image_id) for image_id, code, detail in batch],
+                " WHERE id = %s AND etag = %s",
+                items[i : i + _BATCH],
             )
-            changed += cur.rowcount
     log.info("marked %d images rejected", changed)
     return changed
 

@@ -349,8 +349,8 @@ def score_shard(
     )
     for scored in scored_batches:
         t0 = time.perf_counter()
-        failures = [(record.image_id, reason) for record, reason in scored.failures]
-        for record, reason in scored.failures:
+        failures = list(scored.failures)
+        for record, reason in failures:
             log.warning("image %s (%s) rejected: %s", record.image_id, record.object_key, reason)
         if failures:
             catalog.mark_rejected(db, failures)

@@ -330,7 +330,10 @@ def load_data(
         time.monotonic() - started,
     )
     if failures:
-        catalog.mark_rejected(db, list(failures.items()))
+        records = train_records + val_records
+        catalog.mark_rejected(
+            db, [(r, failures[r.image_id]) for r in records if r.image_id in failures]
+        )
 
     def build(records, preset):
         kept = [r for r in records if r.image_id not in failures]
@@ -876,7 +879,7 @@ def _reject_undecodable(db, groups) -> int:
                 reason = "decode_failed: preprocessing error"
             except (ImageDecodeError, OSError) as exc:
                 reason = f"decode_failed: {exc}"
-            rejections.append((records[index].image_id, reason))
+            rejections.append((records[index], reason))
     if rejections:
         log.warning("%d images failed to decode: marked rejected", len(rejections))
         catalog.mark_rejected(db, rejections)

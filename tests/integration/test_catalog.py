@@ -317,7 +317,7 @@ def test_mark_rejected_survives_rescan_until_the_object_changes(db, store):
     first = catalog.scan(db, store, P)
     members = catalog.dataset_images(db, first["dataset_version"], ["train", "val"])
     victim = members[0]
-    assert catalog.mark_rejected(db, [(victim.image_id, "decode_error: truncated JPEG")]) == 1
+    assert catalog.mark_rejected(db, [(victim, "decode_error: truncated JPEG")]) == 1
 
     after = catalog.dataset_images(db, first["dataset_version"], ["train", "val"])
     assert victim not in after and len(after) == len(members) - 1
@@ -333,6 +333,9 @@ def test_mark_rejected_survives_rescan_until_the_object_changes(db, store):
 
     store.put_bytes(victim.object_key, png(4242))
     catalog.scan(db, store, P)
+    assert image_rows(db, object_key=victim.object_key)[0]["status"] == "ok"
+    # A rejection made for the old bytes does not stick to the new ones.
+    assert catalog.mark_rejected(db, [(victim, "decode_error: late")]) == 0
     assert image_rows(db, object_key=victim.object_key)[0]["status"] == "ok"
 
 

@@ -339,7 +339,8 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_
     name = mlflow_names["model_name"]
     dataset_version = digits["dataset_version"]
     version = _register(mlflow_names, {"a": 0, "b": 1, "c": 2}, dataset_version)
-    test_ids = [r.image_id for r in catalog.dataset_images(db, dataset_version, ["test"])]
+    test_records = catalog.dataset_images(db, dataset_version, ["test"])
+    test_ids = [r.image_id for r in test_records]
     ids = test_ids[: len(HAND_PAIRS)]
     rows = [
         _prediction_row(i, name, version, p, t, dataset_version=dataset_version)
@@ -352,7 +353,7 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_
     rows += [_prediction_row(i, name, version, "c", "a") for i in (gone, damaged)]
     _insert(db, rows)
     db.execute("UPDATE images SET deleted_at = NOW(6) WHERE id = %s", (gone,))
-    catalog.mark_rejected(db, [(damaged, "decode_failed: truncated")])
+    catalog.mark_rejected(db, [(test_records[len(HAND_PAIRS) + 1], "decode_failed: truncated")])
 
     result = score.evaluate(db, model_name=name, model_version=version)
     assert result["dataset_version"] == dataset_version
