@@ -350,6 +350,7 @@ def check_dataset(
     if few:
         problems.append(
             f"labels with fewer than {min_images_per_label} train images: {', '.join(few)}"
+            " (add images, remove the folders, or set small_label_policy to exclude)"
         )
     unseen = unseen_labels(counts)
     if unseen and not allow_unseen_labels:

@@ -743,6 +743,11 @@ def log_run_params(
         }
     )
     mlflow.log_dict(data["info"]["counts"], "dataset_counts.json")
+    excluded = data["info"].get("excluded_labels") or {}
+    if excluded:
+        # small_label_policy=exclude left these out of the dataset version: say so in the run.
+        log.warning("labels left out of dataset %s (too few images): %s", dataset_version, excluded)
+        mlflow.set_tag("excluded_labels", json.dumps(excluded, ensure_ascii=False)[:5000])
 
 
 def finish_run(

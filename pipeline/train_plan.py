@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from pipeline import catalog
+from pipeline.errors import Refusal
 from pipeline.params import CLASS_WEIGHTINGS, LR_SCHEDULES, OPTIMIZERS
 from pipeline.store import add_location_arguments
 
@@ -98,7 +99,7 @@ def training_decision(
     """Whether a run should train on `dataset` (a `catalog.get_dataset` row), and why.
 
     Runs that never train (score_only, rollback_to) don't look at the dataset; otherwise an
-    untrainable dataset raises ValueError naming every problem, even when training would be
+    untrainable dataset raises `Refusal` naming every problem, even when training would be
     skipped, so a bad bucket is reported the night it appears.
     """
     if score_only:
@@ -111,7 +112,7 @@ def training_decision(
         allow_unseen_labels=allow_unseen_labels,
     )
     if problems:
-        raise ValueError(
+        raise Refusal(
             f"dataset {dataset.get('dataset_version')} not trainable: " + "; ".join(problems)
         )
     if force_retrain:

@@ -274,3 +274,46 @@ def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
     experiment = client.get_experiment_by_name(mlflow_names["model_name"])
     if experiment is not None:  # the CLI logs to an experiment named after the model
         client.delete_experiment(experiment.experiment_id)
+
+
+def test_a_stray_label_refuses_training_or_is_excluded_with_a_warning_in_mlflow(
+    db, store, tmp_path, mlflow_names, tmp_cache
+):
+    from pipeline.errors import Refusal
+    from pipeline.train_plan import training_decision
+
+    import io
+
+    from PIL import Image
+
+    render_digits(tmp_path / "digits", size=32, per_label=8, inbox=0)
+    upload_tree(store, tmp_path / "digits", "ds")
+    buf = io.BytesIO()
+    Image.effect_noise((32, 32), 50).convert("RGB").save(buf, format="PNG")
+    store.put_bytes("ds/train/stray folder/x.png", buf.getvalue())
+
+    refused = catalog.scan(db, store, "ds", val_percent=30, min_images_per_label=2)
+    info = catalog.get_dataset(db, refused["dataset_version"])
+    assert min(n for label, n in info["counts"]["train"].items() if label != "stray folder") >= 2
+    with pytest.raises(Refusal, match=r": 'stray folder' \(1\) .*small_label_policy"):
+        training_decision(info, champion_dataset_version=None, min_images_per_label=2)
+
+    summary = catalog.scan(db, store, "ds", small_label_policy="exclude")
+    assert summary["excluded_labels"] == {"stray folder": 1}
+    assert "stray folder" not in summary["label_map"] and len(summary["label_map"]) == 10
+    info = catalog.get_dataset(db, summary["dataset_version"])
+    assert info["excluded_labels"] == {"stray folder": 1}
+    assert training_decision(info, champion_dataset_version=None, min_images_per_label=2)[0]
+    result = train.train_model(
+        db,
+        store,
+        summary["dataset_version"],
+        TINY,
+        model_name=mlflow_names["model_name"],
+        run_key="manual__stray",
+        cache_dir=tmp_cache,
+        checkpoint_store=train.LocalCheckpointStore(tmp_path / "ckpt"),
+        experiment=mlflow_names["experiment"],
+    )
+    run = MlflowClient().get_run(result["run_id"])
+    assert json.loads(run.data.tags["excluded_labels"]) == {"stray folder": 1}
