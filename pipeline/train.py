@@ -882,8 +882,11 @@ def _reject_undecodable(db, groups) -> int:
             try:
                 decode_image(dataset.paths[index].read_bytes())
                 reason = "decode_failed: preprocessing error"
-            except (ImageDecodeError, OSError) as exc:
+            except ImageDecodeError as exc:
                 reason = f"decode_failed: {exc}"
+            except OSError as exc:  # the local copy, not the image: never a rejection
+                log.warning("cached copy of %s unreadable: %s", records[index].object_key, exc)
+                continue
             rejections.append((records[index], reason))
     if rejections:
         log.warning("%d images failed to decode: marked rejected", len(rejections))
