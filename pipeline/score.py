@@ -28,6 +28,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 from pipeline import catalog
 from pipeline.catalog import INBOX, ImageRecord
 from pipeline.db import Database, utc_now
+from pipeline.errors import Refusal
 from pipeline.params import PRECISIONS, RUN_PARAMS
 from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
@@ -73,7 +75,7 @@ _ROW = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
 def _check_subsets(subsets: Sequence[str]) -> None:
     bad = [s for s in subsets if s not in SCORABLE_SUBSETS]
     if bad or not subsets:
-        raise ValueError(
+        raise Refusal(
             f"unknown subsets {list(subsets)}; expected some of: {', '.join(SCORABLE_SUBSETS)}"
         )
 
@@ -81,7 +83,7 @@ def _check_subsets(subsets: Sequence[str]) -> None:
 def check_labels(model_labels: Sequence[str], dataset_labels: Sequence[str], *, what: str) -> None:
     """Refuse a model whose classes differ from the catalog's labels, naming both lists."""
     if sorted(model_labels) != sorted(dataset_labels):
-        raise ValueError(
+        raise Refusal(
             f"{what}: the model's classes {sorted(model_labels)} differ from the catalog's labels "
             f"{sorted(dataset_labels)}; score with a model trained on this dataset "
             "(or retrain on it first)"
@@ -244,6 +246,74 @@ def _write_batch(db: Database, rows: list[tuple]) -> None:
     db.transact(lambda cur: upsert_predictions(cur, rows))
 
 
+_CORRECT = _COLUMNS.index("correct")
+
+
+@dataclass
+class ShardStats:
+    """What a shard did so far: predictions written, how many labelled and correct, rejections."""
+
+    scored: int = 0
+    labelled: int = 0
+    correct: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    def add_rows(self, rows: Sequence[tuple]) -> None:
+        correct = [r[_CORRECT] for r in rows if r[_CORRECT] is not None]
+        self.scored += len(rows)
+        self.labelled += len(correct)
+        self.correct += sum(correct)
+
+    def add_rejections(self, failures: Sequence[tuple[ImageRecord, str]]) -> None:
+        self.rejected.update(catalog.split_reason(reason)[0] for _, reason in failures)
+
+    @property
+    def done(self) -> int:
+        return self.scored + sum(self.rejected.values())
+
+
+def check_shard(
+    *,
+    shard: int,
+    shards: int,
+    model_version: str | int,
+    precision: str,
+    subsets: Sequence[str],
+) -> str:
+    """Refuse arguments no retry can fix; returns the version as a string."""
+    _check_subsets(subsets)
+    if precision not in PRECISIONS:
+        raise Refusal(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+    if not 0 <= shard < shards:
+        raise Refusal(f"shard must be in 0..{shards - 1}, got {shard}")
+    if not str(model_version).isdigit():
+        raise Refusal(
+            f"model_version must be a concrete version number, got {model_version!r}"
+            " (resolve aliases once with plan_scoring)"
+        )
+    return str(model_version)
+
+
+def scoring_model(loaded, precision: str, db: Database, store: ObjectStore, *, cache_dir):
+    """(module, device, resolved precision) that score `loaded` at `precision`.
+
+    int8 is an ONNX Runtime session on the CPU, exported and calibrated on the first use of the
+    version, then read from the cache; the other precisions run the PyTorch module where it is.
+    """
+    import torch
+
+    from pipeline.model import resolve_precision
+
+    if precision == "int8":
+        from pipeline.onnx_runtime import int8_model
+
+        module, device = int8_model(loaded, db, store, cache_dir=cache_dir), torch.device("cpu")
+    else:
+        module = loaded.module
+        device = next(module.parameters()).device
+    return module, device, resolve_precision(precision, device)
+
+
 def score_shard(
     db: Database,
     store: ObjectStore,
@@ -268,73 +338,36 @@ def score_shard(
     `prefix`; pass the plan's so every shard of a run scores the same set. Idempotent.
     `batch_size` defaults to one that fills the device (`inference.default_batch_size`).
     """
-    import torch
-
     from pipeline import registry
     from pipeline.data import EvalPreset, ImageCache
     from pipeline.inference import StageClock, predict_stream
-    from pipeline.model import resolve_precision
 
-    _check_subsets(subsets)
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}"
-        )
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard must be in 0..{shards - 1}, got {shard}")
-    if not str(model_version).isdigit():
-        raise ValueError(
-            f"model_version must be a concrete version number, got {model_version!r}"
-            " (resolve aliases once with plan_scoring)"
-        )
-    version = str(model_version)
+    version = check_shard(
+        shard=shard,
+        shards=shards,
+        model_version=model_version,
+        precision=precision,
+        subsets=subsets,
+    )
     dataset = catalog.resolve_dataset(db, store.bucket, prefix, dataset_version)
     dataset_version = dataset["dataset_version"]
     parts = _selection(store.bucket, prefix, dataset_version, subsets)
     select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
     by_kind = _count_by_shard(db, parts, **select)
     total = sum(c[shard] for c in by_kind.values())
-    summary: dict[str, Any] = {
-        "model_name": model_name,
-        "model_version": version,
-        "shard": shard,
-        "shards": shards,
-        "dataset_version": dataset_version,
-        "precision": precision,
-        "scored": 0,
-        "labelled": 0,
-        "correct": 0,
-        "rejected": {},
-        "images_per_s": 0.0,
-        "seconds": 0.0,
-        "stage_seconds": {},
-    }
+    stats, clock = ShardStats(), StageClock()
+    where = {"model_name": model_name, "model_version": version, "shard": shard, "shards": shards}
     if total == 0:
         log.info("shard %d/%d: nothing to score for %s v%s", shard, shards, model_name, version)
-        return summary
+        return _shard_summary(where, dataset_version, precision, stats, clock, 0.0)
 
     loaded = registry.load_model(model_name, version, cache_dir=cache_dir)
     if by_kind.get("labelled", Counter())[shard]:
-        check_labels(
-            loaded.labels,
-            list(dataset["label_map"]),
-            what=f"{model_name} v{version}",
-        )
-    if precision == "int8":
-        from pipeline.onnx_runtime import int8_model
-
-        # Exported and calibrated on the first use of this version, then read from the cache.
-        module = int8_model(loaded, db, store, cache_dir=cache_dir)
-        device = torch.device("cpu")
-    else:
-        module = loaded.module
-        device = next(module.parameters()).device
-    summary["precision"] = precision = resolve_precision(precision, device)
+        check_labels(loaded.labels, list(dataset["label_map"]), what=f"{model_name} v{version}")
+    module, device, precision = scoring_model(loaded, precision, db, store, cache_dir=cache_dir)
     cache = ImageCache(cache_dir)
-    rejected: Counter = Counter()
-    clock = StageClock()
     started = last_log = time.monotonic()
-    scored_batches = predict_stream(
+    for scored in predict_stream(
         module,
         _iter_records(db, parts, shard=shard, **select),
         lambda record: cache.get(store, record),
@@ -346,15 +379,9 @@ def score_shard(
         workers=workers,
         top_k=TOP_K,
         clock=clock,
-    )
-    for scored in scored_batches:
+    ):
         t0 = time.perf_counter()
-        failures = list(scored.failures)
-        for record, reason in failures:
-            log.warning("image %s (%s) rejected: %s", record.image_id, record.object_key, reason)
-        if failures:
-            catalog.mark_rejected(db, failures)
-            rejected.update(reason.split(":", 1)[0] for _, reason in failures)
+        _reject(db, scored.failures, stats)
         if scored.predictions:
             rows = prediction_rows(
                 scored.predictions,
@@ -366,36 +393,58 @@ def score_shard(
                 scored_at=utc_now(),
             )
             _write_batch(db, rows)
-            summary["scored"] += len(rows)
-            labelled = [r for r in rows if r[_COLUMNS.index("correct")] is not None]
-            summary["labelled"] += len(labelled)
-            summary["correct"] += sum(r[_COLUMNS.index("correct")] for r in labelled)
+            stats.add_rows(rows)
         clock.add("write", t0)
-        now = time.monotonic()
-        if now - last_log >= _PROGRESS_EVERY_S:
-            last_log = now
-            done = summary["scored"] + sum(rejected.values())
-            _log_progress(shard, shards, done, total, now - started)
-
-    elapsed = time.monotonic() - started
-    summary["rejected"] = dict(rejected)
-    summary["seconds"] = round(elapsed, 3)
-    summary["stage_seconds"] = {k: round(v, 3) for k, v in sorted(clock.seconds.items())}
-    summary["images_per_s"] = round(summary["scored"] / elapsed, 2) if elapsed > 0 else 0.0
+        if time.monotonic() - last_log >= _PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            _log_progress(shard, shards, stats.done, total, last_log - started)
+    summary = _shard_summary(
+        where, dataset_version, precision, stats, clock, time.monotonic() - started
+    )
     log.info(
         "shard %d/%d: scored %d images with %s v%s (%s) in %.1fs (%.1f img/s, %s), rejected %s",
         shard,
         shards,
-        summary["scored"],
+        stats.scored,
         model_name,
         version,
         precision,
-        elapsed,
+        summary["seconds"],
         summary["images_per_s"],
         ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items()),
-        dict(rejected) or "none",
+        summary["rejected"] or "none",
     )
     return summary
+
+
+def _reject(db: Database, failures: Sequence[tuple[ImageRecord, str]], stats: ShardStats) -> None:
+    """Images found gone, changed or undecodable while scoring: rejected in the catalog."""
+    for record, reason in failures:
+        log.warning("image %s (%s) rejected: %s", record.image_id, record.object_key, reason)
+    if failures:
+        catalog.mark_rejected(db, failures)
+        stats.add_rejections(failures)
+
+
+def _shard_summary(
+    where: dict[str, Any],
+    dataset_version: str,
+    precision: str,
+    stats: ShardStats,
+    clock,
+    elapsed: float,
+) -> dict[str, Any]:
+    return where | {
+        "dataset_version": dataset_version,
+        "precision": precision,
+        "scored": stats.scored,
+        "labelled": stats.labelled,
+        "correct": stats.correct,
+        "rejected": dict(stats.rejected),
+        "images_per_s": round(stats.scored / elapsed, 2) if elapsed > 0 else 0.0,
+        "seconds": round(elapsed, 3),
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(clock.seconds.items())},
+    }
 
 
 def prediction_rows(
