@@ -170,7 +170,9 @@ def image_classification():
             model_name=rt.model_name(),
             run_key=context["run_id"],
             cache_dir=rt.cache_dir(),
-            checkpoint_store=train.S3CheckpointStore(store, "checkpoints"),
+            checkpoint_store=train.S3CheckpointStore(
+                rt.work_store(), image_bucket=params["bucket"]
+            ),
             force_retrain=params["force_retrain"],
         )
 

@@ -116,6 +116,23 @@ def _identifier(env: dict[str, str], name: str, default: str | None = None) -> s
     return raw
 
 
+def work_bucket(env: dict[str, str] | None = None, *, image_bucket: str | None = None) -> str:
+    """The bucket the pipeline owns for its own state (checkpoints): PIPELINE_WORK_BUCKET.
+
+    Default: MLFLOW_ARTIFACT_BUCKET. Never the bucket images are uploaded to (`image_bucket`):
+    whoever may upload images must not be able to plant what training loads back.
+    """
+    e = dict(os.environ if env is None else env)
+    bucket = _bucket(e, "PIPELINE_WORK_BUCKET", _bucket(e, "MLFLOW_ARTIFACT_BUCKET", "mlflow"))
+    if image_bucket is not None and bucket == image_bucket:
+        raise ConfigError(
+            f"PIPELINE_WORK_BUCKET {bucket!r} is the image bucket: whoever may upload images "
+            "could plant checkpoints there; set PIPELINE_WORK_BUCKET (default: "
+            "MLFLOW_ARTIFACT_BUCKET) to a bucket only the pipeline writes"
+        )
+    return bucket
+
+
 @dataclass(frozen=True)
 class MySQLSettings:
     """Where the project's MySQL database lives and who we are there."""
@@ -157,6 +174,7 @@ class Settings:
     mlflow_tracking_uri: str
     mlflow_artifact_bucket: str
     mlflow_database: str
+    work_bucket: str
     model_name: str
     cache_dir: Path
 
@@ -165,6 +183,7 @@ class Settings:
         """Build settings from `env` (default: `os.environ`), raising ConfigError on bad values."""
         e = dict(os.environ if env is None else env)
         prefix = e.get("S3_PREFIX", "").strip("/")
+        image_bucket = _bucket(e, "S3_BUCKET", "images")
         return cls(
             mysql=MySQLSettings(
                 host=_get(e, "MYSQL_HOST", "127.0.0.1"),
@@ -178,12 +197,13 @@ class Settings:
                 access_key_id=_get(e, "AWS_ACCESS_KEY_ID"),
                 secret_access_key=_get(e, "AWS_SECRET_ACCESS_KEY"),
                 region=_get(e, "AWS_DEFAULT_REGION", "us-east-1"),
-                bucket=_bucket(e, "S3_BUCKET", "images"),
+                bucket=image_bucket,
                 prefix=prefix,
             ),
             mlflow_tracking_uri=_url(e, "MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
             mlflow_artifact_bucket=_bucket(e, "MLFLOW_ARTIFACT_BUCKET", "mlflow"),
             mlflow_database=_identifier(e, "MLFLOW_DATABASE", "mlflow"),
+            work_bucket=work_bucket(e, image_bucket=image_bucket),
             model_name=_get(e, "MODEL_NAME", "image-classifier"),
             cache_dir=Path(_get(e, "PIPELINE_CACHE_DIR", str(REPO_ROOT / ".local" / "cache"))),
         )

@@ -169,10 +169,27 @@ def skip_or_reuse(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class S3CheckpointStore:
-    """Checkpoints as objects under `prefix` in the object store (durable across machines)."""
+# Under PIPELINE_WORK_BUCKET (pipeline.config.work_bucket), outside MLflow's `artifacts/` root.
+CHECKPOINT_PREFIX = "imgpipe-work/checkpoints"
 
-    def __init__(self, store, prefix: str = "checkpoints") -> None:
+
+class S3CheckpointStore:
+    """Checkpoints as objects under `prefix` in the pipeline's own work bucket.
+
+    `store` is the work bucket (`pipeline.config.work_bucket`), never the image bucket: whoever
+    may upload images must not be able to plant what training loads back. Pass `image_bucket`
+    and a store in it is refused.
+    """
+
+    def __init__(
+        self, store, prefix: str = CHECKPOINT_PREFIX, *, image_bucket: str | None = None
+    ) -> None:
+        if image_bucket is not None and store.bucket == image_bucket:
+            raise ValueError(
+                f"checkpoints must not live in the image bucket {image_bucket!r}; "
+                "set PIPELINE_WORK_BUCKET (default: MLFLOW_ARTIFACT_BUCKET) to a bucket only "
+                "the pipeline writes"
+            )
         self.store, self.prefix = store, prefix.strip("/")
 
     def _key(self, name: str) -> str:
@@ -223,19 +240,61 @@ def checkpoint_name(model_name: str, run_key: str) -> str:
     return f"{safe}/last.pt"
 
 
+def plain_data(value: Any, where: str = "checkpoint") -> Any:
+    """`value` as tensors and plain data only (what `torch.load(weights_only=True)` accepts).
+
+    NumPy scalars become Python numbers; anything else that is not a tensor, a number, a string,
+    None, or a dict/list/tuple of those raises TypeError naming where it is, at save time rather
+    than as a refused checkpoint at resume.
+    """
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, plain_data(v, f"{where}[{k!r}]")) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_data(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise TypeError(
+        f"{where} is a {type(value).__name__}: a checkpoint holds tensors and plain data only"
+    )
+
+
 def save_checkpoint(store, name: str, state: dict[str, Any]) -> None:
     """Write `state` (`checkpoint_state`) as checkpoint `name` of `store`, replacing it whole."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(plain_data(state), buffer)
     store.save(name, buffer.getvalue())
 
 
 def load_checkpoint(store, name: str) -> dict[str, Any] | None:
-    """Checkpoint `name` of `store` (tensors on the CPU), or None when there is none."""
+    """Checkpoint `name` of `store` (tensors on the CPU), or None when there is none or it is refused.
+
+    Loaded with `weights_only=True`: tensors and plain data only, never code. Bytes that are not
+    such a checkpoint (a planted pickle, a truncated upload) are refused with a warning naming
+    them, and training starts over; its first save replaces them.
+    """
     data = store.load(name)
     if data is None:
         return None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are not our checkpoint
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        log.warning(
+            "checkpoint %s refused: not tensors and plain data (%s); starting over",
+            store.describe(name),
+            reason,
+        )
+        return None
+    if not isinstance(state, dict):
+        log.warning(
+            "checkpoint %s refused: holds a %s, not a dict; starting over",
+            store.describe(name),
+            type(state).__name__,
+        )
+        return None
+    return state
 
 
 def checkpoint_identity(dataset_version: str, params: TrainParams) -> dict[str, Any]:
@@ -1023,7 +1082,9 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
         model_name=settings.model_name,
         run_key=run_key,
         cache_dir=settings.cache_dir,
-        checkpoint_store=S3CheckpointStore(store, "checkpoints"),
+        checkpoint_store=S3CheckpointStore(
+            store.with_bucket(settings.work_bucket), image_bucket=store.bucket
+        ),
         force_retrain=args.force_retrain,
     )
     for key, value in result.items():

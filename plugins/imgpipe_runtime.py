@@ -82,6 +82,15 @@ def object_store(bucket: str):
     return ObjectStore(settings, bucket)
 
 
+def work_store():
+    """The pipeline's own bucket (PIPELINE_WORK_BUCKET, default MLFLOW_ARTIFACT_BUCKET) on the
+    endpoint of `S3_CONN_ID`: checkpoints live there, never in a bucket images are uploaded to.
+    """
+    from pipeline.config import work_bucket
+
+    return object_store(work_bucket())
+
+
 def where_to_fix(kind: str) -> str:
     conn_id = {"mysql": MYSQL_CONN_ID, "s3": S3_CONN_ID}[kind]
     return f"Airflow connection {conn_id!r} (env AIRFLOW_CONN_{conn_id.upper()}, or Admin > Connections)"

@@ -77,7 +77,7 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
     assert {"confusion_matrix.png", "learning_curves.png", "per_class_metrics.csv"} <= artifacts
     assert "label_map.json" in artifacts
     # The checkpoint is gone once the version is registered.
-    assert list(store.iter_objects("checkpoints/")) == []
+    assert list(store.iter_objects(train.CHECKPOINT_PREFIX)) == []
 
     again = trainer("manual__run-1")
     assert again["model_version"] == result["model_version"] and again["reused"]
@@ -206,7 +206,7 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(trainer, sto
 
 
 def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
-    db, store, dataset, mlflow_names, tmp_path
+    db, store, dataset, mlflow_names, tmp_path, settings
 ):
     """A real SIGKILL of `python -m pipeline train`, then the same run key again."""
     import os
@@ -246,7 +246,8 @@ def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
         "1",
     ]
     ckpt = train.checkpoint_name(mlflow_names["model_name"], "manual__killed")
-    checkpoints = train.S3CheckpointStore(store)
+    # The CLI keeps checkpoints in the work bucket (PIPELINE_WORK_BUCKET), not the image bucket.
+    checkpoints = train.S3CheckpointStore(store.with_bucket(settings.work_bucket))
     first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     saved = None
@@ -279,12 +280,12 @@ def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
 def test_a_stray_label_refuses_training_or_is_excluded_with_a_warning_in_mlflow(
     db, store, tmp_path, mlflow_names, tmp_cache
 ):
-    from pipeline.errors import Refusal
-    from pipeline.train_plan import training_decision
-
     import io
 
     from PIL import Image
+
+    from pipeline.errors import Refusal
+    from pipeline.train_plan import training_decision
 
     render_digits(tmp_path / "digits", size=32, per_label=8, inbox=0)
     upload_tree(store, tmp_path / "digits", "ds")
