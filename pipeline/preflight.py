@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -51,16 +53,50 @@ def check_object_store(store: ObjectStore, prefix: str, where: str) -> Check:
     return Check("s3", True, f"read/write ok in s3://{store.bucket}")
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` with any `user:password@` removed: what messages, logs and XCom may carry."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def mlflow_auth_headers(uri: str) -> dict[str, str]:
+    """Basic auth for a tracking server started with `--app-name basic-auth`.
+
+    From MLFLOW_TRACKING_USERNAME/PASSWORD (what the MLflow client itself reads), else from
+    credentials in the URI; no header when there are none.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urllib.parse.unquote(parts.username or "")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or urllib.parse.unquote(
+        parts.password or ""
+    )
+    if not user:
+        return {}
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
 def check_mlflow(tracking_uri: str | None = None) -> Check:
-    """Tracking server health, its database, and its artifact store (through the server)."""
-    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")).rstrip("/")
-    if not uri:
+    """Tracking server health, its database, and its artifact store (through the server).
+
+    Messages name the server without credentials: the summary becomes the task's XCom.
+    """
+    raw = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")).rstrip("/")
+    if not raw:
         return Check(
             "mlflow",
             False,
             "MLFLOW_TRACKING_URI is not set (fix: .env or the worker's environment)",
         )
-    fix = f"is the tracking server at {uri} running? (`make up`, or MLFLOW_TRACKING_URI)"
+    shown = without_credentials(raw)
+    uri, headers = shown, mlflow_auth_headers(raw)
+    fix = f"is the tracking server at {shown} running? (`make up`, or MLFLOW_TRACKING_URI)"
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=10) as resp:
             resp.read()
@@ -68,29 +104,39 @@ def check_mlflow(tracking_uri: str | None = None) -> Check:
         req = urllib.request.Request(
             f"{uri}/api/2.0/mlflow/experiments/search",
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **headers},
             method="POST",
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             resp.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return Check(
+                "mlflow",
+                False,
+                f"tracking server at {shown} refused the credentials ({exc.code}); "
+                "fix: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD",
+            )
+        return Check("mlflow", False, f"tracking server: {exc}; {fix}")
     except (urllib.error.URLError, OSError) as exc:
         return Check("mlflow", False, f"tracking server: {exc}; {fix}")
     try:
-        with urllib.request.urlopen(
-            f"{uri}/api/2.0/mlflow-artifacts/artifacts?path=", timeout=20
-        ) as resp:
+        req = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow-artifacts/artifacts?path=", headers=headers
+        )
+        with urllib.request.urlopen(req, timeout=20) as resp:
             resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:300]
         return Check(
             "mlflow",
             False,
-            f"artifact store behind {uri} failed: {exc.code} {detail} "
+            f"artifact store behind {shown} failed: {exc.code} {detail} "
             "(fix: the server's --artifacts-destination bucket and its S3 credentials)",
         )
     except (urllib.error.URLError, OSError) as exc:
         return Check("mlflow", False, f"artifact store: {exc}; {fix}")
-    return Check("mlflow", True, f"tracking, registry and artifact store ok at {uri}")
+    return Check("mlflow", True, f"tracking, registry and artifact store ok at {shown}")
 
 
 def run_checks(

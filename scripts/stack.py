@@ -31,6 +31,11 @@ LOGS = STATE / "logs"
 PIDS = STATE / "pids"
 VENV_BIN = REPO / ".venv" / "bin"
 AIRFLOW_HOME = STATE / "airflow"
+# Every service of the local stack listens here only.
+LOOPBACK = "127.0.0.1"
+SIMPLE_AUTH_MANAGER = (
+    "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+)
 
 
 class StackError(RuntimeError):
@@ -77,6 +82,11 @@ def stack_env() -> dict[str, str]:
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME / 'airflow.db'}",
         "AIRFLOW__API__PORT": env.get("AIRFLOW_API_PORT", "8080"),
+        # Every listening socket on loopback (`make airflow` also skips the log servers, whose
+        # bind address no setting moves: see airflow_components).
+        "AIRFLOW__API__HOST": LOOPBACK,
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": LOOPBACK,
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{env.get('AIRFLOW_ADMIN_USER', 'admin')}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(AIRFLOW_HOME / "passwords.json"),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(AIRFLOW_HOME / "logs"),
@@ -485,6 +495,33 @@ def mlflow_healthy(uri: str) -> bool:
         return resp.status == 200
 
 
+def mlflow_command(
+    env: dict[str, str], mlflow_bin: Path, host: str, port: int
+) -> tuple[list[str], dict[str, str]]:
+    """The MLflow server's argv and environment.
+
+    The backend store URI carries the MySQL password: it goes in the environment
+    (MLFLOW_BACKEND_STORE_URI, read by `mlflow server`), not in argv, which `start_process`
+    writes to the service log and `ps` shows every local user.
+    """
+    settings = Settings.from_env(env)
+    argv = [
+        str(mlflow_bin),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--artifacts-destination",
+        f"s3://{settings.mlflow_artifact_bucket}/artifacts",
+        "--serve-artifacts",
+        "--workers",
+        "2",
+    ]
+    backend = settings.mysql.sqlalchemy_uri(settings.mlflow_database)
+    return argv, {**env, "MLFLOW_BACKEND_STORE_URI": backend}
+
+
 def ensure_mlflow(env: dict[str, str]) -> str:
     from urllib.parse import urlparse
 
@@ -503,7 +540,6 @@ def ensure_mlflow(env: dict[str, str]) -> str:
     if host not in ("127.0.0.1", "localhost"):
         raise StackError(f"MLflow at {uri} does not answer")
     settings = Settings.from_env(env)
-    backend = settings.mysql.sqlalchemy_uri(settings.mlflow_database)
     mlflow_bin = VENV_BIN / "mlflow"
     if not mlflow_bin.exists():
         raise StackError(f"{mlflow_bin} is missing: run `make venv` first")
@@ -511,25 +547,8 @@ def ensure_mlflow(env: dict[str, str]) -> str:
         f"starting MLflow on {host}:{port} (backend MySQL/{settings.mlflow_database}, "
         f"artifacts s3://{settings.mlflow_artifact_bucket})"
     )
-    proc = start_process(
-        "mlflow",
-        [
-            str(mlflow_bin),
-            "server",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            backend,
-            "--artifacts-destination",
-            f"s3://{settings.mlflow_artifact_bucket}/artifacts",
-            "--serve-artifacts",
-            "--workers",
-            "2",
-        ],
-        env,
-    )
+    argv, proc_env = mlflow_command(env, mlflow_bin, host, port)
+    proc = start_process("mlflow", argv, proc_env)
     wait_for("mlflow", lambda: mlflow_healthy(uri), proc, 240)
     return f"MLflow at {uri}"
 
@@ -646,7 +665,7 @@ def stop_group(pgid: int, timeout: float = 20.0) -> bool:
 
 
 def stop_airflow_group() -> bool:
-    """Stop `airflow standalone`'s process group, also when its launcher is gone (kill -9)."""
+    """Stop `make airflow`'s process group, also when its launcher is gone (kill -9)."""
     path = PIDS / "airflow.pgid"
     if not path.exists():
         return False
@@ -660,39 +679,94 @@ def stop_airflow_group() -> bool:
     return stopped
 
 
-def run_airflow() -> int:
-    """`airflow standalone` in a process group of its own, stopped as a whole.
+def airflow_components(env: dict[str, str]) -> dict[str, list[str]]:
+    """What `make airflow` runs: `airflow standalone`'s four components, each on loopback only.
 
-    Its scheduler, API server, triggerer, DAG processor and executor workers all live in that
-    group. This launcher's pid is in `.local/pids/airflow.pid` and the group's in `airflow.pgid`:
-    a TERM or INT to the launcher (a service manager, `kill`, Ctrl-C) stops the whole group, and
-    `down` stops it even when the launcher itself was killed with -9.
+    Not `airflow standalone` itself: its scheduler and triggerer start log servers (8793, 8794)
+    on every interface, an address no Airflow setting moves (`airflow.utils.serve_logs` passes
+    host ""). Here they are skipped: every component runs on this machine and the API server
+    reads task logs from the shared log folder. The API server binds AIRFLOW__API__HOST.
+    """
+    airflow = str(VENV_BIN / "airflow") if (VENV_BIN / "airflow").exists() else "airflow"
+    return {
+        "api-server": [
+            airflow,
+            "api-server",
+            "--host",
+            env.get("AIRFLOW__API__HOST", LOOPBACK),
+            "--port",
+            env.get("AIRFLOW__API__PORT", "8080"),
+        ],
+        "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
+        "dag-processor": [airflow, "dag-processor"],
+        "triggerer": [airflow, "triggerer", "--skip-serve-logs"],
+    }
+
+
+def run_airflow() -> int:
+    """Airflow's API server, scheduler, DAG processor and triggerer in one process group.
+
+    This launcher's pid is in `.local/pids/airflow.pid` and the group's in `airflow.pgid`: a TERM
+    or INT to the launcher (a service manager, `kill`, Ctrl-C) stops the whole group, so does one
+    component exiting, and `down` stops it even when the launcher itself was killed with -9.
+    Each component logs to `.local/logs/airflow-<component>.log`.
     """
     env = stack_env()
     PIDS.mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
     earlier = read_pid("airflow")
     if earlier is not None:
         stop_process("airflow")  # its launcher stops its group on TERM
     if stop_airflow_group() or earlier is not None:
-        say("an earlier `airflow standalone` of this checkout was still running: stopped it")
-    port = int(env.get("AIRFLOW_API_PORT", "8080"))
-    if port_open("127.0.0.1", port):
+        say("an earlier `make airflow` of this checkout was still running: stopped it")
+    port = int(env.get("AIRFLOW__API__PORT", "8080"))
+    if port_open(LOOPBACK, port):
         raise StackError(
             f"port {port} is taken by another program; stop it or set AIRFLOW_API_PORT in .env"
         )
-    proc = subprocess.Popen(["airflow", "standalone"], env=env, start_new_session=True, cwd=REPO)
-    (PIDS / "airflow.pgid").write_text(str(proc.pid))
-    (PIDS / "airflow.pid").write_text(str(os.getpid()))
+    say(ensure_airflow(env))
+    procs: dict[str, subprocess.Popen] = {}
+    pgid = 0  # the first component leads a new group; the others join it
+    for name, argv in airflow_components(env).items():
+        with open(LOGS / f"airflow-{name}.log", "ab") as log_file:
+            log_file.write(f"\n=== {time.ctime()} starting: {' '.join(argv)}\n".encode())
+            log_file.flush()
+            procs[name] = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                process_group=pgid,
+                cwd=REPO,
+            )
+        if not pgid:
+            pgid = procs[name].pid
+            (PIDS / "airflow.pgid").write_text(str(pgid))
+            (PIDS / "airflow.pid").write_text(str(os.getpid()))
+    say(
+        f"Airflow on http://{LOOPBACK}:{port} (scheduler, DAG processor, triggerer; "
+        f"logs {LOGS}/airflow-*.log); Ctrl-C stops it"
+    )
 
     def stop(signum, _frame) -> None:
-        say(f"signal {signal.Signals(signum).name}: stopping airflow standalone (group {proc.pid})")
+        say(f"signal {signal.Signals(signum).name}: stopping Airflow (group {pgid})")
         stop_airflow_group()
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        return proc.wait()
+        while True:
+            for name, proc in procs.items():
+                code = proc.poll()
+                if code is not None:
+                    say(
+                        f"airflow {name} exited with code {code}: stopping the others; last log "
+                        f"lines ({LOGS / f'airflow-{name}.log'}):\n{log_tail(f'airflow-{name}')}"
+                    )
+                    return code or 1
+            time.sleep(1)
     finally:
         stop_airflow_group()
         (PIDS / "airflow.pid").unlink(missing_ok=True)

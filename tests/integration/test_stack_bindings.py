@@ -1,0 +1,106 @@
+"""The local stack listens on loopback only and keeps secrets out of argv and logs (scripts/stack.py).
+
+Checks the running stack after `stack.py up`, and starts a private MLflow through stack.py's own
+code (its own port, log and pid folders) to see what a fresh start puts in argv and the log.
+Airflow's part is checked on the argv and environment `make airflow` uses
+(tests/unit/test_stack_env.py): starting it here would take minutes of two shared cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    spec = importlib.util.spec_from_file_location("stack_under_test", REPO / "scripts" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _listening(procs: list[psutil.Process]) -> list[tuple[str, str, int]]:
+    found = []
+    for proc in procs:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _beyond_loopback(sockets: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    return [s for s in sockets if not ipaddress.ip_address(s[1].split("%")[0]).is_loopback]
+
+
+def _stack_processes(stack) -> list[psutil.Process]:
+    procs = []
+    for pid_file in sorted(stack.PIDS.glob("*.pid")):
+        procs += _tree(int(pid_file.read_text().strip()))
+    pgid_file = stack.PIDS / "airflow.pgid"
+    if pgid_file.exists():
+        procs += stack._group_members(int(pgid_file.read_text().strip()))
+    return procs
+
+
+def test_after_up_no_stack_process_listens_beyond_loopback(stack):
+    result = subprocess.run(
+        [sys.executable, "scripts/stack.py", "up"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    procs = _stack_processes(stack)
+    sockets = _listening(procs)
+    if not sockets:
+        pytest.skip("no service of this stack was started by stack.py (all external)")
+    assert _beyond_loopback(sockets) == []
+
+
+def test_a_fresh_mlflow_listens_on_loopback_and_keeps_the_mysql_password_out_of_argv_and_log(
+    stack, monkeypatch, tmp_path
+):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(stack, "LOGS", tmp_path / "logs")
+    monkeypatch.setattr(stack, "PIDS", tmp_path / "pids")
+    env = stack.stack_env()
+    password = env["MYSQL_PASSWORD"]
+    assert password, "the check needs a MySQL password to look for"
+    try:
+        stack.ensure_mlflow(env)
+        pid = int((tmp_path / "pids" / "mlflow.pid").read_text())
+        procs = _tree(pid)
+        sockets = _listening(procs)
+        assert any(p == port for _, _, p in sockets), sockets
+        assert _beyond_loopback(sockets) == []
+        for proc in procs:
+            assert password not in " ".join(proc.cmdline()), proc.cmdline()
+        assert password not in (tmp_path / "logs" / "mlflow.log").read_text(errors="replace")
+    finally:
+        stack.stop_process("mlflow")
