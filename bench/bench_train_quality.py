@@ -129,7 +129,7 @@ class EpochProbe:
     def save(self, name: str, data: bytes) -> None:
         from pipeline.model import build_model
 
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model = build_model(len(self.label_map)).to(memory_format=torch.channels_last)
         model.load_state_dict(state["model"])
         self.test_accuracy.append(accuracy(model, self.test, self.label_map))
