@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,12 @@ DOCKERFILES = sorted((REPO / "docker").glob("*/Dockerfile"))
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; `$$` is a literal `$`.
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 _ESCAPED = "\x00"
+# Variables holding credentials: each must be required (`${VAR:?message}`) wherever it is used.
+_SECRET = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|FERNET|ROOT_USER|TRACKING_USERNAME")
+LOOPBACK = "127.0.0.1"
+# What an operator puts in .env before `up`: .env.example's change-me values stay (check-secrets
+# refuses those at run time), only the Fernet key, which compose itself requires, is filled in.
+FERNET_KEY = "x" * 43 + "="
 
 
 def interpolate(text: str, env: dict[str, str]) -> str:
@@ -61,9 +69,15 @@ def _interpolate_values(node: Any, env: dict[str, str]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def compose(raw: dict[str, Any], env_example: dict[str, str]) -> dict[str, Any]:
-    """The compose file as Docker Compose sees it with `.env` copied from `.env.example`."""
-    return _interpolate_values(raw, env_example)
+def dot_env(env_example: dict[str, str]) -> dict[str, str]:
+    """`.env` copied from `.env.example` with the Fernet key set (compose requires it)."""
+    return {**env_example, "AIRFLOW_FERNET_KEY": FERNET_KEY}
+
+
+@pytest.fixture(scope="module")
+def compose(raw: dict[str, Any], dot_env: dict[str, str]) -> dict[str, Any]:
+    """The compose file as Docker Compose sees it with that `.env`."""
+    return _interpolate_values(raw, dot_env)
 
 
 def _dockerfile_healthcheck(service: dict[str, Any]) -> bool:
@@ -225,7 +239,7 @@ def test_dockerfiles_pin_the_versions_of_requirements_txt() -> None:
         assert f"{package}=={pins[package]}" in texts["airflow"]
     assert f"apache/airflow:{pins['apache-airflow']}-" in texts["airflow"]
     for package in ("mlflow", "boto3"):
-        assert f"{package}=={pins[package]}" in texts["mlflow"]
+        assert re.search(rf"{package}(\[[a-z,]+\])?=={re.escape(pins[package])}", texts["mlflow"])
     assert f"PyMySQL[rsa]=={pins['PyMySQL']}" in texts["mlflow"]
 
 
@@ -251,8 +265,258 @@ def test_airflow_services_share_the_local_stacks_connection_ids(
     assert (mysql_conn["host"], mysql_conn["schema"]) == ("mysql", env_example["MYSQL_DATABASE"])
 
 
-def test_mlflow_keeps_runs_in_mysql_and_artifacts_in_minio(compose: dict[str, Any]) -> None:
-    command = " ".join(compose["services"]["mlflow"]["command"])
-    assert "mysql+pymysql://" in command and "@mysql:3306/" in command
-    assert '--artifacts-destination "s3://${MLFLOW_ARTIFACT_BUCKET}/artifacts"' in command
-    assert "--serve-artifacts" in command
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlflow_keeps_runs_in_mysql_and_artifacts_in_minio_behind_basic_auth(
+    compose: dict[str, Any],
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    service = compose["services"]["mlflow"]
+    assert service["command"] == ["python", "/home/mlflow/serve.py"]
+    awkward = 'p"a@s/s:w%rd'
+    env = {**service["environment"], "MYSQL_PASSWORD": awkward}
+    argv, server_env = _load(REPO / "docker" / "mlflow" / "serve.py").server_command(env)
+    assert argv[:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert argv[argv.index("--artifacts-destination") + 1] == "s3://mlflow/artifacts"
+    assert "--serve-artifacts" in argv
+    assert awkward not in " ".join(argv) and "--backend-store-uri" not in argv
+    url = make_url(server_env["MLFLOW_BACKEND_STORE_URI"])
+    assert (url.drivername, url.host, url.port, url.database) == (
+        "mysql+pymysql",
+        "mysql",
+        3306,
+        "mlflow",
+    )
+    assert url.password == awkward
+    assert (
+        server_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+        == service["environment"]["MLFLOW_TRACKING_USERNAME"]
+    )
+    assert (
+        server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+        == service["environment"]["MLFLOW_TRACKING_PASSWORD"]
+    )
+    assert server_env["MLFLOW_AUTH_CONFIG_PATH"] == "/home/mlflow/basic_auth.ini"
+    dockerfile = (REPO / "docker" / "mlflow" / "Dockerfile").read_text()
+    assert "docker/mlflow/serve.py docker/mlflow/basic_auth.ini /home/mlflow/" in dockerfile
+    ini = (REPO / "docker" / "mlflow" / "basic_auth.ini").read_text()
+    assert "database_uri = sqlite:////home/mlflow/auth/" in ini
+    assert "/home/mlflow/auth" in " ".join(service["volumes"])
+
+
+def test_airflow_and_the_pipeline_log_in_to_mlflow(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    for name, service in compose["services"].items():
+        if name.startswith("airflow-"):
+            environment = service["environment"]
+            assert (
+                environment["MLFLOW_TRACKING_USERNAME"] == env_example["MLFLOW_TRACKING_USERNAME"]
+            )
+            assert (
+                environment["MLFLOW_TRACKING_PASSWORD"] == env_example["MLFLOW_TRACKING_PASSWORD"]
+            )
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(host ip or None for every interface, container port) of each published port."""
+    found = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.append((port.get("host_ip"), str(port["target"])))
+            continue
+        parts = str(port).rsplit(":", 2)
+        found.append((parts[0] if len(parts) == 3 else None, parts[-1]))
+    return found
+
+
+@pytest.mark.parametrize(
+    "bind", [pytest.param(None, id="BIND_ADDRESS-unset"), pytest.param("", id="BIND_ADDRESS-empty")]
+)
+def test_every_published_port_binds_loopback_by_default(
+    raw: dict[str, Any], dot_env: dict[str, str], bind: str | None
+) -> None:
+    env = {k: v for k, v in dot_env.items() if k != "BIND_ADDRESS"}
+    if bind is not None:
+        env["BIND_ADDRESS"] = bind
+    services = _interpolate_values(raw, env)["services"]
+    published = {name: _published(service) for name, service in services.items()}
+    assert {name for name, ports in published.items() if ports} >= {
+        "minio",
+        "mysql",
+        "mlflow",
+        "airflow-apiserver",
+    }
+    assert {
+        name: ports for name, ports in published.items() if any(ip != LOOPBACK for ip, _ in ports)
+    } == {}
+    assert dot_env["BIND_ADDRESS"] == LOOPBACK  # and .env.example keeps that default
+
+
+def test_every_secret_is_required_wherever_it_is_used() -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8").replace("$$", "")
+    uses = [m for m in _VAR.finditer(text) if _SECRET.search(m.group(1))]
+    assert {m.group(1) for m in uses} >= {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "MYSQL_PASSWORD",
+        "AIRFLOW_POSTGRES_PASSWORD",
+        "AIRFLOW_JWT_SECRET",
+        "AIRFLOW_SECRET_KEY",
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_ADMIN_PASSWORD",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
+    loose = sorted({m.group(0) for m in uses if m.group(2) != ":?" or not m.group(3).strip()})
+    assert loose == []
+
+
+def test_env_example_as_it_is_stops_compose_for_want_of_a_fernet_key(
+    raw: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    assert env_example["AIRFLOW_FERNET_KEY"] == ""
+    with pytest.raises(KeyError, match="AIRFLOW_FERNET_KEY"):
+        _interpolate_values(raw, env_example)
+
+
+def test_the_pipelines_minio_account_is_not_root(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    services = compose["services"]
+    root = services["minio"]["environment"]["MINIO_ROOT_USER"]
+    assert root == env_example["MINIO_ROOT_USER"]
+    assert env_example["AWS_ACCESS_KEY_ID"] != root
+    assert env_example["AWS_SECRET_ACCESS_KEY"] != env_example["MINIO_ROOT_PASSWORD"]
+    # Only MinIO itself and the init steps see the root account.
+    holders = {
+        name for name, s in services.items() if "MINIO_ROOT_USER" in s.get("environment", {})
+    }
+    assert holders == {"minio", "minio-init", "check-secrets"}
+    for name, service in services.items():
+        environment = service.get("environment", {})
+        if "AWS_ACCESS_KEY_ID" in environment:
+            assert environment["AWS_ACCESS_KEY_ID"] != root, name
+        conn = environment.get("AIRFLOW_CONN_IMGPIPE_S3")
+        if conn:
+            assert json.loads(conn)["login"] == env_example["AWS_ACCESS_KEY_ID"], name
+
+
+def test_minio_init_gives_the_pipeline_a_user_limited_to_its_buckets(
+    compose: dict[str, Any],
+) -> None:
+    init = compose["services"]["minio-init"]
+    assert init["entrypoint"] == ["/bin/sh", "/minio-init.sh"]
+    assert "./docker/minio/init.sh:/minio-init.sh:ro" in init["volumes"]
+    script = (REPO / "docker" / "minio" / "init.sh").read_text()
+    assert 'mc alias set root http://minio:9000 "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"' in script
+    assert 'mc admin user add root "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY"' in script
+    assert 'mc admin policy attach root imgpipe-pipeline --user "$AWS_ACCESS_KEY_ID"' in script
+    resources = set(re.findall(r'"arn:aws:s3:::([^"]+)"', script))
+    buckets = {"$S3_BUCKET", "$MLFLOW_ARTIFACT_BUCKET", "$work_bucket"}
+    assert resources == buckets | {f"{b}/*" for b in buckets}
+    assert '"s3:*"' not in script and "admin:" not in script
+
+
+def test_every_service_waits_for_check_secrets(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+
+    def waits(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        deps = services[name].get("depends_on", {})
+        return "check-secrets" in deps or any(
+            waits(dep, seen | {name}) for dep in deps if dep not in seen and dep in services
+        )
+
+    assert sorted(n for n in services if n != "check-secrets" and not waits(n)) == []
+    check = services["check-secrets"]
+    assert check["entrypoint"] == ["/bin/bash", "/check-secrets.sh"]
+    assert "./docker/check-secrets.sh:/check-secrets.sh:ro" in check["volumes"]
+
+
+def _check_secrets(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(REPO / "docker" / "check-secrets.sh")],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.fixture
+def good_secrets(compose: dict[str, Any]) -> dict[str, str]:
+    env = dict(compose["services"]["check-secrets"]["environment"])
+    for name, value in env.items():
+        env[name] = value.replace("change-me", "s3cr3t-value")
+    return env
+
+
+def test_check_secrets_passes_real_secrets(good_secrets: dict[str, str]) -> None:
+    result = _check_secrets(good_secrets)
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_secrets_refuses_every_placeholder_of_env_example(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    result = _check_secrets(compose["services"]["check-secrets"]["environment"])
+    assert result.returncode == 1
+    placeholders = {k for k, v in env_example.items() if "change-me" in v}
+    assert placeholders
+    for name in placeholders:
+        assert f"{name} still holds the .env.example placeholder" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param({"AIRFLOW_FERNET_KEY": ""}, "AIRFLOW_FERNET_KEY is empty", id="empty-fernet"),
+        pytest.param(
+            {"AIRFLOW_FERNET_KEY": "not-a-key"},
+            "AIRFLOW_FERNET_KEY is not a Fernet",
+            id="bad-fernet",
+        ),
+        pytest.param(
+            {"AWS_ACCESS_KEY_ID": "same", "MINIO_ROOT_USER": "same"},
+            "must differ from MINIO_ROOT_USER",
+            id="pipeline-user-is-root",
+        ),
+        pytest.param(
+            {"MYSQL_PASSWORD": 'a"b'}, 'MYSQL_PASSWORD contains " or \\', id="quote-in-json"
+        ),
+        pytest.param(
+            {"AIRFLOW_POSTGRES_PASSWORD": "a@b/c"},
+            "AIRFLOW_POSTGRES_PASSWORD may hold only",
+            id="url-char-in-postgres-url",
+        ),
+    ],
+)
+def test_check_secrets_refuses(
+    good_secrets: dict[str, str], overrides: dict[str, str], message: str
+) -> None:
+    result = _check_secrets({**good_secrets, **overrides})
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_env_example_is_shell_sourceable(env_example: dict[str, str]) -> None:
+    result = subprocess.run(
+        ["bash", "-c", 'set -aeu; . "$1"; env -0', "bash", str(REPO / ".env.example")],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    sourced = dict(item.split("=", 1) for item in result.stdout.split("\0") if "=" in item)
+    assert {k: sourced.get(k) for k in env_example} == env_example

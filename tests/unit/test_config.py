@@ -115,3 +115,28 @@ def test_env_example_reads_the_same_in_a_shell_and_in_the_pipeline():
     parsed = parse_env_text(example.read_text(encoding="utf-8"))
     assert parsed["PIPELINE_SCHEDULE"] == "0 2 * * *"
     assert {k: shell.get(k) for k in parsed} == parsed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param({}, "mlflow", id="default-mlflow-artifact-bucket"),
+        pytest.param({"MLFLOW_ARTIFACT_BUCKET": "artifacts"}, "artifacts", id="follows-artifacts"),
+        pytest.param({"PIPELINE_WORK_BUCKET": "imgpipe-work"}, "imgpipe-work", id="explicit"),
+        pytest.param({"PIPELINE_WORK_BUCKET": ""}, "mlflow", id="empty-means-default"),
+    ],
+)
+def test_work_bucket(overrides, expected):
+    assert Settings.from_env({**BASE, **overrides}).work_bucket == expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"PIPELINE_WORK_BUCKET": "images"}, id="explicit"),
+        pytest.param({"S3_BUCKET": "mlflow"}, id="images-in-the-artifact-bucket"),
+    ],
+)
+def test_the_work_bucket_is_never_the_image_bucket(overrides):
+    with pytest.raises(ConfigError, match="PIPELINE_WORK_BUCKET .* is the image bucket"):
+        Settings.from_env({**BASE, **overrides})
