@@ -10,14 +10,22 @@ champion (one mapped task per shard) and writes every prediction to MySQL.
 - `imgpipe_s3`: type `aws`, login/password = access key/secret, extra `{"endpoint_url": "http://minio:9000"}`
 - `imgpipe_mysql`: type `mysql`, schema = the project database
 
-**Environment**: `MLFLOW_TRACKING_URI`, `MODEL_NAME` (registered model), `PIPELINE_SCHEDULE` (cron,
-default nightly 02:00 UTC), `PIPELINE_CACHE_DIR` (image/checkpoint cache).
+**Environment**: `MLFLOW_TRACKING_URI`, `MODEL_NAME` (default registered model), `PIPELINE_SCHEDULE`
+(cron, default nightly 02:00 UTC), `PIPELINE_CACHE_DIR` (image/checkpoint cache).
 
 **Params** (the trigger form; `airflow dags trigger -c '{...}'` and the REST API use the same names):
 `bucket`, `prefix`, `epochs`, `batch_size`, `learning_rate`, `image_size`, `weights`
 (`none` / `imagenet` / path / `s3://` state dict), `min_accuracy`, `promotion_margin`, `shards`,
 `force_retrain`, `score_only`, `rollback_to`, `model_ref`, ... Every value is validated again by the
 first task, because `dags test -c` and the REST API skip the form.
+
+**Scope**: `model_name` is the registered model of one dataset scope (empty: `MODEL_NAME`); every
+task uses it. Point the DAG at a bucket/prefix with other labels under a `model_name` of its own:
+a champion trained on other labels is never replaced unless `allow_label_change` is set.
+
+**Failures**: a refusal no retry can fix (a bad param, an untrainable dataset, an unknown dataset
+version, a label-set mismatch, no champion to score with) fails its task at once, with the message
+saying what to change; a service outage fails the task and Airflow retries it.
 
 **Nightly**: on an unchanged bucket the run skips training and scores only new images (seconds).
 
@@ -33,7 +41,7 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, TriggerRule, dag, task
-from imgpipe_runtime import CATALOG_ASSET, CHAMPION_ASSET, DEFAULT_ARGS
+from imgpipe_runtime import CATALOG_ASSET, CHAMPION_ASSET, DEFAULT_ARGS, fail_fast
 
 from pipeline.params import RUN_PARAMS
 
@@ -68,6 +76,7 @@ def _xcom(context, task_id: str):
 )
 def image_classification():
     @task
+    @fail_fast
     def check_services(**context) -> dict:
         """Validate params, then prove MySQL (and migrate), S3 read/write and MLflow work."""
         import imgpipe_runtime as rt
@@ -85,6 +94,7 @@ def image_classification():
         )
 
     @task(outlets=[CATALOG_ASSET])
+    @fail_fast
     def scan_images(**context) -> dict:
         """Catalog the bucket into MySQL; returns the dataset version and counts."""
         import imgpipe_runtime as rt
@@ -124,6 +134,7 @@ def image_classification():
         }
 
     @task.short_circuit(ignore_downstream_trigger_rules=False)
+    @fail_fast
     def check_dataset(**context) -> bool:
         """Refuse bad datasets; return whether training should run (False skips train_model)."""
         import imgpipe_runtime as rt
@@ -138,9 +149,15 @@ def image_classification():
         )
         should_train, why = train_plan.training_decision(
             info,
-            champion_dataset_version=registry.champion_dataset_version(rt.model_name()),
+            champion_dataset_version=registry.champion_dataset_version(rt.model_name(params)),
             **{k: params[k] for k in train_plan.DECISION_PARAMS},
         )
+        if should_train:  # before hours of training: another dataset's champion stays
+            registry.check_label_scope(
+                rt.model_name(params),
+                info["label_map"],
+                allow_label_change=params["allow_label_change"],
+            )
         rt.log.info("%s: %s", "training" if should_train else "no training", why)
         return should_train
 
@@ -149,6 +166,7 @@ def image_classification():
         execution_timeout=timedelta(hours=6),
         queue=os.environ.get("PIPELINE_TRAIN_QUEUE", "default"),
     )
+    @fail_fast
     def train_model(**context) -> dict:
         """Train ResNet18 on the dataset version; checkpoints per epoch; registers a version."""
         import imgpipe_runtime as rt
@@ -167,7 +185,7 @@ def image_classification():
             store,
             version,
             TrainParams.from_dict(params_from_run(params)),
-            model_name=rt.model_name(),
+            model_name=rt.model_name(params),
             run_key=context["run_id"],
             cache_dir=rt.cache_dir(),
             checkpoint_store=train.S3CheckpointStore(
@@ -177,6 +195,7 @@ def image_classification():
         )
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
+    @fail_fast
     def promote_model(**context) -> dict:
         """Promotion gate (or rollback); records the decision in MLflow and MySQL."""
         import imgpipe_runtime as rt
@@ -190,7 +209,7 @@ def image_classification():
         if params["rollback_to"] is not None:
             return registry.rollback(
                 db,
-                rt.model_name(),
+                rt.model_name(params),
                 str(params["rollback_to"]),
                 actor=actor,
                 reason="rollback_to param",
@@ -199,24 +218,27 @@ def image_classification():
             raise AirflowSkipException("score_only: no gate")
         # Alone (`airflow tasks test`) there is no XCom: the version this run registered is
         # found in MLflow by its run_key tag, else the newest version the gate never decided on.
+        name = rt.model_name(params)
         trained = _xcom(context, "train_model") or {
-            "model_version": registry.find_version_by_run_key(rt.model_name(), context["run_id"])
-            or registry.newest_ungated_version(db, rt.model_name())
+            "model_version": registry.find_version_by_run_key(name, context["run_id"])
+            or registry.newest_ungated_version(db, name)
         }
         if trained.get("skipped") or not trained.get("model_version"):
             raise AirflowSkipException("no new model version in this run")
         return registry.promote(
             db,
             rt.object_store(params["bucket"]),
-            rt.model_name(),
+            rt.model_name(params),
             str(trained["model_version"]),
             min_accuracy=params["min_accuracy"],
             promotion_margin=params["promotion_margin"],
             actor=actor,
             cache_dir=rt.cache_dir(),
+            allow_label_change=params["allow_label_change"],
         )
 
     @task(outlets=[CHAMPION_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
+    @fail_fast
     def publish_champion(**context) -> str:
         """Emit the champion asset event only when the champion actually moved."""
         from airflow.sdk.exceptions import AirflowSkipException
@@ -229,6 +251,7 @@ def image_classification():
         return str(decision.get("model_version"))
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
+    @fail_fast
     def plan_scoring(**context) -> list[dict]:
         """Resolve the model alias to one version for the whole run and split the work in shards."""
         import imgpipe_runtime as rt
@@ -240,7 +263,7 @@ def image_classification():
             rt.database(),
             params["bucket"],
             params["prefix"],
-            model_name=rt.model_name(),
+            model_name=rt.model_name(params),
             model_ref=params["model_ref"],
             shards=params["shards"],
             force=params["force_rescore"],
@@ -263,6 +286,7 @@ def image_classification():
         execution_timeout=timedelta(hours=2),
         queue=os.environ.get("PIPELINE_SCORE_QUEUE", "default"),
     )
+    @fail_fast
     def score_images(
         shard: int, model_version: str, dataset_version: str | None = None, **context
     ) -> dict:
@@ -275,7 +299,7 @@ def image_classification():
         return score.score_shard(
             rt.database(),
             rt.object_store(params["bucket"]),
-            model_name=rt.model_name(),
+            model_name=rt.model_name(params),
             model_version=str(model_version),
             shard=shard,
             shards=params["shards"],
@@ -288,6 +312,7 @@ def image_classification():
         )
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
+    @fail_fast
     def evaluate_model(**context) -> dict:
         """Evaluation of the scored model version on its labelled predictions; logged to MLflow."""
         import imgpipe_runtime as rt
@@ -297,12 +322,15 @@ def image_classification():
         params = rt.run_params(context)
         plan = _xcom(context, "plan_scoring") or []
         version = (plan[0]["model_version"] if plan else None) or registry.resolve_model_version(
-            rt.model_name(), params["model_ref"]
+            rt.model_name(params), params["model_ref"]
         )
         result = score.evaluate(
-            rt.database(), model_name=rt.model_name(), model_version=str(version)
+            rt.database(),
+            model_name=rt.model_name(params),
+            model_version=str(version),
+            dataset_version=plan[0]["dataset_version"] if plan else None,
         )
-        rt.log.info("evaluation of %s v%s: %s", rt.model_name(), version, result)
+        rt.log.info("evaluation of %s v%s: %s", rt.model_name(params), version, result)
         # XCom stays small whatever the number of classes: per-class rows are in MySQL/MLflow.
         return {k: v for k, v in result.items() if k != "per_class"}
 

@@ -5,7 +5,8 @@ Scores every image under `<prefix>/inbox/` that the current `@champion` has not 
 writes the predictions to MySQL (`v_inbox_latest_predictions`). Runs when `image_classification`
 promotes a new champion (asset `imgpipe_champion`) and every hour on its own. Uses the same
 connections and environment as `image_classification`; catalogs the bucket first so new inbox
-files are seen, and never trains.
+files are seen, and never trains. `model_name` picks the dataset scope's registered model
+(empty: `MODEL_NAME`); a refusal (no champion yet, a bad param) fails at once, without retries.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
-from imgpipe_runtime import CHAMPION_ASSET, DEFAULT_ARGS
+from imgpipe_runtime import CHAMPION_ASSET, DEFAULT_ARGS, fail_fast
 
 from pipeline.params import RUN_PARAMS
 
-_FORM = ("bucket", "prefix", "model_ref", "precision")
+_FORM = ("bucket", "prefix", "model_name", "model_ref", "precision")
 
 
 @dag(
@@ -43,6 +44,7 @@ _FORM = ("bucket", "prefix", "model_ref", "precision")
 )
 def image_classification_inbox():
     @task(execution_timeout=timedelta(minutes=30))
+    @fail_fast
     def scan_images(**context) -> dict:
         """Catalog the bucket so new inbox files are known (no training here)."""
         import imgpipe_runtime as rt
@@ -57,6 +59,7 @@ def image_classification_inbox():
         execution_timeout=timedelta(hours=2),
         queue=os.environ.get("PIPELINE_SCORE_QUEUE", "default"),
     )
+    @fail_fast
     def score_inbox(**context) -> dict:
         """Plan and score every shard of the inbox with the version behind model_ref."""
         import imgpipe_runtime as rt
@@ -69,7 +72,7 @@ def image_classification_inbox():
             db,
             params["bucket"],
             params["prefix"],
-            model_name=rt.model_name(),
+            model_name=rt.model_name(params),
             model_ref=params["model_ref"],
             shards=1,
             subsets=("inbox",),
@@ -77,7 +80,7 @@ def image_classification_inbox():
         result = score.score_shard(
             db,
             store,
-            model_name=rt.model_name(),
+            model_name=rt.model_name(params),
             model_version=str(plan["model_version"]),
             shard=0,
             shards=1,

@@ -30,6 +30,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     parser.add_argument("--env-file", help="env file to read (default: the repo's .env)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--model-name",
+        help="registered MLflow model of this dataset scope (default: MODEL_NAME); the DAGs'"
+        " model_name param",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -55,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.model_name:
+        from dataclasses import replace
+
+        settings = replace(settings, model_name=args.model_name)
     module = importlib.import_module(f"pipeline.{args._module}")
     try:
         return int(getattr(module, f"cli_{args.command.replace('-', '_')}")(args, settings) or 0)

@@ -45,6 +45,15 @@ class ParamSpec:
 
 # Names are the words the form, `airflow dags trigger -c` and the REST API share.
 RUN_PARAMS: dict[str, ParamSpec] = {
+    "model_name": ParamSpec(
+        "string",
+        None,
+        "Registered MLflow model of this dataset scope (its champion, versions and history);"
+        " empty: MODEL_NAME of the environment. Give each bucket/prefix with other labels a"
+        " name of its own.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$",
+        nullable=True,
+    ),
     "bucket": ParamSpec(
         "string",
         "images",
@@ -213,6 +222,13 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "Promote unless worse than the champion by more than this (accuracy points, 0-1).",
         minimum=0,
         maximum=1,
+        section="Promotion",
+    ),
+    "allow_label_change": ParamSpec(
+        "boolean",
+        False,
+        "Let the gate replace a champion trained on other labels (refused otherwise: a run on"
+        " another dataset must not replace its champion).",
         section="Promotion",
     ),
     "rollback_to": ParamSpec(

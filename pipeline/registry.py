@@ -7,9 +7,18 @@ ask which model was champion when. Registry stages are deprecated and never used
 Gate: the new version and the current champion are both evaluated, by the same code, on the
 validation images of the dataset version the new model was trained on. The new version is
 promoted when its accuracy is at least `min_accuracy` and not below the champion's by more than
-`promotion_margin`; otherwise it becomes `challenger` and the champion stays. The decision is
-written to MySQL before any alias moves, so a retried gate replays the same decision instead of
-comparing the new version with itself.
+`promotion_margin`; otherwise it becomes `challenger` and the champion stays. A champion trained
+on another label set is never compared or replaced unless the run allows a label change: the
+gate refuses (decision `refused`, both label sets named). The decision is written to MySQL before
+any alias moves, so a retried gate replays the same decision instead of comparing the new version
+with itself.
+
+Faults: an MLflow answer "no such model/version/alias" is None or `NoModelError`; every other
+MLflow error propagates, naming MLflow and its tracking URI (`ServiceUnavailable` when a retry may
+cure it, after MLflow's own bounded HTTP retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES and
+MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR). Alias moves of one model (gate, promote, rollback) run under
+one MySQL named lock, and each first reconciles `alias_history` with MLflow, so a process killed
+between the MLflow move and its history row is repaired by the next one.
 """
 
 from __future__ import annotations
@@ -18,21 +27,49 @@ import argparse
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.db import Database, utc_now
+from pipeline.db import Database, named_lock, utc_now
+from pipeline.errors import Refusal, ServiceUnavailable, is_transient
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+ALIASES = (CHAMPION, CHALLENGER)
+# A gate holds the model's lock while it evaluates two models: minutes on a large val split.
+ALIAS_LOCK_TIMEOUT_S = 900
+# Test-only pause point (seconds) between the MLflow alias move and its history row, so a fault
+# test can SIGKILL a real process there. Unset in every deployment.
+PAUSE_AFTER_ALIAS_MOVE_ENV = "PIPELINE_TEST_PAUSE_AFTER_ALIAS_MOVE_S"
+
+T = TypeVar("T")
 
 
 class NoModelError(LookupError):
     """The requested alias or version does not exist in the registry."""
+
+
+class LabelSetMismatch(Refusal):
+    """The gate was asked to replace a champion trained on other labels (another dataset)."""
+
+
+class MlflowError(RuntimeError):
+    """MLflow refused a request for a reason other than "not found" or an outage."""
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI of this moment (MLFLOW_TRACKING_URI or `mlflow.set_tracking_uri`)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def mlflow_client():
@@ -42,17 +79,93 @@ def mlflow_client():
     return MlflowClient()
 
 
-def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> str:
-    """A concrete version number for an alias (`champion`, `challenger`, ...) or a version."""
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps (causes, contexts, urllib3's `reason`), nearest first."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 32:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+        todo.extend(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))
+    return seen
+
+
+def _not_found(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
-    client = mlflow_client()
-    ref = str(model_ref)
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def mlflow_failure(exc: BaseException, what: str) -> Exception:
+    """`exc` from an MLflow call, classified once and named: `ServiceUnavailable` when a later
+    try may succeed (connection refused/reset, timeout, 5xx, throttling), else `MlflowError`."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    chain = _causes(exc)
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or any(
+        "connection refused" in str(e).lower() for e in chain
+    ):
+        return ServiceUnavailable("MLflow", uri, f"connection refused ({what})")
+    if any(isinstance(e, TimeoutError) or "timed out" in str(e).lower() for e in chain):
+        return ServiceUnavailable("MLflow", uri, f"timed out ({what})")
+    status = exc.get_http_status_code() if isinstance(exc, MlflowException) else None
+    message = exc.message if isinstance(exc, MlflowException) else str(exc)
+    if any(is_transient(e) for e in chain) or (
+        status is not None and (status >= 500 or status == 429)
+    ):
+        return ServiceUnavailable("MLflow", uri, f"{what}: {message.splitlines()[0][:300]}")
+    return MlflowError(f"MLflow at {uri}: {what}: {message.splitlines()[0][:500]}")
+
+
+_RAISE: Any = object()
+
+
+def _ask(what: str, call: Callable[[], T], *, missing: Any = _RAISE) -> T:
+    """`call()` against MLflow; a "not found" answer gives `missing` when one is given, every
+    other error is raised by `mlflow_failure` (naming MLflow, its URI and `what`)."""
     try:
-        if ref.isdigit():
-            return str(client.get_model_version(model_name, ref).version)
-        return str(client.get_model_version_by_alias(model_name, ref).version)
-    except MlflowException as exc:
+        return call()
+    except Exception as exc:
+        if missing is not _RAISE and _not_found(exc):
+            return missing
+        if _not_found(exc):
+            raise NoModelError(f"MLflow at {tracking_uri()}: {what}: not found") from exc
+        raise mlflow_failure(exc, what) from exc
+
+
+def alias_version(model_name: str, alias: str) -> str | None:
+    """The version MLflow's `alias` points at; None when the model or the alias doesn't exist."""
+    model = _ask(
+        f"read registered model {model_name!r}",
+        lambda: mlflow_client().get_registered_model(model_name),
+        missing=None,
+    )
+    if model is None:
+        return None
+    version = dict(model.aliases or {}).get(alias)
+    return str(version) if version is not None else None
+
+
+def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> str:
+    """A concrete version number for an alias (`champion`, `challenger`, ...) or a version."""
+    ref = str(model_ref)
+    if ref.isdigit():
+        found = _ask(
+            f"read {model_name} v{ref}",
+            lambda: mlflow_client().get_model_version(model_name, ref),
+            missing=None,
+        )
+        version = str(found.version) if found is not None else None
+    else:
+        version = alias_version(model_name, ref)
+    if version is None:
         what = f"version {ref}" if ref.isdigit() else f"alias @{ref}"
         hint = (
             " No champion yet: train one first (trigger the DAG image_classification, "
@@ -60,33 +173,92 @@ def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> s
             if ref == CHAMPION
             else ""
         )
-        raise NoModelError(f"registered model {model_name!r} has no {what}.{hint}") from exc
+        raise NoModelError(f"registered model {model_name!r} has no {what}.{hint}")
+    return version
 
 
 def version_tags(model_name: str, model_version: str | int) -> dict[str, str]:
-    return dict(mlflow_client().get_model_version(model_name, str(model_version)).tags)
+    mv = _ask(
+        f"read {model_name} v{model_version}",
+        lambda: mlflow_client().get_model_version(model_name, str(model_version)),
+    )
+    return dict(mv.tags)
 
 
 def champion_dataset_version(model_name: str) -> str | None:
     """The dataset version the current champion was trained on, or None without a champion."""
-    try:
-        version = resolve_model_version(model_name, CHAMPION)
-    except NoModelError:
+    version = alias_version(model_name, CHAMPION)
+    return None if version is None else version_tags(model_name, version).get("dataset_version")
+
+
+def labels_of(tags: dict[str, str]) -> tuple[str, ...]:
+    """The label set of a registered version (from its `label_map` tag), sorted."""
+    return tuple(sorted(json.loads(tags.get("label_map", "{}"))))
+
+
+def _label_list(labels: tuple[str, ...] | list[str], shown: int = 12) -> str:
+    head = ", ".join(labels[:shown]) + (", ..." if len(labels) > shown else "")
+    return f"[{head}] ({len(labels)} labels)"
+
+
+def label_change_refusal(
+    labels: tuple[str, ...] | list[str],
+    champion_labels: tuple[str, ...] | list[str],
+    *,
+    model_name: str,
+    champion_version: str,
+) -> str | None:
+    """Why `labels` may not replace the champion's (None when the label sets are equal)."""
+    if sorted(labels) == sorted(champion_labels):
         return None
-    return version_tags(model_name, version).get("dataset_version")
+    return (
+        f"label set {_label_list(sorted(labels))} differs from champion {model_name}"
+        f" v{champion_version}'s {_label_list(sorted(champion_labels))}"
+    )
+
+
+LABEL_CHANGE_HINT = (
+    "give this dataset a model_name of its own, or set allow_label_change=true to replace the"
+    " champion on purpose"
+)
+
+
+def check_label_scope(
+    model_name: str, dataset_labels: list[str] | dict[str, int], *, allow_label_change: bool
+) -> None:
+    """Refuse (before any training) a dataset whose labels differ from the champion's.
+
+    Raises:
+        LabelSetMismatch: the champion exists, its labels differ and no label change is allowed.
+    """
+    if allow_label_change:
+        return
+    champion = alias_version(model_name, CHAMPION)
+    if champion is None:
+        return
+    why = label_change_refusal(
+        sorted(dataset_labels),
+        labels_of(version_tags(model_name, champion)),
+        model_name=model_name,
+        champion_version=champion,
+    )
+    if why:
+        raise LabelSetMismatch(f"dataset {why}: {LABEL_CHANGE_HINT}")
 
 
 def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
-    """The version registered by the training run `run_key` (an Airflow run id), if any."""
-    from mlflow.exceptions import MlflowException
+    """The version registered by the training run `run_key` (an Airflow run id), if any.
 
+    None only when MLflow answered that there is none: an unreachable MLflow raises, so a
+    retried training never takes an outage for "not registered yet" and registers twice.
+    """
     escaped = run_key.replace("'", "\\'")
-    try:
-        found = mlflow_client().search_model_versions(
+    found = _ask(
+        f"search versions of {model_name!r} with run_key {run_key!r}",
+        lambda: mlflow_client().search_model_versions(
             f"name='{model_name}' and tags.run_key='{escaped}'"
-        )
-    except MlflowException:
-        return None
+        ),
+    )
     versions = sorted(int(v.version) for v in found)
     return str(versions[0]) if versions else None
 
@@ -97,18 +269,16 @@ def newest_ungated_version(db: Database, model_name: str) -> str | None:
     What a gate run alone (`airflow tasks test ... promote_model`, no XCom from train_model and
     no version registered under its own run id) should decide on; None when there is nothing new.
     """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = mlflow_client().search_model_versions(f"name='{model_name}'")
-    except MlflowException:
-        return None
+    found = _ask(
+        f"search versions of {model_name!r}",
+        lambda: mlflow_client().search_model_versions(f"name='{model_name}'"),
+    )
     if not found:
         return None
     newest = max(int(v.version) for v in found)
     decided = db.query(
         "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
-        " AND decision IS NOT NULL",
+        " AND decision IS NOT NULL AND decision <> 'refused'",
         (model_name, newest),
     )
     return None if decided else str(newest)
@@ -139,7 +309,10 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     from pipeline.model import pick_device
 
     version = resolve_model_version(model_name, model_ref)
-    mv = mlflow_client().get_model_version(model_name, version)
+    mv = _ask(
+        f"read {model_name} v{version}",
+        lambda: mlflow_client().get_model_version(model_name, version),
+    )
     tags = dict(mv.tags)
     if "label_map" not in tags or "image_size" not in tags:
         raise ValueError(
@@ -150,10 +323,13 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     labels = tuple(sorted(label_map, key=label_map.get))
     local = Path(cache_dir) / "models" / safe_name(model_name) / version
     if not (local / "MLmodel").exists():
-        tmp = local.with_name(f"{version}.{os.getpid()}.tmp")
+        tmp = local.with_name(f"{version}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
+        path = _ask(
+            f"download {model_name} v{version}",
+            lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
+            ),
         )
         os.replace(path, local) if not local.exists() else None
     device = pick_device()
@@ -210,7 +386,10 @@ def accuracy_on(
 def record_version(db: Database, model_name: str, version: str | int) -> None:
     """The version's `model_versions` row (lineage: MLflow run, Airflow run, dataset version),
     written when it is registered; idempotent, the gate's decision is kept."""
-    mv = mlflow_client().get_model_version(model_name, str(version))
+    mv = _ask(
+        f"read {model_name} v{version}",
+        lambda: mlflow_client().get_model_version(model_name, str(version)),
+    )
     _record_version(db, model_name, str(version), dict(mv.tags), mv.run_id)
 
 
@@ -236,29 +415,39 @@ def _record_version(
     )
 
 
-def move_alias(
-    db: Database, model_name: str, alias: str, version: str, *, actor: str, reason: str
-) -> bool:
-    """Point `alias` at `version` in MLflow and record the move; a no-op move records nothing."""
-    from mlflow.exceptions import MlflowException
+# ----------------------------------------------------------------------------- alias moves
 
-    client = mlflow_client()
-    try:
-        current = str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        current = None
+
+@contextmanager
+def alias_lock(
+    db: Database, model_name: str, *, timeout_s: int = ALIAS_LOCK_TIMEOUT_S
+) -> Iterator[None]:
+    """Serialise every alias move of `model_name` (gate, promote, rollback) across processes."""
+    with named_lock(
+        db, f"alias_moves/{model_name}", timeout_s=timeout_s, what=f"alias move of {model_name!r}"
+    ):
+        yield
+
+
+def _recorded_alias(db: Database, model_name: str, alias: str) -> str | None:
     last = db.query(
         "SELECT to_version FROM alias_history WHERE model_name = %s AND alias = %s"
         " ORDER BY id DESC LIMIT 1",
         (model_name, alias),
     )
-    recorded = str(last[0]["to_version"]) if last else None
-    if current != version:
-        client.set_registered_model_alias(model_name, alias, version)
-    if recorded == version:
-        return current != version
-    # A retry after the alias moved but before this insert still records the move once.
-    from_version = recorded if current == version else current
+    return str(last[0]["to_version"]) if last else None
+
+
+def _append_history(
+    db: Database,
+    model_name: str,
+    alias: str,
+    from_version: str | None,
+    to_version: str,
+    *,
+    actor: str,
+    reason: str,
+) -> None:
     db.execute(
         "INSERT INTO alias_history (model_name, alias, from_version, to_version, actor, reason,"
         " moved_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -266,14 +455,81 @@ def move_alias(
             model_name,
             alias,
             int(from_version) if from_version else None,
-            int(version),
+            int(to_version),
             actor[:255],
             reason[:512],
             utc_now(),
         ),
     )
-    log.info("alias %s@%s: %s -> %s (%s)", model_name, alias, from_version, version, reason)
+    log.info("alias %s@%s: %s -> %s (%s)", model_name, alias, from_version, to_version, reason)
+
+
+def _reconcile(db: Database, model_name: str, alias: str, *, actor: str) -> str | None:
+    """Make `alias_history` agree with MLflow for `alias` (caller holds the lock); returns
+    MLflow's version. A move whose history row was lost (a process killed between the two
+    writes) or made outside the pipeline gets its row now."""
+    current = alias_version(model_name, alias)
+    recorded = _recorded_alias(db, model_name, alias)
+    if current is not None and current != recorded:
+        log.warning(
+            "alias %s@%s is v%s in MLflow but v%s in alias_history: recording the missing move",
+            model_name,
+            alias,
+            current,
+            recorded,
+        )
+        _append_history(
+            db,
+            model_name,
+            alias,
+            recorded,
+            current,
+            actor=f"reconcile:{actor}",
+            reason=f"reconciled with MLflow: @{alias} was at v{current} while alias_history"
+            f" said {'v' + recorded if recorded else 'nothing'} (a move whose history row was lost)",
+        )
+    elif current is None and recorded is not None:
+        log.warning(
+            "alias %s@%s is gone from MLflow but alias_history says v%s",
+            model_name,
+            alias,
+            recorded,
+        )
+    return current
+
+
+def reconcile_aliases(db: Database, model_name: str, *, actor: str) -> dict[str, str | None]:
+    """Repair `alias_history` from MLflow for every alias; returns MLflow's {alias: version}."""
+    with alias_lock(db, model_name):
+        return {alias: _reconcile(db, model_name, alias, actor=actor) for alias in ALIASES}
+
+
+def _move(
+    db: Database, model_name: str, alias: str, version: str, *, actor: str, reason: str
+) -> bool:
+    """The move itself; the caller holds `alias_lock`. MLflow first, then the history row:
+    a crash between the two is repaired by the next `_reconcile`."""
+    current = _reconcile(db, model_name, alias, actor=actor)
+    if current == version:
+        return False
+    _ask(
+        f"set alias @{alias} of {model_name!r} to v{version}",
+        lambda: mlflow_client().set_registered_model_alias(model_name, alias, version),
+    )
+    pause = float(os.environ.get(PAUSE_AFTER_ALIAS_MOVE_ENV) or 0)
+    if pause > 0:
+        log.warning("%s=%s: pausing after the MLflow alias move", PAUSE_AFTER_ALIAS_MOVE_ENV, pause)
+        time.sleep(pause)
+    _append_history(db, model_name, alias, current, version, actor=actor, reason=reason)
     return True
+
+
+def move_alias(
+    db: Database, model_name: str, alias: str, version: str, *, actor: str, reason: str
+) -> bool:
+    """Point `alias` at `version` in MLflow and record the move; a no-op move records nothing."""
+    with alias_lock(db, model_name):
+        return _move(db, model_name, alias, str(version), actor=actor, reason=reason)
 
 
 def promote(
@@ -286,51 +542,73 @@ def promote(
     promotion_margin: float,
     actor: str,
     cache_dir: str | Path,
+    allow_label_change: bool = False,
 ) -> dict[str, Any]:
     """The promotion gate for `model_version`; returns the decision and both scores.
 
     Decisions: `promoted` (alias champion moved), `challenger` (kept out, alias challenger).
+    Runs under the model's alias lock, after repairing the alias history from MLflow.
+
+    Raises:
+        LabelSetMismatch: the champion was trained on other labels and `allow_label_change` is
+            false (the decision `refused` is recorded; no alias moves).
     """
     from pipeline import catalog
 
-    client = mlflow_client()
-    version = resolve_model_version(model_name, model_version)
-    mv = client.get_model_version(model_name, version)
-    tags = dict(mv.tags)
-    _record_version(db, model_name, version, tags, mv.run_id)
-    row = db.query(
-        "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
-        (model_name, int(version)),
-    )[0]
-    if row["decision"] is None:
-        row = _decide(
-            db,
-            store,
-            model_name,
-            version,
-            tags,
-            min_accuracy=min_accuracy,
-            promotion_margin=promotion_margin,
-            cache_dir=cache_dir,
-            catalog=catalog,
+    with alias_lock(db, model_name):
+        for alias in ALIASES:
+            _reconcile(db, model_name, alias, actor=actor)
+        version = resolve_model_version(model_name, model_version)
+        mv = _ask(
+            f"read {model_name} v{version}",
+            lambda: mlflow_client().get_model_version(model_name, version),
         )
-    else:
-        log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
-    decision = row["decision"]
-    alias = CHAMPION if decision == "promoted" else CHALLENGER
-    move_alias(db, model_name, alias, version, actor=actor, reason=row["decision_reason"])
-    result = {
-        "model_name": model_name,
-        "model_version": version,
-        "decision": decision,
-        "reason": row["decision_reason"],
-        "accuracy": row["gate_accuracy"],
-        "champion_version": str(row["champion_version"]) if row["champion_version"] else None,
-        "champion_accuracy": row["champion_accuracy"],
-    }
-    for key in ("decision", "accuracy", "champion_version", "champion_accuracy"):
-        client.set_model_version_tag(model_name, version, f"gate_{key}", str(result[key]))
+        tags = dict(mv.tags)
+        _record_version(db, model_name, version, tags, mv.run_id)
+        row = db.query(
+            "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
+            (model_name, int(version)),
+        )[0]
+        # A refusal is no verdict on the model: a rerun (allowing the change, or after the
+        # champion moved) decides afresh.
+        if row["decision"] in (None, "refused"):
+            row = _decide(
+                db,
+                store,
+                model_name,
+                version,
+                tags,
+                min_accuracy=min_accuracy,
+                promotion_margin=promotion_margin,
+                allow_label_change=allow_label_change,
+                cache_dir=cache_dir,
+                catalog=catalog,
+            )
+        else:
+            log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
+        decision = row["decision"]
+        result = {
+            "model_name": model_name,
+            "model_version": version,
+            "decision": decision,
+            "reason": row["decision_reason"],
+            "accuracy": row["gate_accuracy"],
+            "champion_version": str(row["champion_version"]) if row["champion_version"] else None,
+            "champion_accuracy": row["champion_accuracy"],
+        }
+        if decision != "refused":
+            alias = CHAMPION if decision == "promoted" else CHALLENGER
+            _move(db, model_name, alias, version, actor=actor, reason=row["decision_reason"])
+        for key in ("decision", "accuracy", "champion_version", "champion_accuracy"):
+            _ask(
+                f"tag {model_name} v{version}",
+                lambda key=key: mlflow_client().set_model_version_tag(
+                    model_name, version, f"gate_{key}", str(result[key])
+                ),
+            )
     log.info("promotion gate: %s", result)
+    if decision == "refused":
+        raise LabelSetMismatch(f"gate refused {model_name} v{version}: {row['decision_reason']}")
     return result
 
 
@@ -341,10 +619,23 @@ def gate_decision(
     min_accuracy: float,
     promotion_margin: float,
     champion_version: str | None = None,
+    label_change: str | None = None,
+    allow_label_change: bool = False,
 ) -> tuple[str, str]:
-    """(`promoted` | `challenger`, reason): promote when accuracy >= min_accuracy and it is not
-    worse than the champion's by more than promotion_margin (no champion: the minimum suffices).
+    """(`promoted` | `challenger` | `refused`, reason): promote when accuracy >= min_accuracy and
+    it is not worse than the champion's by more than promotion_margin (no champion: the minimum
+    suffices). `label_change` (from `label_change_refusal`) says the champion has other labels:
+    `refused` unless `allow_label_change`, which replaces it on the minimum alone.
     """
+    if label_change is not None:
+        if not allow_label_change:
+            return "refused", f"{label_change}: {LABEL_CHANGE_HINT}"
+        if accuracy < min_accuracy:
+            return "challenger", f"accuracy {accuracy:.4f} below min_accuracy {min_accuracy}"
+        return "promoted", (
+            f"allow_label_change: {label_change}; replaced without comparing,"
+            f" accuracy {accuracy:.4f} >= min {min_accuracy}"
+        )
     if accuracy < min_accuracy:
         return "challenger", f"accuracy {accuracy:.4f} below min_accuracy {min_accuracy}"
     if champion_accuracy is not None and accuracy < champion_accuracy - promotion_margin:
@@ -361,23 +652,41 @@ def gate_decision(
 
 
 def _decide(
-    db, store, model_name, version, tags, *, min_accuracy, promotion_margin, cache_dir, catalog
+    db,
+    store,
+    model_name,
+    version,
+    tags,
+    *,
+    min_accuracy,
+    promotion_margin,
+    allow_label_change,
+    cache_dir,
+    catalog,
 ) -> dict[str, Any]:
     records = catalog.dataset_images(db, tags["dataset_version"], ["val"])
     if not records:
-        raise ValueError(
+        raise Refusal(
             f"dataset {tags['dataset_version']} has no validation images: the gate cannot compare"
+            " (raise val_percent, or add a val/ split)"
+        )
+    champion_version = alias_version(model_name, CHAMPION)
+    if champion_version == version:
+        champion_version = None  # promoted earlier by hand: compare with nothing
+    label_change = None
+    if champion_version is not None:
+        label_change = label_change_refusal(
+            labels_of(tags),
+            labels_of(version_tags(model_name, champion_version)),
+            model_name=model_name,
+            champion_version=champion_version,
         )
     candidate = load_model(model_name, version, cache_dir=cache_dir)
     accuracy, n = accuracy_on(candidate, store, records, cache_dir=cache_dir)
-    try:
-        champion_version = resolve_model_version(model_name, CHAMPION)
-    except NoModelError:
-        champion_version = None
     champion_accuracy = None
-    if champion_version == version:
-        champion_version = None  # promoted earlier by hand: compare with nothing
-    if champion_version is not None:
+    # A champion on other labels is never evaluated here: its accuracy on this dataset's
+    # images means nothing (a ten-digit model on two-class photos scores 0).
+    if champion_version is not None and label_change is None:
         champion = load_model(model_name, champion_version, cache_dir=cache_dir)
         champion_accuracy, _ = accuracy_on(champion, store, records, cache_dir=cache_dir)
     decision, reason = gate_decision(
@@ -386,6 +695,8 @@ def _decide(
         min_accuracy=min_accuracy,
         promotion_margin=promotion_margin,
         champion_version=champion_version,
+        label_change=label_change,
+        allow_label_change=allow_label_change,
     )
     reason += f" on {n} val images"
     db.execute(
@@ -411,10 +722,15 @@ def _decide(
 
 def rollback(db: Database, model_name: str, model_version: str, *, actor: str, reason: str) -> dict:
     """Move `champion` back to an earlier registered version (which must exist)."""
-    version = resolve_model_version(model_name, model_version)
-    mv = mlflow_client().get_model_version(model_name, version)
-    _record_version(db, model_name, version, dict(mv.tags), mv.run_id)
-    moved = move_alias(db, model_name, CHAMPION, version, actor=actor, reason=f"rollback: {reason}")
+    with alias_lock(db, model_name):
+        version = resolve_model_version(model_name, model_version)
+        mv = _ask(
+            f"read {model_name} v{version}",
+            lambda: mlflow_client().get_model_version(model_name, version),
+        )
+        _record_version(db, model_name, version, dict(mv.tags), mv.run_id)
+        _reconcile(db, model_name, CHALLENGER, actor=actor)
+        moved = _move(db, model_name, CHAMPION, version, actor=actor, reason=f"rollback: {reason}")
     return {
         "model_name": model_name,
         "model_version": version,
@@ -445,6 +761,11 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
         spec = RUN_PARAMS[name]
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=spec.default)
     parser.add_argument("--rollback", action="store_true", help="make it champion unconditionally")
+    parser.add_argument(
+        "--allow-label-change",
+        action="store_true",
+        help=RUN_PARAMS["allow_label_change"].description,
+    )
     add_location_arguments(parser, prefix=False)
 
 
@@ -465,6 +786,7 @@ def cli_promote(args: argparse.Namespace, settings: Any) -> int:
             promotion_margin=args.promotion_margin,
             actor=actor,
             cache_dir=settings.cache_dir,
+            allow_label_change=args.allow_label_change,
         )
     for key, value in result.items():
         print(f"{key:<18} {value}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow.sdk import Asset
 
@@ -14,6 +15,8 @@ log = logging.getLogger("airflow.task")
 S3_CONN_ID = os.environ.get("PIPELINE_S3_CONN_ID", "imgpipe_s3")
 MYSQL_CONN_ID = os.environ.get("PIPELINE_MYSQL_CONN_ID", "imgpipe_mysql")
 TASK_RETRIES = int(os.environ.get("PIPELINE_TASK_RETRIES", "2"))
+
+T = TypeVar("T")
 
 CATALOG_ASSET = Asset(name="imgpipe_catalog", uri="imgpipe://catalog/images")
 CHAMPION_ASSET = Asset(name="imgpipe_champion", uri="imgpipe://registry/champion")
@@ -26,8 +29,35 @@ def run_params(context: dict[str, Any]) -> dict[str, Any]:
     return validate_params({k: v for k, v in dict(context["params"]).items()})
 
 
-def model_name() -> str:
-    return os.environ.get("MODEL_NAME", "image-classifier")
+def model_name(params: dict[str, Any] | None = None) -> str:
+    """The run's registered model (param `model_name`), else MODEL_NAME of the environment."""
+    return (params or {}).get("model_name") or os.environ.get("MODEL_NAME", "image-classifier")
+
+
+def fail_fast(task_callable: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a task callable: a refusal no retry can fix fails the task at once.
+
+    `pipeline` signals those with `Refusal`, `ValueError` or `LookupError` (a bad param, an
+    untrainable dataset, an unknown dataset version, a label-set mismatch, no champion yet);
+    they become `AirflowFailException`, keeping the message that says what to change. Everything
+    else (a service down, a killed connection) is raised as it is and retried by Airflow.
+    """
+    import functools
+
+    @functools.wraps(task_callable)
+    def run(*args: Any, **kwargs: Any) -> T:
+        from pipeline.errors import is_transient
+
+        try:
+            return task_callable(*args, **kwargs)
+        except (ValueError, LookupError) as exc:
+            if is_transient(exc):
+                raise
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"refused, not retried: {exc}") from exc
+
+    return run
 
 
 def cache_dir():

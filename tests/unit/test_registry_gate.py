@@ -1,0 +1,93 @@
+"""The promotion gate's decision table, and MLflow errors named once (never taken for "none")."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pipeline import registry
+from pipeline.errors import ServiceUnavailable
+
+DIGITS = ("eight", "five", "four", "nine", "one", "seven", "six", "three", "two", "zero")
+PHOTOS = ("cat", "dog")
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "champion", "kwargs", "decision", "says"),
+    [
+        pytest.param(0.9, None, {}, "promoted", "first champion", id="first-champion"),
+        pytest.param(0.4, None, {}, "challenger", "below min_accuracy", id="below-minimum"),
+        pytest.param(0.8, 0.9, {}, "challenger", "worse than champion v1", id="worse"),
+        pytest.param(0.8, 0.85, {"promotion_margin": 0.1}, "promoted", "margin 0.1", id="margin"),
+        pytest.param(
+            0.9,
+            None,
+            {"label_change": "label set [cat, dog]"},
+            "refused",
+            "allow_label_change",
+            id="label-change-refused",
+        ),
+        pytest.param(
+            0.9,
+            None,
+            {"label_change": "label set [cat, dog]", "allow_label_change": True},
+            "promoted",
+            "replaced without comparing",
+            id="label-change-allowed",
+        ),
+        pytest.param(
+            0.1,
+            None,
+            {"label_change": "label set [cat, dog]", "allow_label_change": True},
+            "challenger",
+            "below min_accuracy",
+            id="label-change-allowed-but-too-weak",
+        ),
+    ],
+)
+def test_gate_decision(accuracy, champion, kwargs, decision, says):
+    got, reason = registry.gate_decision(
+        accuracy,
+        champion,
+        min_accuracy=0.5,
+        promotion_margin=kwargs.pop("promotion_margin", 0.0),
+        champion_version="1",
+        **kwargs,
+    )
+    assert got == decision and says in reason
+
+
+def test_a_label_change_names_both_label_sets_and_equal_sets_pass():
+    why = registry.label_change_refusal(PHOTOS, DIGITS, model_name="digits", champion_version="3")
+    assert why == (
+        "label set [cat, dog] (2 labels) differs from champion digits v3's"
+        " [eight, five, four, nine, one, seven, six, three, two, zero] (10 labels)"
+    )
+    assert (
+        registry.label_change_refusal(DIGITS[::-1], DIGITS, model_name="d", champion_version="3")
+        is None
+    )
+
+
+def test_an_unreachable_mlflow_is_an_error_naming_it_never_no_version(monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on: a real connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        for call in (
+            lambda: registry.find_version_by_run_key("m", "run-1"),
+            lambda: registry.resolve_model_version("m", "champion"),
+            lambda: registry.champion_dataset_version("m"),
+        ):
+            with pytest.raises(ServiceUnavailable, match=f"^MLflow at {uri}: connection refused"):
+                call()
+    finally:
+        mlflow.set_tracking_uri(before)
