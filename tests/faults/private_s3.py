@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -133,3 +134,30 @@ class PrivateS3:
 
     def stop(self) -> None:
         self.kill()
+
+    def kill_during(self, work, ready, *, timeout: float = 180) -> list[BaseException]:
+        """Run `work` in a thread, SIGKILL the server once `ready()` holds, wait for `work`;
+        returns what it raised."""
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - returned to the test
+                errors.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        wait_until(ready, what="the work to be under way")
+        self.kill()
+        worker.join(timeout=timeout)
+        assert not worker.is_alive()
+        return errors
+
+
+def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 
 import pytest
@@ -20,7 +19,7 @@ from pipeline import catalog
 from pipeline.db import create_database, drop_database, migrate
 from pipeline.errors import Refusal, ServiceUnavailable
 from pipeline.store import ObjectStore
-from tests.faults.private_s3 import PrivateS3
+from tests.faults.private_s3 import PrivateS3, wait_until
 from tests.integration.test_catalog import count_gets, png
 
 P = "ds"
@@ -65,14 +64,6 @@ def reference_db(settings):
         drop_database(settings.mysql, name)
 
 
-def wait_until(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def scan_cli(db, store: ObjectStore, *extra: str) -> subprocess.Popen:
     """`python -m pipeline scan` in its own process, against the test database and bucket."""
     env = {
@@ -95,21 +86,11 @@ def test_s3_killed_mid_scan_rejects_nothing_and_the_rerun_gets_only_the_rest(
     try:
         store = ObjectStore(s3.settings, bucket)
         put_images(store, 300)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                catalog.scan(db, store, P, chunk_size=20, workers=1)
-            except BaseException as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-
-        scanning = threading.Thread(target=run)
-        scanning.start()
-        wait_until(lambda: count(db, "SELECT COUNT(*) FROM images") >= 60, what="60 rows")
-        s3.kill()
-        scanning.join(timeout=120)
-        assert not scanning.is_alive()
-
+        errors = s3.kill_during(
+            lambda: catalog.scan(db, store, P, chunk_size=20, workers=1),
+            lambda: count(db, "SELECT COUNT(*) FROM images") >= 60,
+            timeout=120,
+        )
         assert len(errors) == 1 and isinstance(errors[0], ServiceUnavailable), errors
         assert f"S3 at {s3.endpoint}" in str(errors[0])
         committed = count(db, "SELECT COUNT(*) FROM images")

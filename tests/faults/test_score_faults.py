@@ -14,8 +14,8 @@ from pipeline.demo_data import render_digits
 from pipeline.errors import ServiceUnavailable
 from pipeline.store import ObjectStore
 from pipeline.upload import upload_tree
-from tests.faults.private_s3 import PrivateS3
-from tests.faults.test_scan_faults import count, wait_until
+from tests.faults.private_s3 import PrivateS3, wait_until
+from tests.faults.test_scan_faults import count
 from tests.integration.test_score import (
     PREFIX,
     SIZE,
@@ -69,21 +69,10 @@ def test_s3_killed_while_scoring_rejects_nothing_and_the_retry_scores_every_imag
         plan = _champion(db, store, mlflow_names, tmp_path, per_label=16)
         expected = _expected(db)
         assert plan["to_score"] == len(expected) > 60
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                _score(db, store, plan, tmp_path / "cache")
-            except BaseException as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-
-        scoring = threading.Thread(target=run)
-        scoring.start()
-        wait_until(lambda: count(db, "SELECT COUNT(*) FROM predictions") >= 8, what="8 rows")
-        s3.kill()
-        scoring.join(timeout=180)
-        assert not scoring.is_alive()
-
+        errors = s3.kill_during(
+            lambda: _score(db, store, plan, tmp_path / "cache"),
+            lambda: count(db, "SELECT COUNT(*) FROM predictions") >= 8,
+        )
         assert len(errors) == 1 and isinstance(errors[0], ServiceUnavailable), errors
         assert f"S3 at {s3.endpoint}" in str(errors[0])
         assert count(db, "SELECT COUNT(*) FROM images WHERE status <> 'ok'") == 0
