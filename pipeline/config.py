@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +143,9 @@ class MySQLSettings:
     user: str
     password: str
     database: str
+    # PyMySQL's `ssl` options (ca, cert, key, check_hostname, verify_mode); None: no TLS.
+    ssl: dict[str, Any] | None = field(default=None, hash=False)
+    unix_socket: str | None = None
 
     def sqlalchemy_uri(self, database: str | None = None) -> str:
         """A `mysql+pymysql://` URI (password URL-quoted), for MLflow's backend store."""
@@ -155,7 +159,11 @@ class MySQLSettings:
 
 @dataclass(frozen=True)
 class S3Settings:
-    """An S3-compatible endpoint (MinIO, SeaweedFS, AWS) and its credentials."""
+    """An S3-compatible endpoint (MinIO, SeaweedFS, AWS) and its credentials.
+
+    An empty `endpoint_url` means AWS S3 in `region`. `session_token` comes with temporary
+    credentials (an assumed role); `verify` is False (no TLS verification) or a CA bundle path.
+    """
 
     endpoint_url: str
     access_key_id: str
@@ -163,6 +171,8 @@ class S3Settings:
     region: str
     bucket: str
     prefix: str
+    session_token: str | None = None
+    verify: bool | str = True
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,8 @@ class Settings:
                 region=_get(e, "AWS_DEFAULT_REGION", "us-east-1"),
                 bucket=image_bucket,
                 prefix=prefix,
+                session_token=e.get("AWS_SESSION_TOKEN") or None,
+                verify=e.get("AWS_CA_BUNDLE") or True,
             ),
             mlflow_tracking_uri=_url(e, "MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
             mlflow_artifact_bucket=_bucket(e, "MLFLOW_ARTIFACT_BUCKET", "mlflow"),

@@ -41,13 +41,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.errors import (
-    S3_CHANGED_CODES,
-    S3_MISSING_CODES,
-    is_transient,
-    s3_error_code,
-    s3_unavailable,
-)
+from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
 from pipeline.records import ImageRecord
 
 if TYPE_CHECKING:
@@ -581,21 +575,18 @@ def fetch_object(store: ObjectStore, record: ImageRecord) -> bytes:
     """GET one catalogued object; MissingObjectError if it vanished or changed since the scan.
 
     Transient failures (after the client's own retries) raise `ServiceUnavailable`, naming S3
-    and its endpoint: they are never a reason to reject the image.
+    and its endpoint (`ObjectStore.get_bytes`): they are never a reason to reject the image.
     """
+    if record.bucket != store.bucket:
+        store = store.with_bucket(record.bucket)
     try:
-        response = store.client.get_object(
-            Bucket=record.bucket, Key=record.object_key, IfMatch=record.etag
-        )
-        return response["Body"].read()
+        return store.get_bytes(record.object_key, if_match=record.etag)
     except Exception as exc:
         code = s3_error_code(exc)
         if code in S3_MISSING_CODES:
             raise MissingObjectError("missing_object: deleted since it was catalogued") from exc
         if code in S3_CHANGED_CODES:
             raise MissingObjectError("changed_object: ETag differs from the catalog") from exc
-        if is_transient(exc):
-            raise s3_unavailable(exc, store.endpoint) from exc
         raise
 
 

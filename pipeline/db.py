@@ -56,6 +56,8 @@ class Database:
                 autocommit=autocommit,
                 connect_timeout=10,
                 init_command="SET time_zone = '+00:00'",
+                ssl=s.ssl,
+                unix_socket=s.unix_socket,
             )
         except pymysql.err.OperationalError as exc:
             raise ConnectionError(

@@ -4,8 +4,12 @@
   changed since the scan (`data.MissingObjectError`); the input is invalid (`Refusal`).
 - Transient: connection refused/reset, timeouts, 5xx and throttling, a killed database
   connection, a full local disk. Clients retry them with their own settings (botocore's
-  `standard` retry mode, bounded); what is left is raised as `ServiceUnavailable`, naming the
-  service and its endpoint, so the task fails and Airflow's retry takes over.
+  `standard` retry mode and urllib3's `Retry` under the MinIO SDK, both bounded); what is left
+  is raised as `ServiceUnavailable`, naming the service and its endpoint, so the task fails and
+  Airflow's retry takes over.
+
+Both S3 clients are classified here: botocore's `ClientError` and the MinIO SDK's `S3Error`
+carry the same S3 error codes; a MinIO `ServerError` or non-XML answer carries its HTTP status.
 """
 
 from __future__ import annotations
@@ -50,12 +54,23 @@ MYSQL_TRANSIENT_ERRNOS = frozenset({1040, 1053, 1205, 1213, 1927, 2003, 2006, 20
 
 
 def s3_error_code(exc: BaseException) -> str | None:
-    """The S3 error code of a botocore `ClientError`, or None for any other exception."""
+    """The S3 error code of a botocore `ClientError` or a MinIO SDK error (an HTTP status where
+    the answer had no S3 error document), or None for any other exception."""
     response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    try:
+        from minio.error import InvalidResponseError, S3Error, ServerError
+    except ImportError:  # pragma: no cover - minio is a dependency
         return None
-    code = response.get("Error", {}).get("Code")
-    return str(code) if code is not None else None
+    if isinstance(exc, S3Error):
+        return exc.code
+    if isinstance(exc, ServerError):
+        return str(exc.status_code)
+    if isinstance(exc, InvalidResponseError):
+        return str(exc._code)  # noqa: SLF001 - the HTTP status; the SDK has no public accessor
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -73,6 +88,17 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(exc, (BotoConnectionError, HTTPClientError, ReadTimeoutError, *streaming)):
             return True
     except ImportError:  # pragma: no cover - botocore is a dependency
+        pass
+    try:
+        import urllib3.exceptions as http_errors
+
+        # Under the MinIO SDK: refused/reset connections, timeouts, a body cut short and
+        # 5xx answers left after urllib3's retries (MaxRetryError). A malformed URL is not.
+        if isinstance(exc, http_errors.HTTPError) and not isinstance(
+            exc, http_errors.LocationValueError
+        ):
+            return True
+    except ImportError:  # pragma: no cover - urllib3 comes with both clients
         pass
     code = s3_error_code(exc)
     if code is not None:

@@ -68,48 +68,95 @@ def cache_dir():
     return Path(os.environ.get("PIPELINE_CACHE_DIR", str(REPO_ROOT / ".local" / "cache")))
 
 
-def database():
-    """The project's MySQL database, from the Airflow connection `MYSQL_CONN_ID`."""
-    from airflow.sdk import BaseHook
+def database(mysql_conn_id: str = MYSQL_CONN_ID):
+    """The project's MySQL database, from the Airflow `mysql` connection `mysql_conn_id`.
 
-    from pipeline.config import MySQLSettings
+    Read through the provider's `MySqlHook`, as its own connections are: extras `ssl` (a dict of
+    ca/cert/key, e.g. a managed MySQL's CA bundle), `ssl_mode`, `unix_socket`, `charset`, and
+    `iam` (an RDS IAM token instead of the password; see docs/design.md, Connections).
+    """
+    from airflow.providers.mysql.hooks.mysql import MySqlHook
+
     from pipeline.db import Database
 
-    conn = BaseHook.get_connection(MYSQL_CONN_ID)
+    hook = MySqlHook(mysql_conn_id=mysql_conn_id)
+    conn = hook.get_connection(mysql_conn_id)
     if not conn.schema:
-        raise ValueError(f"Airflow connection {MYSQL_CONN_ID!r} has no schema (database name)")
-    return Database(
-        MySQLSettings(
-            host=conn.host or "127.0.0.1",
-            port=int(conn.port or 3306),
-            user=conn.login or "",
-            password=conn.password or "",
-            database=conn.schema,
+        raise ValueError(f"Airflow connection {mysql_conn_id!r} has no schema (database name)")
+    # The provider's own reading of the connection (IAM token, ssl, socket), as MySqlHook
+    # builds its clients: the pipeline connects with PyMySQL, which takes the same ssl dict.
+    config = hook._get_conn_config_mysql_client(conn)  # noqa: SLF001
+    return Database(mysql_settings(config))
+
+
+def mysql_settings(config: dict[str, Any]):
+    """`MySQLSettings` from MySqlHook's client config (`ssl_mode` as PyMySQL's ssl options)."""
+    from pipeline.config import MySQLSettings
+
+    ssl = dict(config.get("ssl") or {})
+    mode = str(config.get("ssl_mode") or "").upper()
+    if mode not in _SSL_MODES:
+        raise ValueError(
+            f"unknown ssl_mode {config['ssl_mode']!r}; expected one of: {', '.join(m for m in _SSL_MODES if m)}"
         )
+    verify = _SSL_MODES[mode]
+    if verify is not None:
+        ssl.update(check_hostname=verify[1], verify_mode=verify[0])
+    return MySQLSettings(
+        host=config.get("host") or "127.0.0.1",
+        port=int(config.get("port") or 3306),
+        user=config.get("user") or "",
+        password=config.get("passwd") or "",
+        database=config["db"],
+        ssl=None if mode == "DISABLED" or not ssl else ssl,
+        unix_socket=config.get("unix_socket"),
     )
 
 
-def object_store(bucket: str):
-    """`bucket` on the endpoint of the Airflow `aws` connection `S3_CONN_ID` (endpoint_url in extra)."""
-    from airflow.sdk import BaseHook
+# MySQL's ssl-mode as PyMySQL's (verify certificate, check host name); None: as `ssl` says.
+_SSL_MODES: dict[str, tuple[bool, bool] | None] = {
+    "": None,
+    "PREFERRED": None,
+    "DISABLED": None,
+    "REQUIRED": (False, False),
+    "VERIFY_CA": (True, False),
+    "VERIFY_IDENTITY": (True, True),
+}
 
-    from pipeline.config import S3Settings
+
+def object_store(bucket: str, s3_conn_id: str = S3_CONN_ID):
+    """`bucket` on the endpoint of the Airflow `aws` connection `s3_conn_id`.
+
+    Read through the provider's `S3Hook`: extras `endpoint_url` (MinIO, SeaweedFS; none for AWS
+    S3), `region_name`, `verify` (false, or a CA bundle path), `service_config.s3.endpoint_url`,
+    and whatever credentials the provider resolves (login/password, `aws_session_token`,
+    `role_arn`, a profile, the instance's role).
+    """
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
     from pipeline.store import ObjectStore
 
-    conn = BaseHook.get_connection(S3_CONN_ID)
-    extra = conn.extra_dejson
-    endpoint = extra.get("endpoint_url") or os.environ.get("S3_ENDPOINT_URL")
-    if not endpoint:
-        raise ValueError(f"Airflow connection {S3_CONN_ID!r} has no extra.endpoint_url")
-    settings = S3Settings(
-        endpoint_url=endpoint,
-        access_key_id=conn.login or "",
-        secret_access_key=conn.password or "",
-        region=extra.get("region_name", "us-east-1"),
+    return ObjectStore(s3_settings(S3Hook(aws_conn_id=s3_conn_id), bucket), bucket)
+
+
+def s3_settings(hook, bucket: str):
+    """`S3Settings` of an `S3Hook`'s connection, with the credentials the provider resolves,
+    frozen when the task starts (an assumed role's last an hour; tasks time out at 30 min)."""
+    from pipeline.config import S3Settings
+
+    config = hook.conn_config
+    credentials = hook.get_credentials()
+    verify = config.verify
+    return S3Settings(
+        endpoint_url=(config.get_service_endpoint_url("s3") or "").rstrip("/"),
+        access_key_id=credentials.access_key,
+        secret_access_key=credentials.secret_key,
+        region=config.region_name or "us-east-1",
         bucket=bucket,
         prefix="",
+        session_token=credentials.token,
+        verify=True if verify is None else verify,
     )
-    return ObjectStore(settings, bucket)
 
 
 def work_store():

@@ -24,11 +24,15 @@ def png(seed: int, size: tuple[int, int] = (16, 16)) -> bytes:
 
 
 def count_gets(store) -> list[str]:
-    """Record the key of every GetObject the store's client sends."""
+    """Record the key of every GET the store sends (the real GET still runs)."""
     seen: list[str] = []
-    store.client.meta.events.register(
-        "before-parameter-build.s3.GetObject", lambda params, **_: seen.append(params["Key"])
-    )
+    get_bytes = store.get_bytes
+
+    def recorded(key: str, **options) -> bytes:
+        seen.append(key)
+        return get_bytes(key, **options)
+
+    store.get_bytes = recorded
     return seen
 
 

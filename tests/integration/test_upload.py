@@ -30,9 +30,13 @@ def test_upload_skips_unchanged_files_and_scan_accepts_the_result(tmp_path, stor
     local = tmp_path / "digits"
     demo_data.render_digits(local, size=24, fmt="jpeg", inbox=2, per_label=3)
     puts: list[str] = []
-    store.client.meta.events.register(
-        "before-parameter-build.s3.PutObject", lambda params, **_: puts.append(params["Key"])
-    )
+    put_bytes = store.put_bytes
+
+    def recorded(key: str, data: bytes, **options) -> str:
+        puts.append(key)
+        return put_bytes(key, data, **options)
+
+    store.put_bytes = recorded
     first = upload.upload_tree(store, local, "sets/digits", workers=4)
     assert first == {"files": 32, "uploaded": 32, "skipped": 0}
     assert len(puts) == 32
