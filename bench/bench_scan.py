@@ -1,8 +1,13 @@
-"""Benchmark the catalog scan: first scan, LIST-only rescan, and the naive DELETE+INSERT-per-row.
+"""Benchmark the catalog scan: first scan vs bare parallel GETs (old boto3 and new MinIO SDK
+client side by side), LIST-only rescan, and the naive DELETE+INSERT-per-row.
 
-Run by hand (uses a throwaway bucket and database, removed afterwards):
-    .venv/bin/python scripts/stack.py run -- .venv/bin/python bench/bench_scan.py --objects 20000
+Run by hand (uses a throwaway bucket and databases, removed afterwards):
+    .venv/bin/python scripts/stack.py run -- .venv/bin/python bench/bench_scan.py --objects 10000
 Writes bench/results/scan.md.
+
+Each round, per client (the order alternates between rounds): bare parallel GETs of every object
+(`--workers` threads, `store.get_bytes`, nothing else), then a first scan of the same objects into
+a fresh database with a store on the same client. The ratio first scan / bare GETs is the target.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import CLIENTS  # noqa: E402
 from bench.images import cpu_flags  # noqa: E402
 from pipeline import catalog  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
@@ -66,6 +72,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=32, help="scan GET threads")
     parser.add_argument("--upload-workers", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="LIST/rescan pairs (median)")
+    parser.add_argument("--rounds", type=int, default=2, help="bare GETs + first scan per client")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -76,6 +83,7 @@ def main() -> int:
     store = ObjectStore(settings.s3, f"bench-{suffix}", max_pool_connections=args.upload_workers)
     store.ensure_bucket()
     prefix = "bench"
+    dbs: list[Database] = []
     try:
         migrate(db)
         n = args.objects
@@ -92,9 +100,37 @@ def main() -> int:
                     log.info("uploaded %d/%d (%.0f/s, ETA %.0fs)", done, n, rate, (n - done) / rate)
         upload_s = time.monotonic() - t0
 
-        t = time.monotonic()
-        first = catalog.scan(db, store, prefix, workers=args.workers)
-        first_s = time.monotonic() - t
+        keys = [o.key for o in store.iter_objects(f"{prefix}/")]
+        compare: dict[str, dict[str, list[float]]] = {c: {"bare": [], "scan": []} for c in CLIENTS}
+        loads: list[float] = []
+        for k in range(args.rounds):
+            order = list(CLIENTS) if k % 2 == 0 else list(reversed(CLIENTS))
+            for client in order:
+                client_store = CLIENTS[client](
+                    settings.s3, store.bucket, max_pool_connections=args.workers
+                )
+                loads.append(os.getloadavg()[0])
+                t = time.monotonic()
+                with ThreadPoolExecutor(args.workers) as pool:
+                    got = sum(1 for _ in pool.map(client_store.get_bytes, keys))
+                compare[client]["bare"].append(got / (time.monotonic() - t))
+                scan_db = create_database(settings.mysql, f"{db_name}_{client}{k}")
+                dbs.append(scan_db)
+                migrate(scan_db)
+                t = time.monotonic()
+                first = catalog.scan(scan_db, client_store, prefix, workers=args.workers)
+                compare[client]["scan"].append(n / (time.monotonic() - t))
+                assert first["gets"] == n and first["ok"] == n, first
+                log.info(
+                    "round %d %s: bare GETs %.0f/s, first scan %.0f/s",
+                    k,
+                    client,
+                    compare[client]["bare"][-1],
+                    compare[client]["scan"][-1],
+                )
+        loads.append(os.getloadavg()[0])
+        db = dbs[-1]
+        first_s = n / compare[order[-1]]["scan"][-1]
         # LIST alone and the rescan alternate, so both see the same machine load; medians.
         list_runs, rescan_runs = [], []
         before = db.query("SELECT MAX(updated_at) AS t FROM images")[0]["t"]
@@ -118,7 +154,7 @@ def main() -> int:
         assert naive_n == n
 
         rows = [
-            ("first scan (LIST + 1 GET/object + batched upsert)", first_s, first["gets"]),
+            (f"first scan, {order[-1]} (last round)", first_s, first["gets"]),
             (f"rescan, unchanged bucket (median of {args.repeats})", rescan_s, rescan["gets"]),
             ("naive: LIST + DELETE all + 1 INSERT/object", naive_s, 0),
             (f"(LIST alone, part of every row above; median of {args.repeats})", list_s, 0),
@@ -126,12 +162,36 @@ def main() -> int:
         lines = [
             "# Catalog scan benchmark",
             "",
-            f"`bench/bench_scan.py --objects {n}` on {platform.node()} ({os.cpu_count()} CPUs,"
-            f" shared with other work), SeaweedFS S3 + MariaDB on localhost,"
-            f" {n} PNGs of 32x32 (~{len(make_png(1))} B), scan workers {args.workers}.",
+            f"`bench/bench_scan.py --objects {n} --rounds {args.rounds}` on {platform.node()}"
+            f" ({os.cpu_count()} CPUs, shared with other work: load average"
+            f" {min(loads):.1f}-{max(loads):.1f} during the rounds), SeaweedFS S3 + MariaDB on"
+            f" localhost, {n} PNGs of 32x32 (~{len(make_png(1))} B), scan workers {args.workers}.",
             f"Upload of the objects took {upload_s:.1f}s ({n / upload_s:.0f} objects/s,"
             f" {args.upload_workers} threads).",
             f"CPU flags: {cpu_flags()}.",
+            "",
+            "## First scan vs bare parallel GETs, old (boto3) and new (MinIO SDK) client",
+            "",
+            "Per round (round 1 / round 2 ...; the client order alternates), objects/s:",
+            "",
+            "| client | bare parallel GETs | first scan (LIST + GET + validate + upsert) |"
+            " first scan / bare GETs |",
+            "|---|---:|---:|---:|",
+        ]
+        for client, runs in compare.items():
+            lines.append(
+                f"| {client} | {' / '.join(f'{x:.0f}' for x in runs['bare'])}"
+                f" | {' / '.join(f'{x:.0f}' for x in runs['scan'])}"
+                f" | **{' / '.join(f'{a / b:.2f}' for a, b in zip(runs['scan'], runs['bare'], strict=True))}**"
+                " (target ≥ 0.8) |"
+            )
+        m_scan = statistics.median(compare["minio"]["scan"])
+        b_scan = statistics.median(compare["boto3"]["scan"])
+        lines += [
+            "",
+            f"First scan with the MinIO SDK: {m_scan / b_scan:.2f}x the boto3 rate (medians).",
+            "",
+            "## Rescan and the naive rewrite (MinIO SDK store)",
             "",
             "| phase | seconds | objects/s | GETs |",
             "|---|---:|---:|---:|",
@@ -162,6 +222,8 @@ def main() -> int:
         log.info("cleaning up bucket %s and database %s", store.bucket, db_name)
         store.delete_bucket()
         drop_database(settings.mysql, db_name)
+        for scan_db in dbs:
+            drop_database(settings.mysql, scan_db.name)
     return 0
 
 

@@ -30,9 +30,9 @@ import logging
 import operator
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from functools import cached_property
@@ -731,6 +731,21 @@ def _fetch_and_inspect(
         raise
 
 
+def _in_order(
+    pool: ThreadPoolExecutor, inspect, objects: Iterable[tuple[str, ObjectInfo]], depth: int
+):
+    """(key, inspect(obj)) in order, computed on `pool` at most `depth` ahead of the caller."""
+    pending: deque[tuple[str, Future]] = deque()
+    for key, obj in objects:
+        pending.append((key, pool.submit(inspect, obj)))
+        if len(pending) >= depth:
+            key, future = pending.popleft()
+            yield key, future.result()
+    while pending:
+        key, future = pending.popleft()
+        yield key, future.result()
+
+
 def inspect_objects(
     db: Database,
     store: ObjectStore,
@@ -741,7 +756,7 @@ def inspect_objects(
     keys: Sequence[str],
     config: ScanConfig,
     *,
-    workers: int,
+    pool: ThreadPoolExecutor,
     chunk_size: int,
     header_bytes: int,
     full_fetch_max_bytes: int,
@@ -749,7 +764,8 @@ def inspect_objects(
     """GET and validate `keys`, committing their rows chunk by chunk; returns (inspected, GETs).
 
     Each chunk is its own transaction, so a scan killed or timed out here keeps what it
-    validated: the next scan finds those objects unchanged and GETs only the rest.
+    validated: the next scan finds those objects unchanged and GETs only the rest. The pool
+    keeps validating up to one chunk ahead while a chunk is written.
     """
     inspected: set[str] = set()
     gets = 0
@@ -757,59 +773,73 @@ def inspect_objects(
         return inspected, gets
     t0 = time.monotonic()
     now = utc_now()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(keys), chunk_size):
-            chunk = keys[start : start + chunk_size]
-            results = pool.map(
-                lambda k: _fetch_and_inspect(
-                    store,
-                    listing.objects[k][1],
-                    config,
-                    header_bytes=header_bytes,
-                    full_fetch_max_bytes=full_fetch_max_bytes,
-                ),
-                chunk,
+    results = _in_order(
+        pool,
+        _inspector(store, config, header_bytes, full_fetch_max_bytes),
+        ((k, listing.objects[k][1]) for k in keys),
+        # One chunk ahead: GETs go on while a chunk is written, and a killed scan loses at
+        # most that much validated work.
+        depth=2 * chunk_size,
+    )
+    for start in range(0, len(keys), chunk_size):
+        done = []
+        for _ in range(min(chunk_size, len(keys) - start)):
+            key, (inspection, n_gets) = next(results)
+            gets += n_gets
+            if inspection is None:
+                continue  # vanished between LIST and GET
+            parsed, obj = listing.objects[key]
+            subset = carve_subset(
+                parsed.relative_key,
+                parsed.split,
+                val_percent=config.val_percent,
+                has_val_split=listing.has_val_split,
             )
-            done = []
-            for key, (inspection, n_gets) in zip(chunk, results, strict=True):
-                gets += n_gets
-                if inspection is None:
-                    continue  # vanished between LIST and GET
-                parsed, obj = listing.objects[key]
-                subset = carve_subset(
-                    parsed.relative_key,
-                    parsed.split,
-                    val_percent=config.val_percent,
-                    has_val_split=listing.has_val_split,
-                )
-                apply_object(
-                    rows,
-                    parsed,
-                    obj,
-                    inspection,
-                    bucket=store.bucket,
-                    prefix=prefix,
-                    subset=subset,
-                    now=now,
-                )
-                inspected.add(key)
-                done.append(key)
-            for key in done:
-                rows[key]["last_seen_at"] = now
-            with db.transaction() as cur:
-                write_rows(cur, RowWrites(upserts=[rows[k] for k in done]))
-            stored.update((k, _row_state(rows[k])) for k in done)
-            elapsed = time.monotonic() - t0
-            rate = len(inspected) / max(elapsed, 1e-9)
-            log.info(
-                "validated %d/%d new or changed objects (%.0f/s, ETA %.0fs, %d GETs)",
-                len(inspected),
-                len(keys),
-                rate,
-                (len(keys) - len(inspected)) / max(rate, 1e-9),
-                gets,
+            apply_object(
+                rows,
+                parsed,
+                obj,
+                inspection,
+                bucket=store.bucket,
+                prefix=prefix,
+                subset=subset,
+                now=now,
             )
+            inspected.add(key)
+            done.append(key)
+        for key in done:
+            rows[key]["last_seen_at"] = now
+        with db.transaction() as cur:
+            write_rows(cur, RowWrites(upserts=[rows[k] for k in done]))
+        stored.update((k, _row_state(rows[k])) for k in done)
+        elapsed = time.monotonic() - t0
+        rate = len(inspected) / max(elapsed, 1e-9)
+        log.info(
+            "validated %d/%d new or changed objects (%.0f/s, ETA %.0fs, %d GETs)",
+            len(inspected),
+            len(keys),
+            rate,
+            (len(keys) - len(inspected)) / max(rate, 1e-9),
+            gets,
+        )
     return inspected, gets
+
+
+def _inspector(
+    store: ObjectStore, config: ScanConfig, header_bytes: int, full_fetch_max_bytes: int
+):
+    """`_fetch_and_inspect` of one listed object with the scan's settings."""
+
+    def inspect(obj: ObjectInfo) -> tuple[Inspection | None, int]:
+        return _fetch_and_inspect(
+            store,
+            obj,
+            config,
+            header_bytes=header_bytes,
+            full_fetch_max_bytes=full_fetch_max_bytes,
+        )
+
+    return inspect
 
 
 def _load_rows(db: Database, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
@@ -882,20 +912,24 @@ def scan(
         diff = diff_listing(listing, rows)
         if not force_delete:
             check_deletions(diff, rows, max_delete_fraction=max_delete_fraction, where=where)
-        inspected, gets = inspect_objects(
-            db,
-            store,
-            prefix,
-            listing,
-            rows,
-            stored,
-            diff.to_fetch,
-            config,
-            workers=workers,
-            chunk_size=chunk_size,
-            header_bytes=header_bytes,
-            full_fetch_max_bytes=full_fetch_max_bytes,
-        )
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="scan-get")
+        try:
+            inspected, gets = inspect_objects(
+                db,
+                store,
+                prefix,
+                listing,
+                rows,
+                stored,
+                diff.to_fetch,
+                config,
+                pool=pool,
+                chunk_size=chunk_size,
+                header_bytes=header_bytes,
+                full_fetch_max_bytes=full_fetch_max_bytes,
+            )
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         now, fetched = utc_now(), set(diff.to_fetch)
         for key, (parsed, obj) in listing.objects.items():
             if key in fetched and key not in inspected:

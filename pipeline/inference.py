@@ -93,15 +93,35 @@ def predict_stream(
     """
     precision = resolve_precision(precision, device)
     batch_size = batch_size or default_batch_size(device)
-    clock = clock or StageClock()
     on_gpu = device.type == "cuda"
+    load = image_loader(fetch, preset, decode_on_gpu=on_gpu and gpu_decode)
+    with fetch_pool(workers) as pool:
+        fetched = fetched_in_order(pool, load, items, depth=max(workers, 2 * batch_size // _CHUNK))
+        batches = _batches(fetched, batch_size, first_size=ramp_size(batch_size))
+        stage = device_stager(preset, device)
+        staged = staged_on_device(batches, stage, device) if on_gpu else map(stage, batches)
+        yield from scored_batches(
+            module,
+            staged,
+            labels=labels,
+            top_k=top_k,
+            precision=precision,
+            clock=clock or StageClock(),
+        )
+
+
+def image_loader(
+    fetch: Callable[[T], bytes], preset: EvalPreset, *, decode_on_gpu: bool
+) -> Callable[[T], tuple[T, bytes | torch.Tensor | None, str | None]]:
+    """Step 1, on a fetch thread: (item, preprocessed tensor or JPEG bytes, None) or
+    (item, None, reason) for an image that is gone, changed or not decodable."""
 
     def load(item: T) -> tuple[T, bytes | torch.Tensor | None, str | None]:
         try:
             data = fetch(item)
         except MissingObjectError as exc:
             return item, None, str(exc)
-        if on_gpu and gpu_decode and gpu_decodable(data):
+        if decode_on_gpu and gpu_decodable(data):
             return item, data, None  # decoded on the GPU with its batch
         try:
             return item, preset.from_bytes(data), None
@@ -110,12 +130,43 @@ def predict_stream(
         except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
             return item, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
 
-    def to_device(batch: tuple[list, list]) -> tuple[torch.Tensor | None, list, list]:
+    return load
+
+
+def fetch_pool(workers: int) -> ThreadPoolExecutor:
+    """The fetch threads. They run torch ops (resize) single-threaded: per-thread OpenMP teams on
+    top of the model's would oversubscribe the cores and slow inference down."""
+    return ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix="score-fetch",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
+
+
+def fetched_in_order(pool: ThreadPoolExecutor, load, items: Iterable[T], *, depth: int) -> Iterator:
+    """`load(item)` of every item, in order, at most `depth` chunks ahead of the caller."""
+    # Whole chunks per task: one future per image costs more than reading a cached file.
+    fetched = prefetched(pool, lambda chunk: [load(i) for i in chunk], chunks(items, _CHUNK), depth)
+    return (one for chunk in fetched for one in chunk)
+
+
+def ramp_size(batch_size: int) -> int:
+    """Size of the first batch: small, so the model starts while the next ones are fetched
+    (the pipeline fills in a quarter of the time a full first batch takes)."""
+    return min(batch_size, max(_CHUNK, batch_size // 4))
+
+
+def device_stager(preset: EvalPreset, device: torch.device):
+    """Step 2: a (loaded, failures) group as (images on `device` or None, kept items, failures);
+    on a GPU, JPEG bytes are decoded and resized there (`preprocess_on_device`)."""
+
+    def stage(batch: tuple[list, list]) -> tuple[torch.Tensor | None, list, list]:
         loaded, failures = batch
         if not loaded:
             return None, [], failures
         payloads = [payload for _, payload in loaded]
-        if not on_gpu:
+        if device.type != "cuda":
             return torch.stack(payloads), [item for item, _ in loaded], failures
         images, failed = preprocess_on_device(payloads, preset.image_size, device)
         if failed:
@@ -124,53 +175,50 @@ def predict_stream(
         failures = failures + [(loaded[i][0], reason) for i, reason in failed.items()]
         return images, kept, failures
 
-    # Fetch threads run torch ops (resize) single-threaded: per-thread OpenMP teams on top of
-    # the model's would oversubscribe the cores and slow inference down.
-    fetchers = ThreadPoolExecutor(
-        max_workers=workers,
-        thread_name_prefix="score-fetch",
-        initializer=torch.set_num_threads,
-        initargs=(1,),
-    )
-    depth = max(workers, 2 * batch_size // _CHUNK)
-    with fetchers:
-        # Whole chunks per task: one future per image costs more than reading a cached file.
-        fetched = prefetched(fetchers, lambda c: [load(i) for i in c], chunks(items, _CHUNK), depth)
-        batches = _batches((one for chunk in fetched for one in chunk), batch_size)
-        staged = staged_on_device(batches, to_device, device) if on_gpu else map(to_device, batches)
-        pending = None
-        since = time.perf_counter()
-        for images, kept, failures in staged:
-            since = clock.add("wait_input", since)
-            launched = None
-            if images is not None:
-                launched = _launch(module, images, top_k=top_k, precision=precision)
-            if pending is not None:
-                scored = _finish(pending, labels)
-                clock.add("infer", since)
-                yield scored
-                since = time.perf_counter()
-            else:
-                since = clock.add("infer", since)
-            pending = (kept, failures, launched)
+    return stage
+
+
+def scored_batches(
+    module, staged: Iterable, *, labels: Sequence[str], top_k: int, precision: str, clock
+) -> Iterator[ScoredBatch]:
+    """Step 3, on the calling thread: each batch's forward pass is queued before the previous
+    batch's results are read, so a GPU never waits for the host."""
+    pending = None
+    since = time.perf_counter()
+    for images, kept, failures in staged:
+        since = clock.add("wait_input", since)
+        launched = None
+        if images is not None:
+            launched = _launch(module, images, top_k=top_k, precision=precision)
         if pending is not None:
             scored = _finish(pending, labels)
             clock.add("infer", since)
             yield scored
+            since = time.perf_counter()
+        else:
+            since = clock.add("infer", since)
+        pending = (kept, failures, launched)
+    if pending is not None:
+        scored = _finish(pending, labels)
+        clock.add("infer", since)
+        yield scored
 
 
-def _batches(loads: Iterable, batch_size: int) -> Iterator[tuple[list, list]]:
-    """(loaded, failures) groups of `batch_size` images in all."""
+def _batches(
+    loads: Iterable, batch_size: int, *, first_size: int | None = None
+) -> Iterator[tuple[list, list]]:
+    """(loaded, failures) groups of `batch_size` images in all (the first of `first_size`)."""
     loaded: list = []
     failures: list = []
+    size = first_size or batch_size
     for item, payload, error in loads:
         if error is None:
             loaded.append((item, payload))
         else:
             failures.append((item, error))
-        if len(loaded) + len(failures) >= batch_size:
+        if len(loaded) + len(failures) >= size:
             yield loaded, failures
-            loaded, failures = [], []
+            loaded, failures, size = [], [], batch_size
     if loaded or failures:
         yield loaded, failures
 

@@ -188,7 +188,7 @@ class ObjectStore:
 
     def with_bucket(self, bucket: str) -> ObjectStore:
         """The same endpoint and clients, another bucket."""
-        return ObjectStore(self.settings, bucket, clients=self._clients)
+        return type(self)(self.settings, bucket, clients=self._clients)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist."""
