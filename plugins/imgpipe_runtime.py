@@ -73,7 +73,7 @@ def database(mysql_conn_id: str = MYSQL_CONN_ID):
 
     Read through the provider's `MySqlHook`, as its own connections are: extras `ssl` (a dict of
     ca/cert/key, e.g. a managed MySQL's CA bundle), `ssl_mode`, `unix_socket`, `charset`, and
-    `iam` (an RDS IAM token instead of the password; see docs/design.md, Connections).
+    `iam` (an RDS IAM token instead of the password); see docs/connections.md.
     """
     from airflow.providers.mysql.hooks.mysql import MySqlHook
 
