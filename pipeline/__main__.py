@@ -61,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     if args.model_name:
+        import re
         from dataclasses import replace
 
+        from pipeline.params import MODEL_NAME_PATTERN
+
+        if not re.fullmatch(MODEL_NAME_PATTERN, args.model_name):
+            print(
+                f"--model-name {args.model_name!r}: expected {MODEL_NAME_PATTERN}", file=sys.stderr
+            )
+            return 2
         settings = replace(settings, model_name=args.model_name)
     module = importlib.import_module(f"pipeline.{args._module}")
     try:

@@ -110,6 +110,18 @@ def _bucket(env: dict[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _model_name(env: dict[str, str], name: str, default: str) -> str:
+    from pipeline.params import MODEL_NAME_PATTERN
+
+    raw = _get(env, name, default)
+    if not re.fullmatch(MODEL_NAME_PATTERN, raw):
+        raise ConfigError(
+            f"{name} must be a registered model name (1-200 chars of A-Z, a-z, 0-9, '_', '.', '-',"
+            f" starting with a letter or digit), got {raw!r}"
+        )
+    return raw
+
+
 def _identifier(env: dict[str, str], name: str, default: str | None = None) -> str:
     raw = _get(env, name, default)
     if not _IDENT.match(raw):
@@ -216,7 +228,7 @@ class Settings:
             mlflow_artifact_bucket=_bucket(e, "MLFLOW_ARTIFACT_BUCKET", "mlflow"),
             mlflow_database=_identifier(e, "MLFLOW_DATABASE", "mlflow"),
             work_bucket=work_bucket(e, image_bucket=image_bucket),
-            model_name=_get(e, "MODEL_NAME", "image-classifier"),
+            model_name=_model_name(e, "MODEL_NAME", "image-classifier"),
             cache_dir=Path(_get(e, "PIPELINE_CACHE_DIR", str(REPO_ROOT / ".local" / "cache"))),
         )
 

@@ -15,6 +15,10 @@ CLASS_WEIGHTINGS = ("none", "balanced")
 SMALL_LABEL_POLICIES = ("refuse", "exclude")
 
 
+# A registered model name: safe in MLflow search filters, URLs and cache paths.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One run parameter: JSON-schema type, default, bounds or allowed values, and help text."""
@@ -51,7 +55,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "Registered MLflow model of this dataset scope (its champion, versions and history);"
         " empty: MODEL_NAME of the environment. Give each bucket/prefix with other labels a"
         " name of its own.",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$",
+        pattern=MODEL_NAME_PATTERN,
         nullable=True,
     ),
     "bucket": ParamSpec(
@@ -139,9 +143,17 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     "patience": ParamSpec(
         "integer",
         0,
-        "Early stopping: epochs without validation improvement before stopping (0 = off).",
+        "Early stopping: epochs without val accuracy improvement before stopping, keeping the"
+        " best val epoch's weights (0 = off: train every epoch, keep the last).",
         minimum=0,
         maximum=500,
+        section="Training",
+    ),
+    "train_on_val": ParamSpec(
+        "boolean",
+        False,
+        "Train on the val images too (needs a test split: the gate then compares models on"
+        " test; per-epoch val figures become in-sample). No early stopping with it.",
         section="Training",
     ),
     "class_weighting": ParamSpec(

@@ -27,8 +27,9 @@ import argparse
 import json
 import logging
 import os
-import threading
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,42 +247,117 @@ def check_label_scope(
         raise LabelSetMismatch(f"dataset {why}: {LABEL_CHANGE_HINT}")
 
 
+def search_filter(conditions: dict[str, str]) -> str:
+    """An MLflow search filter: `key='value'` conditions joined by `and`.
+
+    MLflow strips the quotes around a value and unescapes nothing, so each value is quoted with
+    a quote it does not contain; a value with both quotes or a backslash cannot be expressed and
+    is refused (every filter the pipeline builds goes through here).
+    """
+    parts = []
+    for key, value in conditions.items():
+        if "\\" in value or ("'" in value and '"' in value):
+            raise ValueError(f"cannot search MLflow for {key} {value!r}: quotes or backslash")
+        quote = '"' if "'" in value else "'"
+        parts.append(f"{key}={quote}{value}{quote}")
+    return " and ".join(parts)
+
+
+# What the pipeline's training writes on every version it registers (`train.log_and_register`).
+OWN_VERSION_TAGS = ("run_key", "dataset_version", "label_map", "image_size", "weights_sha256")
+
+
+def provenance_problem(model_name: str, mv: Any) -> str | None:
+    """Why the registered version `mv` was not made by this pipeline's training; None if it was.
+
+    Its MLflow run must be in the model's experiment (training logs to the experiment named
+    like the model) and carry the version's `run_key`, and the version every tag training
+    writes, the weights digest included. The pipeline gates, reuses and promotes only such
+    versions unless a person names one on purpose (`promote --model-version N`).
+    """
+    tags = dict(mv.tags)
+    missing = [t for t in OWN_VERSION_TAGS if not tags.get(t)]
+    if missing:
+        return f"it lacks the tags training writes ({', '.join(missing)})"
+    if not mv.run_id:
+        return "it has no MLflow run"
+    run = _ask(f"read run {mv.run_id}", lambda: mlflow_client().get_run(mv.run_id), missing=None)
+    if run is None:
+        return f"its run {mv.run_id} does not exist"
+    experiment = _ask(
+        f"read experiment {run.info.experiment_id}",
+        lambda: mlflow_client().get_experiment(run.info.experiment_id),
+    )
+    if experiment.name != model_name:
+        return f"its run {mv.run_id} is in experiment {experiment.name!r}, not {model_name!r}"
+    if run.data.tags.get("run_key") != tags["run_key"]:
+        return f"its run {mv.run_id} is not the training run {tags['run_key']!r}"
+    return None
+
+
+def own_versions(model_name: str, found: list[Any]) -> list[Any]:
+    """`found` less the versions this pipeline's training did not register (each named in a
+    warning)."""
+    kept = []
+    for mv in found:
+        problem = provenance_problem(model_name, mv)
+        if problem:
+            log.warning(
+                "ignoring %s v%s: not registered by this pipeline: %s",
+                model_name,
+                mv.version,
+                problem,
+            )
+        else:
+            kept.append(mv)
+    return kept
+
+
 def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
     """The version registered by the training run `run_key` (an Airflow run id), if any.
 
     None only when MLflow answered that there is none: an unreachable MLflow raises, so a
-    retried training never takes an outage for "not registered yet" and registers twice.
+    retried training never takes an outage for "not registered yet" and registers twice. A
+    version tagged with `run_key` by anyone but the pipeline's training is ignored.
     """
-    escaped = run_key.replace("'", "\\'")
     found = _ask(
         f"search versions of {model_name!r} with run_key {run_key!r}",
         lambda: mlflow_client().search_model_versions(
-            f"name='{model_name}' and tags.run_key='{escaped}'"
+            search_filter({"name": model_name, "tags.run_key": run_key})
         ),
     )
-    versions = sorted(int(v.version) for v in found)
+    versions = sorted(int(v.version) for v in own_versions(model_name, found))
     return str(versions[0]) if versions else None
 
 
 def newest_ungated_version(db: Database, model_name: str) -> str | None:
-    """The newest registered version, if the promotion gate never decided on it.
+    """The newest version the pipeline's training registered, if the gate never decided on it.
 
     What a gate run alone (`airflow tasks test ... promote_model`, no XCom from train_model and
     no version registered under its own run id) should decide on; None when there is nothing new.
+    Versions registered elsewhere (a notebook, another job) are skipped with a warning.
     """
     found = _ask(
         f"search versions of {model_name!r}",
-        lambda: mlflow_client().search_model_versions(f"name='{model_name}'"),
+        lambda: mlflow_client().search_model_versions(search_filter({"name": model_name})),
     )
-    if not found:
-        return None
-    newest = max(int(v.version) for v in found)
-    decided = db.query(
-        "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
-        " AND decision IS NOT NULL AND decision <> 'refused'",
-        (model_name, newest),
-    )
-    return None if decided else str(newest)
+    for mv in sorted(found, key=lambda v: int(v.version), reverse=True):
+        problem = provenance_problem(model_name, mv)
+        if problem:
+            log.warning(
+                "ignoring %s v%s: not registered by this pipeline: %s",
+                model_name,
+                mv.version,
+                problem,
+            )
+            continue
+        decided = db.query(
+            "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
+            " AND decision IS NOT NULL AND decision <> 'refused'",
+            (model_name, int(mv.version)),
+        )
+        return None if decided else str(mv.version)
+    return None
 
 
 @dataclass(frozen=True)
@@ -302,11 +378,17 @@ class LoadedModel:
 
 
 def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) -> LoadedModel:
-    """Load a version (or alias, resolved once) for CPU/GPU inference; artifacts cached locally."""
+    """Load a version (or alias, resolved once) for CPU/GPU inference; files cached locally.
+
+    ResNet18 is built from this package and filled with the version's safetensors weights,
+    whose SHA-256 must equal the `weights_sha256` tag written at registration: nothing is
+    unpickled, and a weights file altered in the artifact store (or the local cache) is refused.
+    """
     import mlflow
     import torch
 
-    from pipeline.model import pick_device
+    from pipeline import model_files
+    from pipeline.model import build_model, pick_device
 
     version = resolve_model_version(model_name, model_ref)
     mv = _ask(
@@ -323,7 +405,7 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     labels = tuple(sorted(label_map, key=label_map.get))
     local = Path(cache_dir) / "models" / safe_name(model_name) / version
     if not (local / "MLmodel").exists():
-        tmp = local.with_name(f"{version}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = local.with_name(f"{version}.{uuid.uuid4().hex}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         path = _ask(
             f"download {model_name} v{version}",
@@ -331,10 +413,15 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
                 artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
             ),
         )
-        os.replace(path, local) if not local.exists() else None
-    device = pick_device()
-    module = mlflow.pytorch.load_model(str(local), map_location=device).eval()
-    module = module.to(memory_format=torch.channels_last)
+        if not local.exists():  # else another process's download won: use that one
+            os.replace(path, local)
+        shutil.rmtree(tmp, ignore_errors=True)
+    state = model_files.read_weights(
+        local, expected_sha256=tags.get("weights_sha256"), what=f"{model_name} v{version}"
+    )
+    module = build_model(len(labels))
+    module.load_state_dict(state, strict=True)
+    module = module.to(pick_device()).eval().to(memory_format=torch.channels_last)
     return LoadedModel(
         module,
         model_name,
@@ -543,8 +630,12 @@ def promote(
     actor: str,
     cache_dir: str | Path,
     allow_label_change: bool = False,
+    explicit: bool = False,
 ) -> dict[str, Any]:
     """The promotion gate for `model_version`; returns the decision and both scores.
+
+    Only a version this pipeline's training registered is gated (`provenance_problem`), unless
+    `explicit` (a person named it: `promote --model-version N`), which the decision records.
 
     Decisions: `promoted` (alias champion moved), `challenger` (kept out, alias challenger).
     Runs under the model's alias lock, after repairing the alias history from MLflow.
@@ -564,6 +655,13 @@ def promote(
             lambda: mlflow_client().get_model_version(model_name, version),
         )
         tags = dict(mv.tags)
+        problem = provenance_problem(model_name, mv)
+        if problem and not explicit:
+            raise Refusal(
+                f"{model_name} v{version} was not registered by this pipeline's training:"
+                f" {problem}. Not gated; to gate it on purpose: python -m pipeline promote"
+                f" --model-version {version}"
+            )
         _record_version(db, model_name, version, tags, mv.run_id)
         row = db.query(
             "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
@@ -583,6 +681,9 @@ def promote(
                 allow_label_change=allow_label_change,
                 cache_dir=cache_dir,
                 catalog=catalog,
+                note=f"explicit promotion of a version from outside the pipeline ({problem}): "
+                if problem
+                else "",
             )
         else:
             log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
@@ -663,12 +764,14 @@ def _decide(
     allow_label_change,
     cache_dir,
     catalog,
+    note="",
 ) -> dict[str, Any]:
-    records = catalog.dataset_images(db, tags["dataset_version"], ["val"])
+    split = tags.get("gate_split", "val")  # "test" for a model trained on val (train_on_val)
+    records = catalog.dataset_images(db, tags["dataset_version"], [split])
     if not records:
         raise Refusal(
-            f"dataset {tags['dataset_version']} has no validation images: the gate cannot compare"
-            " (raise val_percent, or add a val/ split)"
+            f"dataset {tags['dataset_version']} has no {split} images: the gate cannot compare"
+            + (" (raise val_percent, or add a val/ split)" if split == "val" else "")
         )
     champion_version = alias_version(model_name, CHAMPION)
     if champion_version == version:
@@ -698,7 +801,7 @@ def _decide(
         label_change=label_change,
         allow_label_change=allow_label_change,
     )
-    reason += f" on {n} val images"
+    reason = f"{note}{reason} on {n} {split} images"
     db.execute(
         "UPDATE model_versions SET gate_accuracy = %s, champion_version = %s,"
         " champion_accuracy = %s, decision = %s, decision_reason = %s, decided_at = %s"
@@ -787,6 +890,7 @@ def cli_promote(args: argparse.Namespace, settings: Any) -> int:
             actor=actor,
             cache_dir=settings.cache_dir,
             allow_label_change=args.allow_label_change,
+            explicit=True,  # a person named the version
         )
     for key, value in result.items():
         print(f"{key:<18} {value}")

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import torch
 import torchvision
 from torch import nn
 
-from pipeline import catalog, registry
+from pipeline import catalog, model_files, registry
 from pipeline.data import (
     DeviceBatches,
     EvalPreset,
@@ -128,7 +130,7 @@ def train_model(
             model_name=model_name,
             run_key=run_key,
             dataset_version=dataset_version,
-            image_size=params.image_size,
+            params=params,
         )
     checkpoint_store.delete(ckpt_name)
     return result
@@ -379,6 +381,11 @@ def load_data(
             f"dataset {dataset_version} has no validation images (add a val/ split or "
             "raise val_percent)"
         )
+    if params.train_on_val and not catalog.dataset_images(db, dataset_version, ["test"]):
+        raise ValueError(
+            f"dataset {dataset_version} has no test images: train_on_val needs them, the gate"
+            " compares models on test when val is trained on"
+        )
     cache = ImageCache(cache_dir)
     started = time.monotonic()
     failures = cache.fill(store, train_records + val_records)
@@ -400,8 +407,10 @@ def load_data(
         targets = [label_map[r.label] for r in kept]
         return kept, ImageDataset(paths, targets, preset, encoded=on_gpu)
 
+    # train_on_val: val is trained on too (and still reported each epoch, in-sample).
+    train_pool = train_records + val_records if params.train_on_val else train_records
     train_kept, train_set = build(
-        train_records, TrainPreset(params.image_size, params.augment, batch_augment=on_gpu)
+        train_pool, TrainPreset(params.image_size, params.augment, batch_augment=on_gpu)
     )
     val_kept, val_set = build(val_records, EvalPreset(params.image_size))
     return {
@@ -672,7 +681,8 @@ def run_epochs(
     save: Callable[[], None],
 ) -> None:
     """The epochs after `progress.epoch`: train, step the schedule, validate, log to the active
-    MLflow run, keep the best weights, `save()` a checkpoint; stop early after `patience`.
+    MLflow run, track the best val epoch (its weights only with `patience`), `save()` a
+    checkpoint; stop early after `patience`.
     """
     import mlflow
 
@@ -713,7 +723,11 @@ def run_epochs(
             row["images_per_s"],
         )
         progress.best = update_best(
-            progress.best, epoch, val_stats["accuracy"], lambda: cpu_copy(training.model)
+            progress.best,
+            epoch,
+            val_stats["accuracy"],
+            # Only early stopping keeps an earlier epoch's weights: copy them only then.
+            (lambda: cpu_copy(training.model)) if params.patience else (lambda: None),
         )
         progress.epoch = epoch
         save()
@@ -757,9 +771,24 @@ def patience_exhausted(epoch: int, best_epoch: int, patience: int) -> bool:
     return bool(patience) and epoch - best_epoch >= patience
 
 
-def kept_weights(best: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The weights registered: the best epoch's; None (keep the model's last) when no epoch ran."""
-    return best["state"]
+def kept_weights(best: dict[str, Any], patience: int) -> dict[str, torch.Tensor] | None:
+    """The weights registered: with early stopping (`patience` > 0) the best val epoch's; else
+    None, the model's own: the last epoch's.
+
+    Choosing an epoch on a small val split is noise (bench/results/train.md: on 33 val images
+    the "best" epoch was 1, 3 and 12 of 15 and cost 11 points of test accuracy); under the
+    cosine schedule the last epoch is the best or close to it.
+    """
+    return best["state"] if patience else None
+
+
+def kept_epoch(progress: Progress, patience: int) -> int:
+    """The epoch whose weights `kept_weights` registers."""
+    return (
+        progress.best["epoch"]
+        if patience and progress.best["state"] is not None
+        else progress.epoch
+    )
 
 
 def cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -819,7 +848,7 @@ def finish_run(
     model_name: str,
     run_key: str,
     dataset_version: str,
-    image_size: int,
+    params: TrainParams,
 ) -> dict[str, Any]:
     """Evaluate the kept weights, reject what failed to decode, log the reports, register the
     model and record its version; returns `train_model`'s result.
@@ -827,7 +856,7 @@ def finish_run(
     import mlflow
 
     model = training.model
-    weights = kept_weights(progress.best)
+    weights = kept_weights(progress.best, params.patience)
     if weights is not None:
         model.load_state_dict(weights)
     final = evaluate(
@@ -846,8 +875,9 @@ def finish_run(
     )
     mlflow.log_metrics(
         {
-            "best_val_accuracy": final["accuracy"],
-            "best_epoch": progress.best["epoch"],
+            "kept_val_accuracy": final["accuracy"],
+            "kept_epoch": kept_epoch(progress, params.patience),
+            "best_val_epoch": progress.best["epoch"],
             "decode_failures": rejected,
         }
     )
@@ -856,12 +886,14 @@ def finish_run(
         model,
         model_name=model_name,
         label_map=data["label_map"],
-        image_size=image_size,
+        image_size=params.image_size,
         dataset_version=dataset_version,
         run_key=run_key,
         extra_tags={
             "val_accuracy": f"{final['accuracy']:.6f}",
             "mlflow_run_id": progress.run_id,
+            # The split the gate compares on: val, unless the model trained on it.
+            "gate_split": "test" if params.train_on_val else "val",
         },
     )
     registry.record_version(db, model_name, model_version)
@@ -890,9 +922,10 @@ def log_and_register(
 ) -> str:
     """Log `model` to the active MLflow run and register it; returns the model version.
 
-    Pickle format (not MLflow 3's default `pt2`, which fixes the batch size to the input
-    example's), with a signature and an input example; the label map travels as an artifact
-    and a version tag. Registration is keyed by `run_key`: an existing version is returned.
+    The model is weights (safetensors) plus their meaning (JSON), inside a pyfunc model from
+    code (`pipeline/mlflow_pyfunc.py`) that users load by alias; the weights' SHA-256 is a
+    version tag that the pipeline checks before it uses them (`model_files.read_weights`).
+    Registration is keyed by `run_key`: an existing version is returned.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -905,24 +938,31 @@ def log_and_register(
     model = model.cpu().eval()
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
-    mlflow.log_dict(label_map, "label_map.json")
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=infer_signature(example, output),
-        input_example=example,
-        serialization_format="pickle",
-        # Explicit requirements: MLflow's inference imports the model in a subprocess (~10 s).
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"torchvision=={torchvision.__version__.split('+')[0]}",
-        ],
-    )
+    with tempfile.TemporaryDirectory(prefix="imgpipe-model-") as tmp:
+        files = model_files.write_files(
+            model, Path(tmp), label_map=label_map, image_size=image_size
+        )
+        digest = model_files.file_sha256(files["weights"])
+        mlflow.log_dict(label_map, "label_map.json")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(model_files.PYFUNC_CODE),
+            artifacts={name: str(path) for name, path in files.items()},
+            signature=infer_signature(example, output),
+            input_example=example,
+            # Explicit requirements: MLflow's inference imports the model in a subprocess (~10 s).
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                f"safetensors=={safetensors.__version__}",
+            ],
+        )
     tags = {
         "dataset_version": dataset_version,
         "run_key": run_key,
         "label_map": json.dumps(label_map, ensure_ascii=False, sort_keys=True),
         "image_size": str(image_size),
+        "weights_sha256": digest,
         **(extra_tags or {}),
     }
     mv = mlflow.register_model(info.model_uri, model_name, tags=tags)

@@ -33,6 +33,7 @@ class TrainParams:
     freeze_backbone: bool = False
     augment: bool = True
     patience: int = 0
+    train_on_val: bool = False
     class_weighting: str = "none"
     seed: int = 42
     num_workers: int | None = None  # None: pipeline.data.default_num_workers()
@@ -65,6 +66,11 @@ class TrainParams:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not params.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {params.learning_rate!r}")
+        if params.train_on_val and params.patience:
+            raise ValueError(
+                "train_on_val trains on the val images, so early stopping cannot use them:"
+                " set patience to 0"
+            )
         if not 0 <= params.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {params.label_smoothing!r}")
         return params

@@ -51,12 +51,14 @@ def store(settings: Settings) -> Iterator:
 
 @pytest.fixture
 def mlflow_names(settings: Settings) -> Iterator[dict[str, str]]:
-    """A unique experiment and registered-model name on the real MLflow server, deleted after."""
+    """A unique registered-model name and its experiment on the real MLflow server, deleted after."""
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    names = {"experiment": f"test-{_suffix()}", "model_name": f"test-model-{_suffix()}"}
+    # The pipeline trains into the experiment named like the model (the gate checks it).
+    name = f"test-model-{_suffix()}"
+    names = {"experiment": name, "model_name": name}
     try:
         yield names
     finally:

@@ -314,3 +314,36 @@ def test_inbox_dag_scores_new_inbox_images_with_the_champion(world, settings, tm
         "SELECT COUNT(*) AS n FROM v_inbox_latest_predictions WHERE predicted_label IS NULL"
     )
     assert latest == [{"n": 0}]
+
+
+SECRET_VARIABLES = (
+    "MYSQL_PASSWORD",
+    "MYSQL_ROOT_PASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "AIRFLOW_ADMIN_PASSWORD",
+)
+
+
+@pytest.mark.slow
+def test_no_password_from_env_reaches_a_log_after_a_dag_run(world):
+    """After a whole DAG run: the stack's logs, Airflow's task logs and the run's own output
+    hold none of the `.env` passwords (connections, tracking URI and MLflow backend included)."""
+    from pipeline.config import parse_env_text
+
+    if not world["run_ids"]:
+        world["run_ids"].append(dags_test(world))
+    env = parse_env_text((REPO_ROOT / ".env").read_text(encoding="utf-8"))
+    secrets = {name: env[name] for name in SECRET_VARIABLES if len(env.get(name) or "") >= 4}
+    assert secrets, "no password in .env to look for"
+    roots = [REPO_ROOT / ".local" / "logs", REPO_ROOT / ".local" / "airflow" / "logs"]
+    files = [p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file()]
+    assert any("run_id=" in str(p) for p in files), "no task log of the DAG run was found"
+    leaks = [
+        f"{name} in {path.relative_to(REPO_ROOT)}"
+        for path in files
+        for name, value in secrets.items()
+        if value.encode() in path.read_bytes()
+    ]
+    leaks += [f"{n} in the run's output" for n, v in secrets.items() if v in world["last_output"]]
+    assert leaks == []

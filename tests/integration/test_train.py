@@ -72,7 +72,9 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
     run = client.get_run(result["run_id"])
     assert run.data.params["dataset_version"] == dataset
     assert run.data.params["epochs"] == "1"
-    assert {"train_loss", "val_accuracy", "best_val_accuracy"} <= set(run.data.metrics)
+    assert {"train_loss", "val_accuracy", "kept_val_accuracy", "kept_epoch"} <= set(
+        run.data.metrics
+    )
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
     assert {"confusion_matrix.png", "learning_curves.png", "per_class_metrics.csv"} <= artifacts
     assert "label_map.json" in artifacts
@@ -165,6 +167,27 @@ def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_o
     assert registry.champion_at(db, name, datetime.now(UTC).replace(tzinfo=None)) == str(
         second["model_version"]
     )
+
+
+def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(
+    trainer, db, store, dataset, mlflow_names, tmp_cache
+):
+    from dataclasses import replace
+
+    n = {s: len(catalog.dataset_images(db, dataset, [s])) for s in ("train", "val", "test")}
+    result = trainer("run-tov", params=replace(TINY, train_on_val=True))
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.params["train_on_val"] == "True"
+    assert int(run.data.params["n_train"]) == n["train"] + n["val"]
+    name = mlflow_names["model_name"]
+    assert registry.version_tags(name, result["model_version"])["gate_split"] == "test"
+
+    decision = _gate(db, store, mlflow_names, result["model_version"], tmp_cache)
+    assert decision["decision"] == "promoted"
+    assert decision["reason"].endswith(f"on {n['test']} test images")
+
+    with pytest.raises(ValueError, match="early stopping"):
+        TrainParams.from_dict({"train_on_val": True, "patience": 2})
 
 
 def test_training_is_skipped_when_the_champion_was_trained_on_this_dataset(

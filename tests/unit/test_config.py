@@ -83,6 +83,8 @@ def test_sqlalchemy_uri_quotes_the_password():
         pytest.param({"MYSQL_DATABASE": "x-y;drop"}, "MYSQL_DATABASE", id="database-name"),
         pytest.param({"MYSQL_USER": ""}, "MYSQL_USER", id="required-missing"),
         pytest.param({"AWS_SECRET_ACCESS_KEY": ""}, "AWS_SECRET_ACCESS_KEY", id="secret-missing"),
+        pytest.param({"MODEL_NAME": "m' or name='x"}, "MODEL_NAME", id="model-name-quote"),
+        pytest.param({"MODEL_NAME": "a/b"}, "MODEL_NAME", id="model-name-slash"),
     ],
 )
 def test_bad_values_name_the_variable(overrides, variable):

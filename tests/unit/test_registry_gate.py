@@ -91,3 +91,34 @@ def test_an_unreachable_mlflow_is_an_error_naming_it_never_no_version(monkeypatc
                 call()
     finally:
         mlflow.set_tracking_uri(before)
+
+
+@pytest.mark.parametrize(
+    ("conditions", "expected"),
+    [
+        pytest.param({"name": "m"}, "name='m'", id="plain"),
+        pytest.param(
+            {"name": "m", "tags.run_key": "manual__2026-01-01T00:00:00+00:00"},
+            "name='m' and tags.run_key='manual__2026-01-01T00:00:00+00:00'",
+            id="two-conditions",
+        ),
+        pytest.param({"tags.run_key": "it's"}, 'tags.run_key="it\'s"', id="single-quote"),
+        pytest.param({"tags.run_key": 'say "hi"'}, "tags.run_key='say \"hi\"'", id="double-quote"),
+    ],
+)
+def test_search_filter_quotes_each_value_with_a_quote_it_lacks(conditions, expected):
+    from mlflow.utils.search_utils import SearchModelVersionUtils
+
+    text = registry.search_filter(conditions)
+    assert text == expected
+    # MLflow's own parser reads back exactly the values asked for.
+    parsed = SearchModelVersionUtils.parse_search_filter(text)
+    assert [c["value"] for c in parsed] == list(conditions.values())
+
+
+@pytest.mark.parametrize(
+    "value", ["both ' and \"", "back\\slash"], ids=["both-quotes", "backslash"]
+)
+def test_search_filter_refuses_what_mlflow_cannot_match(value):
+    with pytest.raises(ValueError, match="cannot search MLflow"):
+        registry.search_filter({"tags.run_key": value})

@@ -247,32 +247,46 @@ def test_resume_state_restores_this_runs_checkpoint_and_ignores_another(tmp_path
 @pytest.mark.parametrize(
     ("accuracies", "patience", "best_epoch", "epochs_run"),
     [
-        pytest.param([0.5, 0.6, 0.7], 0, 3, 3, id="improving"),
-        pytest.param([0.9, 0.1, 0.1, 0.1], 0, 1, 4, id="no-patience-never-stops"),
         pytest.param([0.5, 0.7, 0.6, 0.6, 0.9], 2, 2, 4, id="stops-after-patience"),
         pytest.param([0.5, 0.5, 0.5], 5, 1, 3, id="a-tie-keeps-the-earlier-epoch"),
         pytest.param([0.0, 0.0], 1, 1, 2, id="zero-accuracy-still-beats-none"),
+        pytest.param([0.5, 0.6, 0.7], 3, 3, 3, id="improving"),
     ],
 )
-def test_best_epoch_weights_are_kept_and_patience_stops_early(
-    accuracies, patience, best_epoch, epochs_run
-):
-    best = train.Progress().best
-    assert train.kept_weights(best) is None  # no epoch ran: the model's own weights stay
+def test_early_stopping_keeps_the_best_val_epoch(accuracies, patience, best_epoch, epochs_run):
+    progress = train.Progress()
+    assert train.kept_weights(progress.best, patience) is None  # no epoch ran: model's own
     copies = []
-    ran = 0
     for epoch, accuracy in enumerate(accuracies, 1):
-        ran = epoch
-        best = train.update_best(
-            best, epoch, accuracy, lambda e=epoch: copies.append(e) or {"e": e}
+        progress.epoch = epoch
+        progress.best = train.update_best(
+            progress.best, epoch, accuracy, lambda e=epoch: copies.append(e) or {"e": e}
         )
-        if train.patience_exhausted(epoch, best["epoch"], patience):
+        if train.patience_exhausted(epoch, progress.best["epoch"], patience):
             break
-    assert (best["epoch"], ran) == (best_epoch, epochs_run)
-    assert train.kept_weights(best) == {"e": best_epoch}
-    assert copies[-1] == best_epoch and len(copies) == len(
-        set(copies)
-    )  # copied on improvement only
+    assert (progress.best["epoch"], progress.epoch) == (best_epoch, epochs_run)
+    assert train.kept_weights(progress.best, patience) == {"e": best_epoch}
+    assert train.kept_epoch(progress, patience) == best_epoch
+    assert copies[-1] == best_epoch and len(copies) == len(set(copies))  # on improvement only
+
+
+@pytest.mark.parametrize(
+    "accuracies",
+    [[0.9, 0.1, 0.1, 0.1], [0.5, 0.6, 0.7], [0.5, 0.5]],
+    ids=["peak-first", "up", "flat"],
+)
+def test_without_early_stopping_every_epoch_runs_and_the_last_is_kept(accuracies):
+    """patience 0: no epoch is chosen on val (noise on a small split); the last weights stay."""
+    progress = train.Progress()
+    for epoch, accuracy in enumerate(accuracies, 1):
+        progress.epoch = epoch
+        progress.best = train.update_best(progress.best, epoch, accuracy, lambda: None)
+        assert not train.patience_exhausted(epoch, progress.best["epoch"], 0)
+    assert train.kept_weights(progress.best, 0) is None  # the model's own: the last epoch's
+    assert train.kept_epoch(progress, 0) == len(accuracies)
+    assert progress.best["epoch"] == max(
+        range(1, len(accuracies) + 1), key=lambda e: (accuracies[e - 1], -e)
+    )
 
 
 def test_epoch_row_is_the_history_line_and_its_metrics():
