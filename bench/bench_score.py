@@ -88,19 +88,39 @@ def fit_head(module, images: list[tuple[str, bytes]]) -> float:
     return float(clf.score((x - mean) / std, y))
 
 
-def model_alone(module, tensors, n: int, batch_size: int, precision: str) -> float:
-    """Images/s of `predict` on in-memory float tensors, `n` images in batches (after a warm-up)."""
+def model_alone(
+    module, tensors, n: int, batch_size: int, precision: str, cpu: dict | None = None
+) -> float:
+    """Images/s of `predict` on in-memory float tensors, `n` images in batches (after a warm-up).
+
+    With `cpu`, its `precision` entry gets the process's CPU ms per image.
+    """
     from pipeline.model import predict
 
     batch = tensors[:batch_size]
     predict(module, batch, LABELS, precision=precision)
     done = 0
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     while done < n:
         size = min(batch_size, n - done)
         predict(module, batch[:size], LABELS, precision=precision)
         done += size
+    if cpu is not None:
+        cpu[precision] = 1000 * (time.process_time() - c) / n
     return n / (time.perf_counter() - t)
+
+
+S3_PID_FILE = Path(__file__).resolve().parent.parent / ".local" / "pids" / "s3.pid"
+
+
+def s3_server_cpu() -> float | None:
+    """CPU seconds the local S3 server (`make up`'s) has used so far; None when unknown."""
+    try:
+        pid = int(S3_PID_FILE.read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def naive(db: Database, store: ObjectStore, module, records, *, model_name: str, version: str):
@@ -385,7 +405,7 @@ def main() -> int:
 
         def run_b(precision: str, name: str, on: ObjectStore = store) -> tuple[dict, float]:
             shards = bf16_shards if precision == "bf16" else 1
-            t = time.monotonic()
+            t, c, server = time.monotonic(), time.process_time(), s3_server_cpu()
             summary = score.score_shard(
                 db,
                 on,
@@ -398,6 +418,10 @@ def main() -> int:
             )
             wall = time.monotonic() - t
             assert summary["scored"] == counts[precision] or precision == "bf16", summary
+            n = summary["scored"]
+            summary["cpu_ms"] = {"this process": 1000 * (time.process_time() - c) / n}
+            if server is not None and (after := s3_server_cpu()) is not None:
+                summary["cpu_ms"]["S3 server"] = 1000 * (after - server) / n
             if on is old_client:
                 return summary, wall
             labels_by[precision] = {
@@ -415,11 +439,14 @@ def main() -> int:
         # and each round reports their median.
         rounds = []
         loads = [os.getloadavg()[0]]
+        a_cpu: dict[str, float] = {}  # CPU ms per image of (a), last run
         for k in range(args.speed_rounds):
             a, b, walls, summaries = {}, {}, {}, {}
             a_runs, b_runs = [], []
             for i in range(args.repeats):
-                a_runs.append(model_alone(net, tensors, args.images, args.batch_size, "fp32"))
+                a_runs.append(
+                    model_alone(net, tensors, args.images, args.batch_size, "fp32", a_cpu)
+                )
                 summaries["fp32"], walls["fp32"] = run_b("fp32", f"b32-{k}-{i}")
                 b_runs.append(summaries["fp32"]["images_per_s"])
                 log.info(
@@ -436,7 +463,7 @@ def main() -> int:
             }
             for precision in ("bf16", "int8"):
                 a[precision] = model_alone(
-                    nets[precision], tensors, counts[precision], args.batch_size, precision
+                    nets[precision], tensors, counts[precision], args.batch_size, precision, a_cpu
                 )
                 summaries[precision], walls[precision] = run_b(precision, f"b-{precision}-{k}")
                 b[precision] = summaries[precision]["images_per_s"]
@@ -444,6 +471,7 @@ def main() -> int:
             for precision in ("fp32", "int8"):
                 old, _ = run_b(precision, f"b-old-{precision}-{k}", on=old_client)
                 b[f"{precision}_old"] = old["images_per_s"]
+                summaries[f"{precision}_old"] = old
             loads.append(os.getloadavg()[0])
             # Not (b): the same int8 rescore with the images already in this worker's content
             # cache (a new version rescoring the test set on the same machine): no S3 GETs.
@@ -572,6 +600,18 @@ def main() -> int:
             f" bound by the forward pass; (c) reaches {last['c']:.1f} of the {a_single:.1f} img/s"
             f" the fp32 model alone manages at batch 1: GET, decode and per-row commits take"
             f" {100 * (1 - last['c'] / a_single):.0f}% of its time.",
+            "- CPU ms per image in the last round (process CPU over all threads, so it is"
+            " nearly independent of what else runs; `S3 server`: the local SeaweedFS, which"
+            " shares the 2 cores here but would not on a real deployment): model alone "
+            + ", ".join(f"{p} {a_cpu[p]:.1f}" for p in ("fp32", "int8"))
+            + "; (b) "
+            + "; ".join(
+                f"{p} {'old client' if p.endswith('_old') else 'MinIO SDK'}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in last["summaries"][p]["cpu_ms"].items())
+                for p in ("fp32", "fp32_old", "int8", "int8_old")
+            )
+            + ". (b) minus (a) on this process is the per-image cost of GET, decode,"
+            " preprocessing and bookkeeping.",
             f"- bf16 vs fp32, model alone: {' / '.join(f'{x:.2f}' for x in a_bf16_x)}x the fp32"
             f" rate ({bf16_note(a_bf16_x)}).",
             f"- int8 (ONNX Runtime, static QDQ, per-channel, percentile calibration on"

@@ -206,9 +206,14 @@ class ObjectStore:
     def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object under `prefix`, paginated (LIST only, no GET)."""
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+        except Exception as exc:
+            if is_transient(exc):
+                raise s3_unavailable(exc, self.endpoint) from exc
+            raise
 
     def get_bytes(
         self,

@@ -32,6 +32,7 @@ def test_s3_killed_every_store_call_is_unavailable_naming_the_endpoint(settings,
             "fetch": lambda: fetch_object(store, record),
             "put": lambda: store.put_bytes("new.png", b"x"),
             "head": lambda: store.head("k.png"),
+            "list": lambda: list(store.iter_objects()),
         }
         for what, call in calls.items():
             with pytest.raises(ServiceUnavailable, match=f"^S3 at {s3.endpoint}: ") as info:
