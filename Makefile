@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 STACK := $(PY) scripts/stack.py
 RUN := $(STACK) run --
 
-.PHONY: help system-deps venv env up down status test test-unit test-integration test-dags demo airflow lint bench clean
+.PHONY: help system-deps venv env up down status test test-unit test-integration test-dags demo airflow lint bench clean browser-deps results-screenshot
 
 help:
 	@echo "make demo    - venv, local stack, demo dataset, whole DAG once, results"
@@ -29,6 +29,18 @@ system-deps:
 	else \
 	  echo "[make] missing system packages; install them with:"; \
 	  echo "    sudo apt-get install -y libmariadb-dev pkg-config"; exit 1; \
+	fi
+
+# Debian's chromium, driven by Playwright in the results page test (no browser download).
+browser-deps:
+	@if [ -x /usr/bin/chromium ]; then \
+	  echo "[make] system packages ok (chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "[make] installing chromium with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "[make] missing chromium; install it with:"; \
+	  echo "    sudo apt-get install -y chromium"; exit 1; \
 	fi
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -55,14 +67,14 @@ down:
 status: venv env
 	@$(STACK) status
 
-test: up
+test: up browser-deps
 	@echo "[make] running the test suite (unit, integration, dags)"
 	@$(RUN) $(PY) -m pytest tests
 
 test-unit: venv env
 	@$(RUN) $(PY) -m pytest tests/unit
 
-test-integration: up
+test-integration: up browser-deps
 	@$(RUN) $(PY) -m pytest tests/integration
 
 test-dags: up
@@ -74,6 +86,10 @@ demo: up
 airflow: up
 	@echo "[make] Airflow UI on http://127.0.0.1:$${AIRFLOW_API_PORT:-8080} (user/password from .env: AIRFLOW_ADMIN_USER / AIRFLOW_ADMIN_PASSWORD)"
 	@$(STACK) airflow
+
+# docs/img/results.png: the results page on the demo's data (run `make demo` first).
+results-screenshot: up browser-deps
+	@IMGPIPE_RESULTS_SCREENSHOT=docs/img/results.png $(RUN) $(PY) -m pytest -q tests/integration/test_results_page.py
 
 lint: venv
 	@$(VENV)/bin/ruff check pipeline dags plugins tests scripts bench
