@@ -1,8 +1,9 @@
-"""The object store as it was before the MinIO SDK (GET/PUT/HEAD through boto3), so benchmarks
-can compare the old and the new client side by side in one run."""
+"""The object store as it was before the MinIO SDK (GET/PUT/HEAD/LIST through boto3), so
+benchmarks can compare the old and the new client side by side in one run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline.errors import S3_MISSING_CODES, is_transient, s3_error_code, s3_unavailable
@@ -11,6 +12,12 @@ from pipeline.store import ObjectInfo, ObjectStore
 
 class Boto3Store(ObjectStore):
     """`ObjectStore` with its hot paths on boto3, the same errors raised (for comparison)."""
+
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"], int(item["Size"]), item["ETag"].strip('"'))
 
     def get_bytes(
         self,
