@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.clients import CLIENTS  # noqa: E402
+from bench.cpu import CpuMeter  # noqa: E402
 from bench.images import cpu_flags  # noqa: E402
 from pipeline import catalog  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
@@ -102,6 +103,7 @@ def main() -> int:
 
         keys = [o.key for o in store.iter_objects(f"{prefix}/")]
         compare: dict[str, dict[str, list[float]]] = {c: {"bare": [], "scan": []} for c in CLIENTS}
+        cpu: dict[str, dict[str, dict[str, float]]] = {c: {} for c in CLIENTS}  # last round
         loads: list[float] = []
         for k in range(args.rounds):
             order = list(CLIENTS) if k % 2 == 0 else list(reversed(CLIENTS))
@@ -110,16 +112,18 @@ def main() -> int:
                     settings.s3, store.bucket, max_pool_connections=args.workers
                 )
                 loads.append(os.getloadavg()[0])
-                t = time.monotonic()
+                t, meter = time.monotonic(), CpuMeter()
                 with ThreadPoolExecutor(args.workers) as pool:
                     got = sum(1 for _ in pool.map(client_store.get_bytes, keys))
                 compare[client]["bare"].append(got / (time.monotonic() - t))
+                cpu[client]["bare"] = meter.per_item(n)
                 scan_db = create_database(settings.mysql, f"{db_name}_{client}{k}")
                 dbs.append(scan_db)
                 migrate(scan_db)
-                t = time.monotonic()
+                t, meter = time.monotonic(), CpuMeter()
                 first = catalog.scan(scan_db, client_store, prefix, workers=args.workers)
                 compare[client]["scan"].append(n / (time.monotonic() - t))
+                cpu[client]["scan"] = meter.per_item(n)
                 assert first["gets"] == n and first["ok"] == n, first
                 log.info(
                     "round %d %s: bare GETs %.0f/s, first scan %.0f/s",
@@ -190,6 +194,30 @@ def main() -> int:
         lines += [
             "",
             f"First scan with the MinIO SDK: {m_scan / b_scan:.2f}x the boto3 rate (medians).",
+            "",
+            "CPU ms per object in the last round (CPU time, so nearly independent of what else"
+            " runs on the machine; the S3 and MySQL servers share the 2 cores here):",
+            "",
+            "| client | run | " + " | ".join(cpu["minio"]["bare"]) + " | all |",
+            "|---|---|" + "---:|" * (len(cpu["minio"]["bare"]) + 1),
+        ]
+        for client in CLIENTS:
+            for run in ("bare", "scan"):
+                ms = cpu[client][run]
+                lines.append(
+                    f"| {client} | {'bare GETs' if run == 'bare' else 'first scan'} | "
+                    + " | ".join(f"{ms.get(k, float('nan')):.2f}" for k in cpu["minio"]["bare"])
+                    + f" | {sum(ms.values()):.2f} |"
+                )
+        lines += [
+            "",
+            "Bare GETs CPU / first scan CPU (all processes): the rate ratio to expect where the"
+            " work is CPU-bound and nothing else runs: "
+            + ", ".join(
+                f"{c} {sum(cpu[c]['bare'].values()) / sum(cpu[c]['scan'].values()):.2f}"
+                for c in CLIENTS
+            )
+            + ".",
             "",
             "## Rescan and the naive rewrite (MinIO SDK store)",
             "",

@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.clients import Boto3Store  # noqa: E402
+from bench.cpu import CpuMeter  # noqa: E402
 from bench.images import HEIGHT, WIDTH, cpu_flags, make_jpegs  # noqa: E402
 from pipeline import catalog, score  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
@@ -108,19 +109,6 @@ def model_alone(
     if cpu is not None:
         cpu[precision] = 1000 * (time.process_time() - c) / n
     return n / (time.perf_counter() - t)
-
-
-S3_PID_FILE = Path(__file__).resolve().parent.parent / ".local" / "pids" / "s3.pid"
-
-
-def s3_server_cpu() -> float | None:
-    """CPU seconds the local S3 server (`make up`'s) has used so far; None when unknown."""
-    try:
-        pid = int(S3_PID_FILE.read_text().split()[0])
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def naive(db: Database, store: ObjectStore, module, records, *, model_name: str, version: str):
@@ -218,7 +206,7 @@ def trained_agreement(db: Database, store: ObjectStore, tmp: Path, args, model_n
         model_name=model_name,
         run_key=f"{model_name}-run",
         cache_dir=tmp,
-        checkpoint_store=train.S3CheckpointStore(store),
+        checkpoint_store=train.LocalCheckpointStore(tmp / "ckpt"),  # never the image bucket
         experiment=model_name,
     )
     train_s = time.monotonic() - t
@@ -405,7 +393,7 @@ def main() -> int:
 
         def run_b(precision: str, name: str, on: ObjectStore = store) -> tuple[dict, float]:
             shards = bf16_shards if precision == "bf16" else 1
-            t, c, server = time.monotonic(), time.process_time(), s3_server_cpu()
+            t, meter = time.monotonic(), CpuMeter()
             summary = score.score_shard(
                 db,
                 on,
@@ -418,10 +406,7 @@ def main() -> int:
             )
             wall = time.monotonic() - t
             assert summary["scored"] == counts[precision] or precision == "bf16", summary
-            n = summary["scored"]
-            summary["cpu_ms"] = {"this process": 1000 * (time.process_time() - c) / n}
-            if server is not None and (after := s3_server_cpu()) is not None:
-                summary["cpu_ms"]["S3 server"] = 1000 * (after - server) / n
+            summary["cpu_ms"] = meter.per_item(summary["scored"])
             if on is old_client:
                 return summary, wall
             labels_by[precision] = {
@@ -601,8 +586,8 @@ def main() -> int:
             f" the fp32 model alone manages at batch 1: GET, decode and per-row commits take"
             f" {100 * (1 - last['c'] / a_single):.0f}% of its time.",
             "- CPU ms per image in the last round (process CPU over all threads, so it is"
-            " nearly independent of what else runs; `S3 server`: the local SeaweedFS, which"
-            " shares the 2 cores here but would not on a real deployment): model alone "
+            " nearly independent of what else runs; the local S3 and MySQL servers share the 2"
+            " cores here, as they would not in a real deployment): model alone "
             + ", ".join(f"{p} {a_cpu[p]:.1f}" for p in ("fp32", "int8"))
             + "; (b) "
             + "; ".join(
