@@ -464,10 +464,12 @@ def make_loader(
     if num_workers is None:
         num_workers = default_num_workers()
     if num_workers and multiprocessing.current_process().daemon:
-        log.warning(
-            "daemonic process (e.g. a Celery worker): loading data without worker processes"
-        )
-        num_workers = 0
+        # An Airflow task under Celery's prefork pool inherits the pool process's daemon flag
+        # (billiard sets it on multiprocessing's current process too), which forbids children.
+        # The flag guards against orphans, and loader workers exit with this process (torch's
+        # watchdog), so lift it rather than decode every batch in this one process.
+        multiprocessing.current_process()._config["daemon"] = False
+        log.info("daemonic process (a Celery worker's task): DataLoader workers allowed")
     extra: dict[str, Any] = {}
     if num_workers:
         # Workers only read and decode on the CPU and never touch CUDA, so forking them after
