@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import pymysql
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -33,6 +34,7 @@ UI_FILES = {
     "results.css": "text/css",
 }
 
+NO_SUCH_TABLE = 1146  # MySQL's ER_NO_SUCH_TABLE
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -70,6 +72,17 @@ async def _bad_request(_: Request, exc: ValueError) -> JSONResponse:
 @app.exception_handler(LookupError)
 async def _not_found(_: Request, exc: LookupError) -> JSONResponse:
     return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+
+@app.exception_handler(pymysql.err.ProgrammingError)
+async def _not_migrated(_: Request, exc: pymysql.err.ProgrammingError) -> JSONResponse:
+    if exc.args and exc.args[0] == NO_SUCH_TABLE:
+        detail = (
+            f"the pipeline's tables are missing ({exc.args[-1]}): run the DAG"
+            " image_classification once, or `python -m pipeline migrate`"
+        )
+        return JSONResponse(status_code=503, content={"detail": detail})
+    raise exc
 
 
 @app.exception_handler(ConnectionError)

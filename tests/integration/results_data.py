@@ -105,10 +105,22 @@ def _score(db, store, model_name: str, alias: str, cache_dir: Path) -> str:
     return plan["model_version"]
 
 
+def new_suffix() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def scope_names(settings: Settings, suffix: str) -> tuple[str, str]:
+    """(MySQL database, registered model name) of a `scored_results` suffix."""
+    return f"{settings.mysql.database}_test_{suffix}", f"test-model-{suffix}"
+
+
 @contextmanager
-def scored_results(settings: Settings, workdir: Path) -> Iterator[ScoredResults]:
+def scored_results(
+    settings: Settings, workdir: Path, suffix: str | None = None
+) -> Iterator[ScoredResults]:
     """Digits (6 per label, 2 of them test) and 5 inbox images; a champion and a challenger,
-    both scored and evaluated. Everything created is removed on exit."""
+    both scored and evaluated, in database `<MYSQL_DATABASE>_test_<suffix>` and model
+    `test-model-<suffix>` (`scope_names`). Everything created is removed on exit."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -118,9 +130,8 @@ def scored_results(settings: Settings, workdir: Path) -> Iterator[ScoredResults]
     from pipeline.store import ObjectStore
     from pipeline.upload import upload_tree
 
-    suffix = uuid.uuid4().hex[:10]
-    database = f"{settings.mysql.database}_test_{suffix}"
-    model_name = f"test-model-{suffix}"
+    suffix = suffix or new_suffix()
+    database, model_name = scope_names(settings, suffix)
     experiment = model_name  # training logs to the experiment named like the model
     db = create_database(settings.mysql, database)
     store = ObjectStore(settings.s3, f"test-{suffix}")
@@ -179,16 +190,36 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class ApiServer:
+    """A started `airflow api-server`; `wait()` blocks until it answers (or it died)."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path) -> None:
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    def wait(self, timeout: float = START_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.url):
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"airflow api-server exited:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"airflow api-server not up in {timeout:.0f}s:\n{tail}")
+            time.sleep(1)
+        return self.url
+
+
 @contextmanager
-def api_server(settings: Settings, data: ScoredResults, workdir: Path) -> Iterator[str]:
-    """`airflow api-server` (one worker, loopback, a free port) reading `data`'s database;
-    yields its base URL and stops its process group on exit."""
+def api_server(
+    settings: Settings, database: str, model_name: str, workdir: Path
+) -> Iterator[ApiServer]:
+    """`airflow api-server` (one worker, loopback, a free port) reading `database`, started
+    in the background (it boots while the caller builds the data); stopped on exit."""
     port = _free_port()
     env = {
         **os.environ,
-        **mysql_connection_env(settings, data.mysql_database),
+        **mysql_connection_env(settings, database),
         "AIRFLOW__API__PORT": str(port),
-        "MODEL_NAME": data.model_name,
+        "MODEL_NAME": model_name,
         "PIPELINE_CACHE_DIR": str(workdir / "cache"),
     }
     airflow = shutil.which("airflow", path=env.get("PATH")) or "airflow"
@@ -204,17 +235,8 @@ def api_server(settings: Settings, data: ScoredResults, workdir: Path) -> Iterat
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
-            tail = log_path.read_text(errors="replace")[-3000:]
-            if proc.poll() is not None:
-                raise RuntimeError(f"airflow api-server exited:\n{tail}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"airflow api-server not up in {START_TIMEOUT_S}s:\n{tail}")
-            time.sleep(1)
-        yield url
+        yield ApiServer(proc, f"http://127.0.0.1:{port}", log_path)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -124,6 +124,16 @@ def test_overview_shows_champion_and_challenger_as_recorded(client, scored):
     )
 
 
+def test_a_model_without_champion_gets_the_step_to_run(client):
+    data = _get(client, "/api/overview", model_name="never-trained")
+    assert data["champion"] is None and data["challenger"] is None
+    assert "image_classification" in data["hint"]
+    assert _get(client, "/api/accuracy", model_name="never-trained")["items"] == []
+    for path in ("/api/confusion", "/api/predictions"):
+        answer = client.get(BASE + path, params={"model_name": "never-trained"})
+        assert answer.status_code == 404 and "no champion yet" in answer.json()["detail"]
+
+
 def test_accuracy_by_version_is_the_view(client, scored):
     rows = scored.db.query(
         "SELECT model_version, alias, n_labelled, accuracy FROM v_accuracy_by_model_version"

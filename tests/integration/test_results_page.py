@@ -33,7 +33,8 @@ def browser_page():
         )
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1100})
-            page.set_default_timeout(60_000)
+            # Generous: two shared cores render Airflow's UI bundle slowly while other tests run.
+            page.set_default_timeout(120_000)
             yield page
         finally:
             browser.close()
@@ -63,14 +64,13 @@ def _write_readme_screenshot(source: Path, target: Path) -> None:
         small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
 
 
-def test_results_page_in_the_airflow_ui_renders_champion_chart_heatmap_and_thumbnails(
-    results_data, results_server, browser_page, tmp_path
-):
-    data, airflow_url, page = results_data, results_server, browser_page
+def _open_results_page(page, airflow_url: str):
+    """Log in as the `.env` admin, follow the navigation to the results page; its frame."""
     page.goto(f"{airflow_url}/")
     page.locator("input[name=username]").fill(os.environ.get("AIRFLOW_ADMIN_USER", "admin"))
     page.locator("input[name=password]").fill(os.environ.get("AIRFLOW_ADMIN_PASSWORD", "admin"))
     page.locator("button[type=submit]").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url)
 
     nav = page.locator('a[href$="plugin/imgpipe-results"]')
     nav.first.wait_for()
@@ -84,6 +84,19 @@ def test_results_page_in_the_airflow_ui_renders_champion_chart_heatmap_and_thumb
     assert frame.locator("body").get_attribute("data-loaded") == "true", frame.locator(
         "#error"
     ).inner_text()
+    return frame
+
+
+def test_results_page_in_the_airflow_ui_renders_champion_chart_heatmap_and_thumbnails(
+    results_data, results_server, browser_page, tmp_path
+):
+    data, airflow_url, page = results_data, results_server, browser_page
+    try:
+        frame = _open_results_page(page, airflow_url)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"))
+        (tmp_path / "failure.html").write_text(page.content())
+        raise
     assert frame.url.startswith(f"{airflow_url}/imgpipe-results/")
 
     assert frame.locator("#champion .version").inner_text() == f"v{data.champion}"
