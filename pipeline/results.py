@@ -16,6 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         if isinstance(value, datetime):
             value = value.isoformat()
-        elif value is not None and type(value).__name__ == "Decimal":
+        elif isinstance(value, Decimal):
             value = float(value)
         out[key] = value
     return out

@@ -14,6 +14,7 @@ the database are touched only when a request arrives.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -122,8 +123,6 @@ def static(name: str) -> FileResponse:
 @app.get("/api/overview")
 def get_overview(model_name: ModelName = None) -> dict[str, Any]:
     """Champion and challenger, alias history, dataset version, MLflow run links."""
-    import os
-
     from pipeline import results
 
     return results.overview(

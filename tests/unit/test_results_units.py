@@ -1,0 +1,116 @@
+"""The results page's pure pieces: cursors, filters, run links, thumbnails, cache paths."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from pipeline import results
+from pipeline.records import ImageRecord
+
+
+@pytest.mark.parametrize(
+    ("confidence", "prediction_id"),
+    [
+        pytest.param(0.0, 1, id="zero"),
+        pytest.param(0.1 + 0.2, 7, id="inexact-float"),
+        pytest.param(1.0, 2**40, id="one-big-id"),
+        pytest.param(5e-324, 3, id="denormal"),
+    ],
+)
+def test_cursor_round_trips_exactly(confidence, prediction_id):
+    cursor = results.encode_cursor(confidence, prediction_id)
+    assert results.decode_cursor(cursor) == (confidence, prediction_id)
+
+
+@pytest.mark.parametrize("cursor", ["", "0.5", "abc_1", "0.5_x", "0.5-3"])
+def test_a_malformed_cursor_is_refused_saying_what_to_pass(cursor):
+    with pytest.raises(ValueError, match="`next` value of the previous page"):
+        results.decode_cursor(cursor)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"queue": "wrong"}, "expected one of: review, all", id="queue"),
+        pytest.param({"subset": "holdout"}, "expected one of: train, val, test", id="subset"),
+        pytest.param({"below": 0.0}, "confidence in", id="below-zero"),
+        pytest.param({"below": 1.5}, "confidence in", id="below-above-one"),
+    ],
+)
+def test_filter_refuses_bad_values_listing_the_allowed_ones(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        results.PredictionFilter(**kwargs)
+
+
+def test_review_queue_is_low_confidence_or_wrong_and_filters_add_up():
+    clauses, args = results.PredictionFilter(
+        true_label="cat", subset="test", below=0.3, wrong_only=True
+    ).where()
+    assert clauses[0] == "(p.confidence < %s OR p.correct = 0)"
+    assert args == [results.REVIEW_CONFIDENCE, "cat", "test", 0.3]
+    assert "p.correct = 0" in clauses
+    assert results.PredictionFilter(queue="all").where() == ([], [])
+
+
+@pytest.mark.parametrize("limit", [0, results.MAX_PAGE + 1])
+def test_page_size_is_bounded(limit):
+    with pytest.raises(ValueError, match="limit must be"):
+        results.prediction_page_query("m", 1, results.PredictionFilter(), limit=limit)
+
+
+def test_page_query_orders_by_the_index_and_reads_one_row_more():
+    sql, args = results.prediction_page_query(
+        "m", 3, results.PredictionFilter(queue="all"), after="0.25_9", limit=10
+    )
+    assert sql.endswith("ORDER BY p.confidence, p.id LIMIT %s")
+    assert args == ["m", 3, 0.25, 0.25, 9, 11]
+
+
+@pytest.mark.parametrize(
+    ("uri", "run_id", "expected"),
+    [
+        pytest.param(
+            "http://127.0.0.1:5000/", "abc", "http://127.0.0.1:5000/#/runs/abc", id="http"
+        ),
+        pytest.param(None, "abc", None, id="no-uri"),
+        pytest.param("http://h:5000", None, None, id="no-run"),
+        pytest.param("databricks", "abc", None, id="not-a-web-ui"),
+    ],
+)
+def test_mlflow_run_url(uri, run_id, expected):
+    assert results.mlflow_run_url(uri, run_id) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "bound"),
+    [
+        pytest.param("RGB", (640, 320), 128, id="wide-rgb"),
+        pytest.param("L", (50, 300), 64, id="tall-grey"),
+        pytest.param("RGBA", (20, 20), 256, id="small-alpha-not-enlarged"),
+        pytest.param("P", (400, 400), 256, id="palette"),
+    ],
+)
+def test_thumbnail_is_a_jpeg_within_the_bound_keeping_aspect(mode, size, bound):
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    with Image.open(io.BytesIO(results.render_thumbnail(buf.getvalue(), bound))) as thumb:
+        assert thumb.format == "JPEG"
+        assert max(thumb.size) == min(bound, max(size))
+        assert abs(thumb.size[0] / thumb.size[1] - size[0] / size[1]) < 0.1
+
+
+def test_thumbnail_cache_path_changes_with_the_objects_etag_and_the_size(tmp_path):
+    record = ImageRecord(1, "b", "p/test/cat/1.png", "etag-1", "test", "cat", 10)
+    changed = ImageRecord(1, "b", "p/test/cat/1.png", "etag-2", "test", "cat", 10)
+    path = results.thumbnail_path(tmp_path, record, 128)
+    assert path.is_relative_to(tmp_path / "thumbnails") and path.suffix == ".jpg"
+    assert path != results.thumbnail_path(tmp_path, changed, 128)
+    assert path != results.thumbnail_path(tmp_path, record, 64)
+
+
+def test_thumbnail_size_must_be_one_of_the_offered_sizes(tmp_path):
+    with pytest.raises(ValueError, match="size must be one of: 64, 128, 256"):
+        results.thumbnail(None, None, 1, size=1000, cache_dir=tmp_path)
