@@ -16,7 +16,7 @@ help:
 	@echo "make demo    - venv, local stack, demo dataset, whole DAG once, results"
 	@echo "make test    - venv, local stack, the whole test suite"
 	@echo "make up|down|status - the local stack (MySQL, S3, MLflow, Airflow home)"
-	@echo "make airflow - Airflow UI (airflow standalone) on http://127.0.0.1:8080"
+	@echo "make airflow - Airflow UI on http://127.0.0.1:8080 (API server, scheduler, DAG processor, triggerer)"
 	@echo "make lint    - ruff check and format check"
 
 # mysqlclient (for Airflow's MySQL provider) builds against libmariadb-dev via pkg-config.

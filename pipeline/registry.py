@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -295,22 +295,20 @@ def provenance_problem(model_name: str, mv: Any) -> str | None:
     return None
 
 
-def own_versions(model_name: str, found: list[Any]) -> list[Any]:
-    """`found` less the versions this pipeline's training did not register (each named in a
-    warning)."""
-    kept = []
+def own_versions(model_name: str, found: Iterable[Any]) -> Iterator[Any]:
+    """The versions of `found`, in order, that this pipeline's training registered; each other
+    one is named in a warning. Lazy: a caller that needs the first one checks no further."""
     for mv in found:
         problem = provenance_problem(model_name, mv)
-        if problem:
+        if problem is None:
+            yield mv
+        else:
             log.warning(
                 "ignoring %s v%s: not registered by this pipeline: %s",
                 model_name,
                 mv.version,
                 problem,
             )
-        else:
-            kept.append(mv)
-    return kept
 
 
 def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
@@ -326,8 +324,8 @@ def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
             search_filter({"name": model_name, "tags.run_key": run_key})
         ),
     )
-    versions = sorted(int(v.version) for v in own_versions(model_name, found))
-    return str(versions[0]) if versions else None
+    oldest = next(own_versions(model_name, sorted(found, key=lambda v: int(v.version))), None)
+    return str(oldest.version) if oldest else None
 
 
 def newest_ungated_version(db: Database, model_name: str) -> str | None:
@@ -341,23 +339,16 @@ def newest_ungated_version(db: Database, model_name: str) -> str | None:
         f"search versions of {model_name!r}",
         lambda: mlflow_client().search_model_versions(search_filter({"name": model_name})),
     )
-    for mv in sorted(found, key=lambda v: int(v.version), reverse=True):
-        problem = provenance_problem(model_name, mv)
-        if problem:
-            log.warning(
-                "ignoring %s v%s: not registered by this pipeline: %s",
-                model_name,
-                mv.version,
-                problem,
-            )
-            continue
-        decided = db.query(
-            "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
-            " AND decision IS NOT NULL AND decision <> 'refused'",
-            (model_name, int(mv.version)),
-        )
-        return None if decided else str(mv.version)
-    return None
+    by_age = sorted(found, key=lambda v: int(v.version), reverse=True)
+    newest = next(own_versions(model_name, by_age), None)
+    if newest is None:
+        return None
+    decided = db.query(
+        "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
+        " AND decision IS NOT NULL AND decision <> 'refused'",
+        (model_name, int(newest.version)),
+    )
+    return None if decided else str(newest.version)
 
 
 @dataclass(frozen=True)
@@ -649,19 +640,8 @@ def promote(
     with alias_lock(db, model_name):
         for alias in ALIASES:
             _reconcile(db, model_name, alias, actor=actor)
-        version = resolve_model_version(model_name, model_version)
-        mv = _ask(
-            f"read {model_name} v{version}",
-            lambda: mlflow_client().get_model_version(model_name, version),
-        )
+        version, mv, problem = _version_to_gate(model_name, model_version, explicit=explicit)
         tags = dict(mv.tags)
-        problem = provenance_problem(model_name, mv)
-        if problem and not explicit:
-            raise Refusal(
-                f"{model_name} v{version} was not registered by this pipeline's training:"
-                f" {problem}. Not gated; to gate it on purpose: python -m pipeline promote"
-                f" --model-version {version}"
-            )
         _record_version(db, model_name, version, tags, mv.run_id)
         row = db.query(
             "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
@@ -687,30 +667,60 @@ def promote(
             )
         else:
             log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
-        decision = row["decision"]
-        result = {
-            "model_name": model_name,
-            "model_version": version,
-            "decision": decision,
-            "reason": row["decision_reason"],
-            "accuracy": row["gate_accuracy"],
-            "champion_version": str(row["champion_version"]) if row["champion_version"] else None,
-            "champion_accuracy": row["champion_accuracy"],
-        }
-        if decision != "refused":
-            alias = CHAMPION if decision == "promoted" else CHALLENGER
+        result = _gate_result(model_name, version, row)
+        if result["decision"] != "refused":
+            alias = CHAMPION if result["decision"] == "promoted" else CHALLENGER
             _move(db, model_name, alias, version, actor=actor, reason=row["decision_reason"])
-        for key in ("decision", "accuracy", "champion_version", "champion_accuracy"):
-            _ask(
-                f"tag {model_name} v{version}",
-                lambda key=key: mlflow_client().set_model_version_tag(
-                    model_name, version, f"gate_{key}", str(result[key])
-                ),
-            )
+        _tag_gate_result(result)
     log.info("promotion gate: %s", result)
-    if decision == "refused":
+    if result["decision"] == "refused":
         raise LabelSetMismatch(f"gate refused {model_name} v{version}: {row['decision_reason']}")
     return result
+
+
+def _version_to_gate(
+    model_name: str, model_ref: str, *, explicit: bool
+) -> tuple[str, Any, str | None]:
+    """(version, its MLflow record, its provenance problem or None) of what the gate is asked
+    to decide on; a version from outside the pipeline is refused unless `explicit`."""
+    version = resolve_model_version(model_name, model_ref)
+    mv = _ask(
+        f"read {model_name} v{version}",
+        lambda: mlflow_client().get_model_version(model_name, version),
+    )
+    problem = provenance_problem(model_name, mv)
+    if problem and not explicit:
+        raise Refusal(
+            f"{model_name} v{version} was not registered by this pipeline's training:"
+            f" {problem}. Not gated; to gate it on purpose: python -m pipeline promote"
+            f" --model-version {version}"
+        )
+    return version, mv, problem
+
+
+def _gate_result(model_name: str, version: str, row: dict[str, Any]) -> dict[str, Any]:
+    """`promote`'s result from the version's `model_versions` row."""
+    return {
+        "model_name": model_name,
+        "model_version": version,
+        "decision": row["decision"],
+        "reason": row["decision_reason"],
+        "accuracy": row["gate_accuracy"],
+        "champion_version": str(row["champion_version"]) if row["champion_version"] else None,
+        "champion_accuracy": row["champion_accuracy"],
+    }
+
+
+def _tag_gate_result(result: dict[str, Any]) -> None:
+    """The decision and both scores as `gate_*` tags of the version in MLflow."""
+    name, version = result["model_name"], result["model_version"]
+    for key in ("decision", "accuracy", "champion_version", "champion_accuracy"):
+        _ask(
+            f"tag {name} v{version}",
+            lambda key=key: mlflow_client().set_model_version_tag(
+                name, version, f"gate_{key}", str(result[key])
+            ),
+        )
 
 
 def gate_decision(

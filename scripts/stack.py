@@ -455,6 +455,9 @@ def ensure_s3(env: dict[str, str]) -> str:
                 "-ip.bind=127.0.0.1",
                 "-s3",
                 f"-s3.port={port}",
+                # Its Iceberg and Lance endpoints: not used, so not opened (a port less to bind).
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
                 f"-s3.config={identities}",
                 f"-master.port={env.get('SEAWEED_MASTER_PORT', '9333')}",
                 f"-volume.port={env.get('SEAWEED_VOLUME_PORT', '18080')}",

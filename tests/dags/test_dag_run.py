@@ -66,6 +66,7 @@ def world(settings, tmp_path_factory):
         "shards": 2,
         "num_workers": 2,
         "augment": False,
+        "val_percent": 20,  # not the default: the inbox DAG must keep it (its scan has no options)
     }
     try:
         yield {
@@ -297,6 +298,15 @@ def test_inbox_dag_scores_new_inbox_images_with_the_champion(world, settings, tm
             f"{world['prefix']}/inbox/new-{name}", (local / "inbox" / name).read_bytes()
         )
 
+    from pipeline import catalog
+
+    def dataset() -> tuple[str, int]:
+        found = catalog.latest_dataset(world["db"], world["conf"]["bucket"], world["prefix"])
+        stored = catalog.load_scan_config(world["db"], world["conf"]["bucket"], world["prefix"])
+        return found["dataset_version"], stored.val_percent
+
+    before = dataset()
+    assert before[1] == 20
     conf = {"bucket": world["conf"]["bucket"], "prefix": world["prefix"]}
     for _ in range(2):  # the second run finds nothing new
         result = airflow(
@@ -314,6 +324,8 @@ def test_inbox_dag_scores_new_inbox_images_with_the_champion(world, settings, tm
         "SELECT COUNT(*) AS n FROM v_inbox_latest_predictions WHERE predicted_label IS NULL"
     )
     assert latest == [{"n": 0}]
+    # Its scans used the main run's stored configuration: val not re-carved, same version.
+    assert dataset() == before
 
 
 SECRET_VARIABLES = (

@@ -7,6 +7,7 @@ runs on 8080 keeps its port; an earlier `make airflow` of the same checkout is s
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -92,6 +93,15 @@ def cleanup():
 def test_term_to_make_airflow_stops_every_airflow_process(tmp_path, cleanup):
     launcher, pgid = _start(tmp_path, cleanup)
     assert int((PIDS / "airflow.pid").read_text()) == launcher.pid
+    # Every socket the group listens on (API server; no log servers) is on loopback.
+    listening = [
+        (proc.name(), conn.laddr.ip, conn.laddr.port)
+        for proc in _group(pgid)
+        for conn in proc.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    ]
+    assert any(port == PORT for _, _, port in listening), listening
+    assert [s for s in listening if not ipaddress.ip_address(s[1]).is_loopback] == []
 
     launcher.send_signal(signal.SIGTERM)  # what `kill PID` or a service manager sends
     launcher.wait(timeout=60)

@@ -1,9 +1,9 @@
 """The local stack listens on loopback only and keeps secrets out of argv and logs (scripts/stack.py).
 
-Checks the running stack after `stack.py up`, and starts a private MLflow through stack.py's own
-code (its own port, log and pid folders) to see what a fresh start puts in argv and the log.
-Airflow's part is checked on the argv and environment `make airflow` uses
-(tests/unit/test_stack_env.py): starting it here would take minutes of two shared cores.
+Checks the running stack after `stack.py up`, and starts a private S3 and a private MLflow
+through stack.py's own code (their own ports, state, log and pid folders), so the check never
+depends on which services this checkout happened to start. Airflow's sockets are checked where
+tests/integration/test_airflow_ui_process.py starts `stack.py airflow`.
 """
 
 from __future__ import annotations
@@ -73,11 +73,45 @@ def test_after_up_no_stack_process_listens_beyond_loopback(stack):
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    procs = _stack_processes(stack)
-    sockets = _listening(procs)
-    if not sockets:
-        pytest.skip("no service of this stack was started by stack.py (all external)")
-    assert _beyond_loopback(sockets) == []
+    # Services found running (another checkout's, the machine's) are not this stack's: only
+    # what stack.py started is looked at; the private instances below always are.
+    assert _beyond_loopback(_listening(_stack_processes(stack))) == []
+
+
+def _free_port_pair(taken: set[int]) -> int:
+    """A port p not in `taken` with p and p + 10000 free (SeaweedFS serves gRPC on p + 10000)."""
+    for port in range(21000, 29000, 7):
+        free = port not in taken
+        for candidate in (port, port + 10000):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", candidate))
+                except OSError:
+                    free = False
+        if free:
+            return port
+    raise AssertionError("no free port pair")
+
+
+def test_a_fresh_s3_listens_on_loopback_only(stack, monkeypatch, tmp_path):
+    monkeypatch.setattr(stack, "STATE", tmp_path / "state")
+    monkeypatch.setattr(stack, "LOGS", tmp_path / "logs")
+    monkeypatch.setattr(stack, "PIDS", tmp_path / "pids")
+    ports = {}
+    for name in ("S3", "SEAWEED_MASTER_PORT", "SEAWEED_VOLUME_PORT", "SEAWEED_FILER_PORT"):
+        ports[name] = _free_port_pair(set(ports.values()))
+    env = stack.stack_env() | {
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.pop('S3')}",
+        **{name: str(port) for name, port in ports.items()},
+    }
+    try:
+        stack.ensure_s3(env)
+        pid = int((tmp_path / "pids" / "s3.pid").read_text())
+        sockets = _listening(_tree(pid))
+        assert len(sockets) >= 2, sockets  # at least the S3 API and the master
+        assert _beyond_loopback(sockets) == []
+    finally:
+        stack.stop_process("s3")
 
 
 def test_a_fresh_mlflow_listens_on_loopback_and_keeps_the_mysql_password_out_of_argv_and_log(
