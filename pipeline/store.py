@@ -7,9 +7,9 @@ Choices:
   here, bench/results/scan.md and score.md): scan validation, the training cache fill and
   scoring fetches are CPU-bound on a small worker, so those calls go through it; so do LISTs
   (about 60 % of boto3's client CPU per page). DELETE and bucket calls are few and stay on boto3.
-- One client of each kind per process, shared by the threads of that process (both are
-  thread-safe) and by `with_bucket` stores; a forked child builds its own, as neither client's
-  connection pool may cross a fork.
+- One client of each kind per process and endpoint (with its credentials), shared by every
+  store on it and by the threads of the process (both clients are thread-safe); a forked child
+  builds its own, as neither client's connection pool may cross a fork.
 - Both clients retry transient failures themselves, bounded (boto3's `standard` mode; urllib3's
   `Retry` with backoff for the MinIO SDK); what is left is raised as `ServiceUnavailable`
   naming S3 and its endpoint. A missing object (404) and a failed `If-Match` (412) are raised
@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -82,6 +82,20 @@ class _Clients:
             if self._minio is None:
                 self._minio = minio_client(self.settings, self.max_pool)
             return self._minio
+
+
+_SHARED: dict[tuple[S3Settings, int], _Clients] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_clients(settings: S3Settings, max_pool_connections: int) -> _Clients:
+    """The clients of an endpoint and its credentials (whatever the bucket), one set per
+    process and pool size: every store on that endpoint uses them."""
+    key = (replace(settings, bucket="", prefix=""), max_pool_connections)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = _Clients(key[0], max_pool_connections)
+        return _SHARED[key]
 
 
 def boto3_client(settings: S3Settings, max_pool_connections: int = 32) -> Any:
@@ -169,7 +183,7 @@ class ObjectStore:
     ) -> None:
         self.settings = settings
         self.bucket = bucket or settings.bucket
-        self._clients = clients or _Clients(settings, max_pool_connections)
+        self._clients = clients or shared_clients(settings, max_pool_connections)
 
     @property
     def client(self) -> Any:

@@ -73,6 +73,12 @@ def test_bytes_come_as_stored_even_with_a_content_encoding(store):
     assert store.get_bytes("z") == packed
 
 
+def test_stores_on_one_endpoint_share_their_clients(store):
+    other = ObjectStore(store.settings, "another-bucket")
+    assert other.minio is store.minio and other.client is store.client
+    assert store.with_bucket("x").minio is store.minio
+
+
 def test_threads_share_one_client_and_a_forked_child_makes_its_own(store):
     store.put_bytes("k", b"v")
     seen = []
