@@ -901,12 +901,7 @@ def scan(
         )
         previous = _latest_summary(db, bucket, prefix)
         if previous and is_unchanged(previous, listing, config, _catalog_mark(db, bucket, prefix)):
-            summary = unchanged_summary(previous, listing)
-            summary["seconds"] = round(time.monotonic() - t0, 3)
-            with db.transaction() as cur:
-                _insert_scan(cur, summary, started)
-            _log_scan(where, summary)
-            return summary
+            return _record_unchanged(db, where, previous, listing, started=started, t0=t0)
         rows = _load_rows(db, bucket, prefix)
         stored = {k: _row_state(r) for k, r in rows.items()}
         diff = diff_listing(listing, rows)
@@ -930,21 +925,8 @@ def scan(
             )
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        now, fetched = utc_now(), set(diff.to_fetch)
-        for key, (parsed, obj) in listing.objects.items():
-            if key in fetched and key not in inspected:
-                continue  # vanished between LIST and GET
-            subset = carve_subset(
-                parsed.relative_key,
-                parsed.split,
-                val_percent=config.val_percent,
-                has_val_split=listing.has_val_split,
-            )
-            apply_object(
-                rows, parsed, obj, None, bucket=bucket, prefix=prefix, subset=subset, now=now
-            )
-        for key in diff.deleted:
-            rows[key]["deleted_at"] = now
+        now = utc_now()
+        apply_listing(rows, listing, diff, inspected, config, bucket=bucket, prefix=prefix, now=now)
         cross = _cross_checks(
             rows,
             leakage_policy=config.leakage_policy,
@@ -970,6 +952,47 @@ def scan(
     summary["seconds"] = round(time.monotonic() - t0, 3)
     _log_scan(where, summary)
     return summary
+
+
+def _record_unchanged(
+    db: Database, where: str, previous: dict[str, Any], listing, *, started, t0: float
+) -> dict[str, Any]:
+    """Record a scan that found the listing, config and catalog as the last scan left them."""
+    summary = unchanged_summary(previous, listing)
+    summary["seconds"] = round(time.monotonic() - t0, 3)
+    with db.transaction() as cur:
+        _insert_scan(cur, summary, started)
+    _log_scan(where, summary)
+    return summary
+
+
+def apply_listing(
+    rows: dict[str, dict[str, Any]],
+    listing,
+    diff,
+    inspected,
+    config: ScanConfig,
+    *,
+    bucket: str,
+    prefix: str,
+    now,
+) -> None:
+    """Bring `rows` to what the listing says: every listed object applied with its subset
+    (val carved by `config`), every vanished one marked deleted at `now`. An object fetched for
+    inspection that was not inspected vanished between LIST and GET: left out."""
+    fetched = set(diff.to_fetch)
+    for key, (parsed, obj) in listing.objects.items():
+        if key in fetched and key not in inspected:
+            continue
+        subset = carve_subset(
+            parsed.relative_key,
+            parsed.split,
+            val_percent=config.val_percent,
+            has_val_split=listing.has_val_split,
+        )
+        apply_object(rows, parsed, obj, None, bucket=bucket, prefix=prefix, subset=subset, now=now)
+    for key in diff.deleted:
+        rows[key]["deleted_at"] = now
 
 
 def _latest_summary(db: Database, bucket: str, prefix: str) -> dict[str, Any] | None:
