@@ -596,7 +596,15 @@ def main() -> int:
                 for p in ("fp32", "fp32_old", "int8", "int8_old")
             )
             + ". (b) minus (a) on this process is the per-image cost of GET, decode,"
-            " preprocessing and bookkeeping.",
+            " preprocessing and bookkeeping. (a)/(b) of this process's CPU, the b/a to expect"
+            " where scoring is CPU-bound and has the cores to itself (the S3 and MySQL servers"
+            " elsewhere): "
+            + ", ".join(
+                f"{p} **{a_cpu[p] / last['summaries'][p]['cpu_ms']['this process']:.2f}**"
+                f" (old client {a_cpu[p] / last['summaries'][p + '_old']['cpu_ms']['this process']:.2f})"
+                for p in ("fp32", "int8")
+            )
+            + ". The servers' columns also count other work on this shared machine.",
             f"- bf16 vs fp32, model alone: {' / '.join(f'{x:.2f}' for x in a_bf16_x)}x the fp32"
             f" rate ({bf16_note(a_bf16_x)}).",
             f"- int8 (ONNX Runtime, static QDQ, per-channel, percentile calibration on"

@@ -11,12 +11,15 @@ champion (one mapped task per shard) and writes every prediction to MySQL.
 - `imgpipe_mysql`: type `mysql`, schema = the project database
 
 **Environment**: `MLFLOW_TRACKING_URI`, `MODEL_NAME` (default registered model), `PIPELINE_SCHEDULE`
-(cron, default nightly 02:00 UTC), `PIPELINE_CACHE_DIR` (image/checkpoint cache).
+(cron, default nightly 02:00 UTC), `PIPELINE_SCHEDULE_ON` (`cron`, the default; `drift`: run when
+the `imgpipe_drift` asset is updated; `both`), `PIPELINE_CACHE_DIR` (image/checkpoint cache).
 
 **Params** (the trigger form; `airflow dags trigger -c '{...}'` and the REST API use the same names):
 `bucket`, `prefix`, `epochs`, `batch_size`, `learning_rate`, `image_size`, `weights`
 (`none` / `imagenet` / path / `s3://` state dict), `min_accuracy`, `promotion_margin`, `shards`,
-`force_retrain`, `score_only`, `rollback_to`, `model_ref`, ... Every value is validated again by the
+`force_retrain`, `score_only`, `rollback_to`, `model_ref`, the drift thresholds `drift_p_value`
+(accepted false-positive rate), `drift_min_images`, `drift_label_shift`, `drift_confidence_drop`,
+... Every value is validated again by the
 first task, because `dags test -c` and the REST API skip the form.
 
 **Scope**: `model_name` is the registered model of one dataset scope (empty: `MODEL_NAME`); every
@@ -31,7 +34,9 @@ saying what to change; a service outage fails the task and Airflow retries it.
 
 **Tasks**: `check_services` → `scan_images` → `check_dataset` (short-circuits training when
 nothing changed) → `train_model` → `promote_model` → `publish_champion` → `plan_scoring` →
-`score_images` (mapped over shards) → `evaluate_model`. Each task also runs alone with
+`score_images` (mapped over shards) → `evaluate_model` and `check_drift` (this run's scored test
+and inbox images against the scoring version's val reference, into `drift_reports`) →
+`publish_drift` (the `imgpipe_drift` asset event, only when drift was found). Each task also runs alone with
 `airflow tasks test image_classification <task_id> <date>`, reading its inputs from MySQL/MLflow.
 """
 
@@ -40,8 +45,8 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, TriggerRule, dag, task
-from imgpipe_runtime import CATALOG_ASSET, CHAMPION_ASSET, DEFAULT_ARGS, fail_fast
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, dag, task
+from imgpipe_runtime import CATALOG_ASSET, CHAMPION_ASSET, DEFAULT_ARGS, DRIFT_ASSET, fail_fast
 
 from pipeline.params import RUN_PARAMS
 
@@ -55,6 +60,23 @@ def _form_params() -> dict[str, Param]:
     }
 
 
+SCHEDULE_ON = ("cron", "drift", "both")
+
+
+def _schedule():
+    """The cron of PIPELINE_SCHEDULE, the drift asset, or either (PIPELINE_SCHEDULE_ON)."""
+    cron = os.environ.get("PIPELINE_SCHEDULE", "0 2 * * *")
+    on = os.environ.get("PIPELINE_SCHEDULE_ON", "cron")
+    if on == "cron":
+        return cron
+    if on == "drift":
+        return [DRIFT_ASSET]
+    if on == "both":
+        timetable = CronTriggerTimetable(cron, timezone="UTC")
+        return AssetOrTimeSchedule(timetable=timetable, assets=DRIFT_ASSET)
+    raise ValueError(f"PIPELINE_SCHEDULE_ON={on!r}; expected one of: {', '.join(SCHEDULE_ON)}")
+
+
 def _xcom(context, task_id: str):
     """An upstream task's XCom in this run, or None (e.g. under `airflow tasks test`)."""
     try:
@@ -65,7 +87,7 @@ def _xcom(context, task_id: str):
 
 @dag(
     dag_id="image_classification",
-    schedule=os.environ.get("PIPELINE_SCHEDULE", "0 2 * * *"),
+    schedule=_schedule(),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -334,6 +356,43 @@ def image_classification():
         # XCom stays small whatever the number of classes: per-class rows are in MySQL/MLflow.
         return {k: v for k, v in result.items() if k != "per_class"}
 
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    @fail_fast
+    def check_drift(**context) -> dict:
+        """This run's scored test and inbox images against the scoring version's val reference."""
+        import imgpipe_runtime as rt
+
+        from pipeline import drift, registry
+
+        params = rt.run_params(context)
+        plan = _xcom(context, "plan_scoring") or []
+        version = (plan[0]["model_version"] if plan else None) or registry.resolve_model_version(
+            rt.model_name(params), params["model_ref"]
+        )
+        return drift.check_drift(
+            rt.database(),
+            model_name=rt.model_name(params),
+            model_version=str(version),
+            airflow_run_id=context["run_id"],
+            cache_dir=rt.cache_dir(),
+            thresholds=drift.Thresholds.from_params(params),
+        )
+
+    @task(outlets=[DRIFT_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
+    @fail_fast
+    def publish_drift(**context) -> dict:
+        """Emit the drift asset event only when check_drift found drift."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        report = _xcom(context, "check_drift") or {}
+        if not report.get("drifted"):
+            raise AirflowSkipException("no drift found: no asset event")
+        found = {s: v["reasons"] for s, v in report["subsets"].items() if v["drifted"]}
+        context["outlet_events"][DRIFT_ASSET].extra = {
+            k: report[k] for k in ("model_name", "model_version", "airflow_run_id")
+        } | {"subsets": found}
+        return found
+
     checked = check_services()
     scanned = scan_images()
     needs_training = check_dataset()
@@ -346,6 +405,7 @@ def image_classification():
 
     checked >> scanned >> needs_training >> trained >> promoted >> published >> plan
     scored >> evaluated
+    scored >> check_drift() >> publish_drift()
 
 
 image_classification()

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("registry", "run the promotion gate for a model version, or roll back"),
     "score": ("score", "score images with a model version and write predictions to MySQL"),
     "report": ("report", "print the evaluation of the champion (or a model version)"),
+    "check-drift": ("drift", "compare a scoring run's images with the version's val reference"),
 }
 # Torch-free homes of a command's flags: `train --help` and bad flags answer without torch.
 ARGUMENTS: dict[str, str] = {"train": "train_plan"}

@@ -52,10 +52,12 @@ def default_batch_size(device: torch.device) -> int:
 
 @dataclass
 class ScoredBatch(Generic[T]):
-    """One batch's outcome: predictions of the images that decoded, reasons for those that didn't."""
+    """One batch's outcome: predictions of the images that decoded, reasons for those that didn't,
+    and, when asked for (`embed`), the predictions' embeddings on the host, in their order."""
 
     predictions: list[tuple[T, Prediction]]
     failures: list[tuple[T, str]]
+    embeddings: torch.Tensor | None = None
 
 
 @dataclass
@@ -84,12 +86,15 @@ def predict_stream(
     top_k: int = 3,
     gpu_decode: bool = True,
     clock: StageClock | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[ScoredBatch[T]]:
     """Predictions for `items` in order, a batch at a time; see the module docstring.
 
     `module` is the model on `device` (or an int8 ONNX model on the CPU); `fetch` returns an
     item's encoded bytes. `gpu_decode=False` decodes JPEGs on the fetch threads too (for hosts
-    with many cores per GPU, or to compare).
+    with many cores per GPU, or to compare). `embed` (a PyTorch `module` only) maps the
+    penultimate-layer features of a batch, captured in the same forward pass, to what
+    `ScoredBatch.embeddings` holds (`drift.Projector`: their projection, on the device).
     """
     precision = resolve_precision(precision, device)
     batch_size = batch_size or default_batch_size(device)
@@ -107,6 +112,7 @@ def predict_stream(
             top_k=top_k,
             precision=precision,
             clock=clock or StageClock(),
+            embed=embed,
         )
 
 
@@ -179,7 +185,14 @@ def device_stager(preset: EvalPreset, device: torch.device):
 
 
 def scored_batches(
-    module, staged: Iterable, *, labels: Sequence[str], top_k: int, precision: str, clock
+    module,
+    staged: Iterable,
+    *,
+    labels: Sequence[str],
+    top_k: int,
+    precision: str,
+    clock,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[ScoredBatch]:
     """Step 3, on the calling thread: each batch's forward pass is queued before the previous
     batch's results are read, so a GPU never waits for the host."""
@@ -189,7 +202,7 @@ def scored_batches(
         since = clock.add("wait_input", since)
         launched = None
         if images is not None:
-            launched = _launch(module, images, top_k=top_k, precision=precision)
+            launched = _launch(module, images, top_k=top_k, precision=precision, embed=embed)
         if pending is not None:
             scored = _finish(pending, labels)
             clock.add("infer", since)
@@ -223,27 +236,40 @@ def _batches(
         yield loaded, failures
 
 
-def _launch(module, images: torch.Tensor, *, top_k: int, precision: str):
-    """Queue the forward pass and the copy of its top-k to the host; returns without waiting."""
-    values, indices = top_k_probs(module, images, top_k=top_k, precision=precision)
+def _launch(module, images: torch.Tensor, *, top_k: int, precision: str, embed=None):
+    """Queue the forward pass and the copy of its top-k (and embeddings) to the host; returns
+    without waiting."""
+    embedded = None
+    if embed is None:
+        values, indices = top_k_probs(module, images, top_k=top_k, precision=precision)
+    else:
+        from pipeline.drift import penultimate
+
+        with penultimate(module) as features:
+            values, indices = top_k_probs(module, images, top_k=top_k, precision=precision)
+        with torch.inference_mode():
+            embedded = embed(features[-1])
     if not values.is_cuda:
-        return values, indices, None
-    host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host_indices = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=True)
-    host_values.copy_(values, non_blocking=True)
-    host_indices.copy_(indices, non_blocking=True)
+        return values, indices, embedded, None
+    host = [
+        None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        for t in (values, indices, embedded)
+    ]
+    for target, source in zip(host, (values, indices, embedded), strict=True):
+        if target is not None:
+            target.copy_(source, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
-    return host_values, host_indices, done
+    return *host, done
 
 
 def _finish(pending, labels: Sequence[str]) -> ScoredBatch:
     kept, failures, launched = pending
     if launched is None:
         return ScoredBatch([], failures)
-    values, indices, done = launched
+    values, indices, embedded, done = launched
     if done is not None:
         done.synchronize()
     return ScoredBatch(
-        list(zip(kept, to_predictions(values, indices, labels), strict=True)), failures
+        list(zip(kept, to_predictions(values, indices, labels), strict=True)), failures, embedded
     )

@@ -283,6 +283,43 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         enum=PRECISIONS,
         section="Scoring",
     ),
+    "drift_p_value": ParamSpec(
+        "number",
+        0.01,
+        "Drift check: the false-positive rate it accepts, i.e. how often images that look"
+        " like the version's val images are still called drifted (split over its three"
+        " permutation tests: embeddings, predicted labels, confidence).",
+        minimum=0.001,
+        maximum=0.5,
+        section="Drift",
+    ),
+    "drift_min_images": ParamSpec(
+        "integer",
+        30,
+        "Drift check: fewer images scored in a subset (test, inbox) than this give 'not"
+        " enough images' instead of a verdict.",
+        minimum=2,
+        maximum=100000,
+        section="Drift",
+    ),
+    "drift_label_shift": ParamSpec(
+        "number",
+        0.15,
+        "Drift check: smallest change of the predicted-label distribution against val"
+        " (total variation distance, 0-1) that counts, when also significant.",
+        minimum=0,
+        maximum=1,
+        section="Drift",
+    ),
+    "drift_confidence_drop": ParamSpec(
+        "number",
+        0.1,
+        "Drift check: smallest drop of the mean top-1 confidence against val that counts,"
+        " when also significant.",
+        minimum=0,
+        maximum=1,
+        section="Drift",
+    ),
 }
 
 _PY_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,)}

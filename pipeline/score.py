@@ -240,10 +240,16 @@ def upsert_predictions(cur, rows: Sequence[tuple]) -> None:
     )
 
 
-def _write_batch(db: Database, rows: list[tuple]) -> None:
+def _write_batch(db: Database, rows: list[tuple], embeddings: list[tuple] = ()) -> None:
     # One transaction per batch: a kill leaves whole batches only; an upsert is safe to rerun
-    # when MySQL drops the connection mid-batch.
-    db.transact(lambda cur: upsert_predictions(cur, rows))
+    # when MySQL drops the connection mid-batch. The batch's drift embeddings go with it.
+    from pipeline.drift import upsert_embeddings
+
+    def write(cur) -> None:
+        upsert_predictions(cur, rows)
+        upsert_embeddings(cur, embeddings)
+
+    db.transact(write)
 
 
 _CORRECT = _COLUMNS.index("correct")
@@ -365,6 +371,7 @@ def score_shard(
     if by_kind.get("labelled", Counter())[shard]:
         check_labels(loaded.labels, list(dataset["label_map"]), what=f"{model_name} v{version}")
     module, device, precision = scoring_model(loaded, precision, db, store, cache_dir=cache_dir)
+    projector = drift_projector(loaded, precision, device, cache_dir=cache_dir)
     cache = ImageCache(cache_dir)
     started = last_log = time.monotonic()
     for scored in predict_stream(
@@ -379,6 +386,7 @@ def score_shard(
         workers=workers,
         top_k=TOP_K,
         clock=clock,
+        embed=projector,
     ):
         t0 = time.perf_counter()
         _reject(db, scored.failures, stats)
@@ -392,7 +400,8 @@ def score_shard(
                 airflow_run_id=airflow_run_id,
                 scored_at=utc_now(),
             )
-            _write_batch(db, rows)
+            embedded = _embedding_rows(scored, rows, airflow_run_id)
+            _write_batch(db, rows, *([embedded] if embedded else []))
             stats.add_rows(rows)
         clock.add("write", t0)
         if time.monotonic() - last_log >= _PROGRESS_EVERY_S:
@@ -415,6 +424,36 @@ def score_shard(
         summary["rejected"] or "none",
     )
     return summary
+
+
+def drift_projector(loaded, precision: str, device, *, cache_dir):
+    """The version's drift projection on `device`, or None: no reference, or int8 scoring
+    (ONNX Runtime gives no penultimate layer to hook; the drift check then finds no images)."""
+    from pipeline import drift
+
+    if precision == "int8":
+        log.info("int8 scoring: no drift embeddings for %s", loaded.model_version)
+        return None
+    reference = drift.load_reference(loaded.model_name, loaded.model_version, cache_dir=cache_dir)
+    if reference is None:
+        log.info("%s v%s has no drift reference", loaded.model_name, loaded.model_version)
+        return None
+    return reference.projector(device)
+
+
+def _embedding_rows(scored, rows: Sequence[tuple], airflow_run_id: str | None) -> list[tuple]:
+    from pipeline.drift import embedding_rows
+
+    if scored.embeddings is None:
+        return []
+    return embedding_rows(
+        [record for record, _ in scored.predictions],
+        scored.embeddings,
+        model_name=rows[0][_COLUMNS.index("model_name")],
+        model_version=rows[0][_COLUMNS.index("model_version")],
+        airflow_run_id=airflow_run_id,
+        created_at=rows[0][_COLUMNS.index("scored_at")],
+    )
 
 
 def _reject(db: Database, failures: Sequence[tuple[ImageRecord, str]], stats: ShardStats) -> None:

@@ -36,7 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline import catalog, model_files, registry
+from pipeline import catalog, drift, model_files, registry
 from pipeline.data import (
     DeviceBatches,
     EvalPreset,
@@ -882,6 +882,14 @@ def finish_run(
         }
     )
     _log_reports(progress.history, final["pairs"], data["labels"])
+    reference = drift.build_reference(
+        model,
+        val_loader,
+        training.device,
+        labels=data["labels"],
+        autocast_dtype=training.autocast_dtype,
+        seed=params.seed,
+    )
     model_version = log_and_register(
         model,
         model_name=model_name,
@@ -895,6 +903,7 @@ def finish_run(
             # The split the gate compares on: val, unless the model trained on it.
             "gate_split": "test" if params.train_on_val else "val",
         },
+        drift_reference=reference,
     )
     registry.record_version(db, model_name, model_version)
     return {
@@ -919,13 +928,15 @@ def log_and_register(
     dataset_version: str,
     run_key: str,
     extra_tags: dict[str, str] | None = None,
+    drift_reference: drift.DriftReference | None = None,
 ) -> str:
     """Log `model` to the active MLflow run and register it; returns the model version.
 
     The model is weights (safetensors) plus their meaning (JSON), inside a pyfunc model from
     code (`pipeline/mlflow_pyfunc.py`) that users load by alias; the weights' SHA-256 is a
     version tag that the pipeline checks before it uses them (`model_files.read_weights`).
-    Registration is keyed by `run_key`: an existing version is returned.
+    `drift_reference` (`drift.build_reference` on val) is stored beside them, its SHA-256 a tag
+    too. Registration is keyed by `run_key`: an existing version is returned.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -943,6 +954,11 @@ def log_and_register(
             model, Path(tmp), label_map=label_map, image_size=image_size
         )
         digest = model_files.file_sha256(files["weights"])
+        if drift_reference is not None:
+            files |= drift_reference.write(Path(tmp))
+            extra_tags = (extra_tags or {}) | {
+                drift.REFERENCE_SHA_TAG: model_files.file_sha256(files["drift"])
+            }
         mlflow.log_dict(label_map, "label_map.json")
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -20,6 +20,9 @@ T = TypeVar("T")
 
 CATALOG_ASSET = Asset(name="imgpipe_catalog", uri="imgpipe://catalog/images")
 CHAMPION_ASSET = Asset(name="imgpipe_champion", uri="imgpipe://registry/champion")
+# Emitted by `publish_drift` when a scoring run's images no longer look like the champion's
+# val images; `PIPELINE_SCHEDULE_ON=drift|both` schedules image_classification on it.
+DRIFT_ASSET = Asset(name="imgpipe_drift", uri="imgpipe://monitoring/drift")
 
 
 def run_params(context: dict[str, Any]) -> dict[str, Any]:

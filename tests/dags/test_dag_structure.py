@@ -45,6 +45,8 @@ def test_expected_edges(dagbag):
         ("publish_champion", "plan_scoring"),
         ("plan_scoring", "score_images"),
         ("score_images", "evaluate_model"),
+        ("score_images", "check_drift"),
+        ("check_drift", "publish_drift"),
     }
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 

@@ -511,6 +511,8 @@ def test_views_answer_the_documented_questions(db, digits):
         [(None, 2, "test", 3), (None, 1, "test", 3), (None, 2, "inbox", 2), (None, 1, "inbox", 2)],
         [],  # no stored evaluation yet
         [],  # nothing rejected while scoring
+        [],  # drift history: no check ran here (tests/integration/test_drift.py)
+        [],  # drifted runs
     ]
     queries = _doc_queries()
     assert len(queries) == len(expected)
