@@ -55,11 +55,12 @@ def _images_decoded(frame, selector: str) -> int:
 
 
 def _write_readme_screenshot(source: Path, target: Path) -> None:
-    """`source` at half width, as a 256-colour PNG (small enough to commit)."""
+    """`source` at two thirds of its size, as a 256-colour PNG (small enough to commit)."""
     from PIL import Image
 
     with Image.open(source) as img:
-        small = img.convert("RGB").resize((img.width // 2, img.height // 2), Image.LANCZOS)
+        size = (img.width * 2 // 3, img.height * 2 // 3)
+        small = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
         target.parent.mkdir(parents=True, exist_ok=True)
         small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
 
