@@ -583,22 +583,11 @@ def evaluate(
     """
     version = int(model_version)
     if dataset_version is None:
-        latest = db.query(
-            "SELECT dataset_version FROM predictions WHERE model_name = %s AND model_version = %s"
-            " AND dataset_version IS NOT NULL ORDER BY scored_at DESC, id DESC LIMIT 1",
-            (model_name, version),
-        )
-        dataset_version = latest[0]["dataset_version"] if latest else None
-    rows = []
+        dataset_version = last_scored_dataset(db, model_name, version)
+    pairs = []
     if dataset_version is not None:
-        members, member_args = catalog.membership_query(dataset_version, subsets)
-        rows = db.query(
-            "SELECT p.true_label, p.predicted_label FROM predictions p"
-            f" JOIN ({members}) AS mem ON mem.id = p.image_id"
-            " WHERE p.model_name = %s AND p.model_version = %s AND p.true_label IS NOT NULL",
-            (*member_args, model_name, version),
-        )
-    metrics = compute_metrics([(r["true_label"], r["predicted_label"]) for r in rows])
+        pairs = labelled_pairs(db, model_name, version, dataset_version, subsets)
+    metrics = compute_metrics(pairs)
     result = {
         "model_name": model_name,
         "model_version": str(version),
@@ -614,6 +603,47 @@ def evaluate(
     if not metrics["n_images"]:
         log.warning("%s v%s has no labelled predictions to evaluate", model_name, version)
         return result
+    write_evaluation(db, model_name, version, metrics)
+    if log_to_mlflow:
+        _log_to_mlflow(model_name, str(version), metrics)
+    log.info(
+        "evaluated %s v%s on %d images: accuracy %.4f, macro-F1 %.4f",
+        model_name,
+        version,
+        metrics["n_images"],
+        metrics["accuracy"],
+        metrics["macro_f1"],
+    )
+    return result
+
+
+def last_scored_dataset(db: Database, model_name: str, version: int) -> str | None:
+    """The dataset version of `version`'s latest prediction (None: it predicted nothing)."""
+    latest = db.query(
+        "SELECT dataset_version FROM predictions WHERE model_name = %s AND model_version = %s"
+        " AND dataset_version IS NOT NULL ORDER BY scored_at DESC, id DESC LIMIT 1",
+        (model_name, version),
+    )
+    return latest[0]["dataset_version"] if latest else None
+
+
+def labelled_pairs(
+    db: Database, model_name: str, version: int, dataset_version: str, subsets: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(true, predicted) labels of `version`'s predictions of the usable members of
+    `dataset_version` in `subsets` (`catalog.membership_query`)."""
+    members, member_args = catalog.membership_query(dataset_version, subsets)
+    rows = db.query(
+        "SELECT p.true_label, p.predicted_label FROM predictions p"
+        f" JOIN ({members}) AS mem ON mem.id = p.image_id"
+        " WHERE p.model_name = %s AND p.model_version = %s AND p.true_label IS NOT NULL",
+        (*member_args, model_name, version),
+    )
+    return [(r["true_label"], r["predicted_label"]) for r in rows]
+
+
+def write_evaluation(db: Database, model_name: str, version: int, metrics: dict[str, Any]) -> None:
+    """Replace `version`'s evaluation rows (summary, per class, confusion) in one transaction."""
     key = (model_name, version)
     with db.transaction() as cur:
         for table in ("evaluations", "evaluation_classes", "confusion_matrix"):
@@ -643,17 +673,6 @@ def evaluate(
             " VALUES (%s, %s, %s, %s, %s)",
             [(*key, t, p, n) for (t, p), n in sorted(metrics["confusion"].items())],
         )
-    if log_to_mlflow:
-        _log_to_mlflow(model_name, str(version), metrics)
-    log.info(
-        "evaluated %s v%s on %d images: accuracy %.4f, macro-F1 %.4f",
-        model_name,
-        version,
-        metrics["n_images"],
-        metrics["accuracy"],
-        metrics["macro_f1"],
-    )
-    return result
 
 
 def _log_to_mlflow(model_name: str, model_version: str, metrics: dict[str, Any]) -> None:

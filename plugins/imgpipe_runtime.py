@@ -15,6 +15,8 @@ log = logging.getLogger("airflow.task")
 S3_CONN_ID = os.environ.get("PIPELINE_S3_CONN_ID", "imgpipe_s3")
 MYSQL_CONN_ID = os.environ.get("PIPELINE_MYSQL_CONN_ID", "imgpipe_mysql")
 TASK_RETRIES = int(os.environ.get("PIPELINE_TASK_RETRIES", "2"))
+# First retry delay (doubling up to 10 minutes): long enough for a restarted service.
+TASK_RETRY_DELAY_S = float(os.environ.get("PIPELINE_TASK_RETRY_DELAY_S", "30"))
 
 T = TypeVar("T")
 
@@ -195,7 +197,7 @@ def log_failure(context: dict[str, Any]) -> None:
 DEFAULT_ARGS = {
     "owner": "ml-platform",
     "retries": TASK_RETRIES,
-    "retry_delay": timedelta(seconds=30),
+    "retry_delay": timedelta(seconds=TASK_RETRY_DELAY_S),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
     "execution_timeout": timedelta(minutes=30),

@@ -54,6 +54,7 @@ def world(settings, tmp_path_factory) -> Iterator[dict]:
                 ),
                 "MODEL_NAME": model_name,
                 "PIPELINE_TASK_RETRIES": "2",
+                "PIPELINE_TASK_RETRY_DELAY_S": "3",  # the killed shard's retry, without waiting
                 "PIPELINE_TRAIN_QUEUE": TRAIN_QUEUE,
                 "PIPELINE_SCORE_QUEUE": SCORE_QUEUE,
             },
