@@ -63,7 +63,7 @@ def score_run(db, module, images, records, *, reference, device, batch_size: int
             model_version=1 if reference is None else 2,
             dataset_version=None,
             mlflow_run_id="bench",
-            airflow_run_id=run_id,
+            run_key=run_id,
             scored_at=utc_now(),
         )
         embedded = []
@@ -73,7 +73,7 @@ def score_run(db, module, images, records, *, reference, device, batch_size: int
                 scored.embeddings,
                 model_name="bench",
                 model_version=2,
-                airflow_run_id=run_id,
+                run_key=run_id,
                 created_at=utc_now(),
             )
         score._write_batch(db, rows, embedded)  # noqa: SLF001 - the shard's own write
@@ -85,7 +85,7 @@ def score_run(db, module, images, records, *, reference, device, batch_size: int
             db,
             model_name="bench",
             model_version=2,
-            airflow_run_id=run_id,
+            run_key=run_id,
             subset="inbox",
             labels=reference.labels,
         )

@@ -328,7 +328,7 @@ def image_classification():
             prefix=params["prefix"],
             dataset_version=dataset_version,
             force=params["force_rescore"],
-            airflow_run_id=context["run_id"],
+            run_key=context["run_id"],
             cache_dir=rt.cache_dir(),
             precision=params["precision"],
         )
@@ -373,7 +373,7 @@ def image_classification():
             rt.database(),
             model_name=rt.model_name(params),
             model_version=str(version),
-            airflow_run_id=context["run_id"],
+            run_key=context["run_id"],
             cache_dir=rt.cache_dir(),
             thresholds=drift.Thresholds.from_params(params),
         )
@@ -389,7 +389,7 @@ def image_classification():
             raise AirflowSkipException("no drift found: no asset event")
         found = {s: v["reasons"] for s, v in report["subsets"].items() if v["drifted"]}
         context["outlet_events"][DRIFT_ASSET].extra = {
-            k: report[k] for k in ("model_name", "model_version", "airflow_run_id")
+            k: report[k] for k in ("model_name", "model_version", "run_key")
         } | {"subsets": found}
         return found
 

@@ -85,7 +85,7 @@ def image_classification_inbox():
             shard=0,
             shards=1,
             prefix=params["prefix"],
-            airflow_run_id=context["run_id"],
+            run_key=context["run_id"],
             cache_dir=rt.cache_dir(),
             precision=params["precision"],
             subsets=("inbox",),

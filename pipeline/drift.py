@@ -262,7 +262,7 @@ def load_reference(model_name: str, model_version: str | int, *, cache_dir: str 
 # ----------------------------------------------------------------------------- embeddings
 
 _EMBEDDING_UPSERT = (
-    "INSERT INTO drift_embeddings (model_name, model_version, airflow_run_id, image_id, subset,"
+    "INSERT INTO drift_embeddings (model_name, model_version, run_key, image_id, subset,"
     " embedding, created_at) VALUES {rows} ON DUPLICATE KEY UPDATE subset = VALUES(subset),"
     " embedding = VALUES(embedding), created_at = VALUES(created_at)"
 )
@@ -274,7 +274,7 @@ def embedding_rows(
     *,
     model_name: str,
     model_version: int,
-    airflow_run_id: str | None,
+    run_key: str | None,
     created_at,
 ) -> list[tuple]:
     """`drift_embeddings` rows of a batch: (record, float32 little-endian bytes) pairs."""
@@ -285,7 +285,7 @@ def embedding_rows(
         (
             model_name,
             model_version,
-            airflow_run_id or "",
+            run_key or "",
             record.image_id,
             record.subset,
             np.ascontiguousarray(row).tobytes(),
@@ -470,9 +470,9 @@ def compare(
 
 
 def window_of(
-    db: Database, *, model_name: str, model_version: int, airflow_run_id: str, subset: str, labels
+    db: Database, *, model_name: str, model_version: int, run_key: str, subset: str, labels
 ):
-    """(embeddings (m, k), predicted indices, confidences) of the images `airflow_run_id`
+    """(embeddings (m, k), predicted indices, confidences) of the images `run_key`
     scored in `subset` with the version."""
     import numpy as np
     import torch
@@ -481,9 +481,9 @@ def window_of(
         "SELECT e.embedding, p.predicted_label, p.confidence FROM drift_embeddings e"
         " JOIN predictions p ON p.image_id = e.image_id AND p.model_name = e.model_name"
         " AND p.model_version = e.model_version"
-        " WHERE e.model_name = %s AND e.model_version = %s AND e.airflow_run_id = %s"
+        " WHERE e.model_name = %s AND e.model_version = %s AND e.run_key = %s"
         " AND e.subset = %s ORDER BY e.image_id",
-        (model_name, model_version, airflow_run_id, subset),
+        (model_name, model_version, run_key, subset),
     )
     index = {label: i for i, label in enumerate(labels)}
     rows = [r for r in rows if r["predicted_label"] in index]
@@ -500,11 +500,11 @@ def window_of(
 def latest_run(db: Database, model_name: str, model_version: int) -> str | None:
     """The Airflow run id whose embeddings of the version were written last."""
     rows = db.query(
-        "SELECT airflow_run_id FROM drift_embeddings WHERE model_name = %s AND model_version = %s"
+        "SELECT run_key FROM drift_embeddings WHERE model_name = %s AND model_version = %s"
         " ORDER BY created_at DESC LIMIT 1",
         (model_name, model_version),
     )
-    return rows[0]["airflow_run_id"] if rows else None
+    return rows[0]["run_key"] if rows else None
 
 
 def check_drift(
@@ -512,23 +512,23 @@ def check_drift(
     *,
     model_name: str,
     model_version: str | int,
-    airflow_run_id: str | None,
+    run_key: str | None,
     cache_dir: str | Path,
     thresholds: Thresholds | None = None,
     subsets: Sequence[str] = SUBSETS,
     log_to_mlflow: bool = True,
 ) -> dict[str, Any]:
-    """Compare the images `airflow_run_id` scored with the version, per subset, with the
+    """Compare the images `run_key` scored with the version, per subset, with the
     version's reference; one `drift_reports` row per subset (upserted: a rerun rewrites it).
 
-    Returns {model_name, model_version, airflow_run_id, drifted, subsets: {subset: verdict}}
+    Returns {model_name, model_version, run_key, drifted, subsets: {subset: verdict}}
     (status, n_images, the statistics and p-values, reasons, message).
-    `airflow_run_id` None: the run that scored with the version last.
+    `run_key` None: the run that scored with the version last.
     """
     thresholds = thresholds or Thresholds()
     version = int(model_version)
-    if airflow_run_id is None:
-        airflow_run_id = latest_run(db, model_name, version) or ""
+    if run_key is None:
+        run_key = latest_run(db, model_name, version) or ""
     reference = load_reference(model_name, version, cache_dir=cache_dir)
     verdicts: dict[str, dict[str, Any]] = {}
     for subset in subsets:
@@ -547,7 +547,7 @@ def check_drift(
                 db,
                 model_name=model_name,
                 model_version=version,
-                airflow_run_id=airflow_run_id,
+                run_key=run_key,
                 subset=subset,
                 labels=reference.labels,
             )
@@ -557,19 +557,19 @@ def check_drift(
             "drift of %s v%s, run %s, %s: %s (%d images)",
             model_name,
             version,
-            airflow_run_id or "(none)",
+            run_key or "(none)",
             subset,
             verdict["message"],
             verdict["n_images"],
         )
-    _write_reports(db, model_name, version, airflow_run_id, verdicts, thresholds)
+    _write_reports(db, model_name, version, run_key, verdicts, thresholds)
     _purge_embeddings(db)
     if log_to_mlflow and reference is not None:
         _log_to_mlflow(model_name, str(version), verdicts)
     return {
         "model_name": model_name,
         "model_version": str(version),
-        "airflow_run_id": airflow_run_id,
+        "run_key": run_key,
         "drifted": any(v["drifted"] for v in verdicts.values()),
         # Small whatever the number of classes (an XCom): distributions are in drift_reports.
         "subsets": {
@@ -582,7 +582,7 @@ def check_drift(
 _REPORT_COLUMNS = (
     "model_name",
     "model_version",
-    "airflow_run_id",
+    "run_key",
     "subset",
     "status",
     "n_images",
@@ -604,16 +604,16 @@ _REPORT_COLUMNS = (
     "label_distribution",
     "checked_at",
 )
-_REPORT_KEY = ("model_name", "model_version", "airflow_run_id", "subset")
+_REPORT_KEY = ("model_name", "model_version", "run_key", "subset")
 
 
-def _write_reports(db, model_name, version, airflow_run_id, verdicts, thresholds) -> None:
+def _write_reports(db, model_name, version, run_key, verdicts, thresholds) -> None:
     now = utc_now()
     rows = [
         (
             model_name,
             version,
-            airflow_run_id,
+            run_key,
             subset,
             v["status"],
             v["n_images"],
@@ -689,7 +689,7 @@ def add_check_drift_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--model-version", help="a registered version number")
     ref.add_argument("--model-ref", default="champion", help="an alias (default: champion)")
     parser.add_argument(
-        "--airflow-run-id",
+        "--run-key",
         help="the scoring run to check (default: the last run that scored with the version)",
     )
     for name in DRIFT_PARAMS:
@@ -715,11 +715,11 @@ def cli_check_drift(args: argparse.Namespace, settings: Any) -> int:
         Database(settings.mysql),
         model_name=settings.model_name,
         model_version=version,
-        airflow_run_id=args.airflow_run_id,
+        run_key=args.run_key,
         cache_dir=settings.cache_dir,
         thresholds=Thresholds.from_params(params),
     )
-    print(f"{settings.model_name} v{version}, run {report['airflow_run_id'] or '(none)'}:")
+    print(f"{settings.model_name} v{version}, run {report['run_key'] or '(none)'}:")
     for subset, v in report["subsets"].items():
         figures = ""
         if v["status"] == CHECKED:

@@ -19,6 +19,14 @@ SMALL_LABEL_POLICIES = ("refuse", "exclude")
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
 
 
+def cli_run_key() -> str:
+    """The run key of a `python -m pipeline ...` run: `cli__<UTC time>`, beside the Airflow run
+    ids DAG runs use, so MLflow tags, checkpoints and SQL `run_key` columns say which it was."""
+    from datetime import UTC, datetime
+
+    return f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One run parameter: JSON-schema type, default, bounds or allowed values, and help text."""

@@ -476,7 +476,7 @@ def _record_version(
 ) -> None:
     db.execute(
         "INSERT INTO model_versions (model_name, model_version, run_id, dataset_version,"
-        " airflow_run_id, image_size, n_classes, val_accuracy, created_at)"
+        " run_key, image_size, n_classes, val_accuracy, created_at)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         " ON DUPLICATE KEY UPDATE run_id = VALUES(run_id)",
         (

@@ -75,7 +75,7 @@ def current_aliases(db: Database, model_name: str) -> dict[str, dict[str, Any]]:
     """Champion and challenger as recorded (`v_current_aliases`), with their registry rows."""
     rows = db.query(
         "SELECT a.alias, a.model_version, a.moved_at, a.actor, a.reason,"
-        " mv.run_id, mv.dataset_version, mv.airflow_run_id, mv.val_accuracy, mv.gate_accuracy,"
+        " mv.run_id, mv.dataset_version, mv.run_key, mv.val_accuracy, mv.gate_accuracy,"
         " mv.champion_version, mv.champion_accuracy, mv.decision, mv.decision_reason,"
         " mv.created_at, mv.decided_at"
         " FROM v_current_aliases a LEFT JOIN model_versions mv"

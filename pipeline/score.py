@@ -37,7 +37,7 @@ from pipeline import catalog
 from pipeline.catalog import INBOX, ImageRecord
 from pipeline.db import Database, utc_now
 from pipeline.errors import Refusal
-from pipeline.params import PRECISIONS, RUN_PARAMS
+from pipeline.params import PRECISIONS, RUN_PARAMS, cli_run_key
 from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ _COLUMNS = (
     "subset",
     "dataset_version",
     "mlflow_run_id",
-    "airflow_run_id",
+    "run_key",
     "scored_at",
 )
 _KEY = ("image_id", "model_name", "model_version")
@@ -332,7 +332,7 @@ def score_shard(
     cache_dir: str | Path,
     dataset_version: str | None = None,
     force: bool = False,
-    airflow_run_id: str | None = None,
+    run_key: str | None = None,
     precision: str = "auto",
     subsets: Sequence[str] = DEFAULT_SUBSETS,
     batch_size: int | None = None,
@@ -397,10 +397,10 @@ def score_shard(
                 model_version=int(version),
                 dataset_version=dataset_version,
                 mlflow_run_id=loaded.run_id,
-                airflow_run_id=airflow_run_id,
+                run_key=run_key,
                 scored_at=utc_now(),
             )
-            embedded = _embedding_rows(scored, rows, airflow_run_id)
+            embedded = _embedding_rows(scored, rows, run_key)
             _write_batch(db, rows, *([embedded] if embedded else []))
             stats.add_rows(rows)
         clock.add("write", t0)
@@ -441,7 +441,7 @@ def drift_projector(loaded, precision: str, device, *, cache_dir):
     return reference.projector(device)
 
 
-def _embedding_rows(scored, rows: Sequence[tuple], airflow_run_id: str | None) -> list[tuple]:
+def _embedding_rows(scored, rows: Sequence[tuple], run_key: str | None) -> list[tuple]:
     from pipeline.drift import embedding_rows
 
     if scored.embeddings is None:
@@ -451,7 +451,7 @@ def _embedding_rows(scored, rows: Sequence[tuple], airflow_run_id: str | None) -
         scored.embeddings,
         model_name=rows[0][_COLUMNS.index("model_name")],
         model_version=rows[0][_COLUMNS.index("model_version")],
-        airflow_run_id=airflow_run_id,
+        run_key=run_key,
         created_at=rows[0][_COLUMNS.index("scored_at")],
     )
 
@@ -493,7 +493,7 @@ def prediction_rows(
     model_version: int,
     dataset_version: str | None,
     mlflow_run_id: str | None,
-    airflow_run_id: str | None,
+    run_key: str | None,
     scored_at: datetime,
 ) -> list[tuple]:
     """`predictions` rows (values in `_COLUMNS` order) for (record, Prediction) pairs."""
@@ -514,7 +514,7 @@ def prediction_rows(
                 record.subset,
                 dataset_version if record.subset != INBOX else None,
                 mlflow_run_id,
-                airflow_run_id,
+                run_key,
                 scored_at,
             )
         )
@@ -721,11 +721,14 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=None, help="default: 512 on a GPU, 64 on a CPU"
     )
     parser.add_argument("--workers", type=int, default=8, help="fetch/decode threads")
-    parser.add_argument("--airflow-run-id", help="recorded with every prediction")
+    parser.add_argument(
+        "--run-key", help="recorded with every prediction (default: cli__<UTC time>)"
+    )
 
 
 def cli_score(args: argparse.Namespace, settings: Any) -> int:
     db = Database(settings.mysql)
+    run_key = args.run_key or cli_run_key()
     store, prefix = location_from_args(settings, args, max_pool_connections=max(32, args.workers))
     plan = plan_scoring(
         db,
@@ -755,7 +758,7 @@ def cli_score(args: argparse.Namespace, settings: Any) -> int:
             cache_dir=settings.cache_dir,
             dataset_version=plan["dataset_version"],
             force=args.force_rescore,
-            airflow_run_id=args.airflow_run_id,
+            run_key=run_key,
             precision=args.precision,
             batch_size=args.batch_size,
             workers=args.workers,

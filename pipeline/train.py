@@ -26,7 +26,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ from pipeline.data import (
 )
 from pipeline.db import Database
 from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
+from pipeline.params import cli_run_key
 from pipeline.score import compute_metrics
 from pipeline.store import ObjectStore, location_from_args
 from pipeline.train_plan import TrainParams, training_decision
@@ -1123,7 +1123,7 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
     # train_model repeats the skip check itself; here the decision refuses untrainable datasets.
     log.info("training decision: %s (%s)", "train" if should_train else "skip", why)
     params = TrainParams.from_dict({f.name: getattr(args, f.name) for f in fields(TrainParams)})
-    run_key = args.run_key or f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    run_key = args.run_key or cli_run_key()
     result = train_model(
         db,
         store,

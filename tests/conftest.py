@@ -68,7 +68,7 @@ def mlflow_names(settings: Settings) -> Iterator[dict[str, str]]:
         except Exception:  # noqa: BLE001 - the test may not have registered one
             pass
         experiment = client.get_experiment_by_name(names["experiment"])
-        if experiment is not None:
+        if experiment is not None and experiment.lifecycle_stage == "active":
             client.delete_experiment(experiment.experiment_id)
 
 

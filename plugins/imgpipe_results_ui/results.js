@@ -90,7 +90,7 @@ function aliasCard(node, title, entry) {
       ["accuracy", `${pct(entry.gate_accuracy)} (champion then: ${pct(entry.champion_accuracy)})`],
       ["dataset", entry.dataset_version],
       ["MLflow run", run],
-      ["Airflow run", entry.airflow_run_id],
+      ["Airflow run", entry.run_key],
     ]),
   );
 }

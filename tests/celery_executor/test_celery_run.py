@@ -196,10 +196,8 @@ def test_a_worker_killed_mid_shard_is_retried_on_the_other(cluster, world):
         "several": 0,
         "rows": counts["images"],
     }
-    by_run = world["db"].query(
-        "SELECT airflow_run_id, COUNT(*) AS n FROM predictions GROUP BY airflow_run_id"
-    )
-    assert by_run == [{"airflow_run_id": run_id, "n": counts["images"]}]
+    by_run = world["db"].query("SELECT run_key, COUNT(*) AS n FROM predictions GROUP BY run_key")
+    assert by_run == [{"run_key": run_id, "n": counts["images"]}]
     print(
         f"\ncelery run 2: {time.monotonic() - started:.0f}s; killed shard "
         f"{killed['map_index']} on {worker_b} ({len(killed['pids'])} processes)"

@@ -97,7 +97,7 @@ def _score(db, store, model_name: str, alias: str, cache_dir: Path) -> str:
             dataset_version=plan["dataset_version"],
             batch_size=16,
             workers=4,
-            airflow_run_id=f"manual__{alias}",
+            run_key=f"manual__{alias}",
         )
     score.evaluate(
         db, model_name=model_name, model_version=plan["model_version"], log_to_mlflow=False

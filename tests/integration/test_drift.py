@@ -127,7 +127,7 @@ def _score_window(world, run_id: str, files: list[Path], how: str = "as-is", sub
         prefix=PREFIX,
         cache_dir=world["cache"],
         dataset_version=world["dataset_version"],
-        airflow_run_id=run_id,
+        run_key=run_id,
         subsets=subsets,
         batch_size=16,
         workers=4,
@@ -140,7 +140,7 @@ def check(world, run_id: str, **thresholds):
         world["db"],
         model_name=world["model_name"],
         model_version=world["model_version"],
-        airflow_run_id=run_id,
+        run_key=run_id,
         cache_dir=world["cache"],
         thresholds=drift.Thresholds(**thresholds),
     )
@@ -191,15 +191,13 @@ def test_test_split_and_inbox_are_checked_separately_and_a_rerun_adds_no_rows(wo
         shards=1,
         prefix=PREFIX,
         cache_dir=world["cache"],
-        airflow_run_id="run-first",
+        run_key="run-first",
         subsets=("test", "inbox"),
         force=True,
     )
     check(world, "run-first")
     assert db.query("SELECT COUNT(*) AS n FROM drift_embeddings")[0]["n"] == before
-    rows = db.query(
-        "SELECT subset, verdict FROM v_drift_history WHERE airflow_run_id = 'run-first'"
-    )
+    rows = db.query("SELECT subset, verdict FROM v_drift_history WHERE run_key = 'run-first'")
     assert sorted(r["subset"] for r in rows) == ["inbox", "test"]
 
 
@@ -219,8 +217,7 @@ def test_colour_inverted_or_blurred_images_are_flagged(world, how):
     assert "embeddings" in inbox["reasons"]
     assert report["drifted"] is True
     row = world["db"].query(
-        "SELECT drifted, verdict FROM v_drift_history WHERE airflow_run_id = %s AND subset"
-        " = 'inbox'",
+        "SELECT drifted, verdict FROM v_drift_history WHERE run_key = %s AND subset = 'inbox'",
         (f"run-{how}",),
     )
     assert row[0]["drifted"] == 1 and row[0]["verdict"].startswith("drift: ")

@@ -127,7 +127,7 @@ def test_scoring_writes_one_row_per_image_and_a_second_run_writes_nothing(
     assert (plan["to_score_labelled"], plan["to_score_inbox"]) == (len(expected) - 4, 4)
     assert plan["shards"] == [0, 1]
 
-    summaries = _score_all(db, store, plan, tmp_cache, airflow_run_id="manual__1")
+    summaries = _score_all(db, store, plan, tmp_cache, run_key="manual__1")
     assert sum(s["scored"] for s in summaries) == len(expected)
     assert all(s["model_version"] == champion and not s["rejected"] for s in summaries)
     rows = _predictions(db)
@@ -135,7 +135,7 @@ def test_scoring_writes_one_row_per_image_and_a_second_run_writes_nothing(
     for r in rows:
         assert r["model_name"] == mlflow_names["model_name"]
         assert r["model_version"] == int(champion)
-        assert r["airflow_run_id"] == "manual__1"
+        assert r["run_key"] == "manual__1"
         top_k = json.loads(r["top_k"])
         assert len(top_k) == 3 and top_k[0]["label"] == r["predicted_label"]
         assert top_k[0]["prob"] == pytest.approx(r["confidence"])
@@ -155,17 +155,17 @@ def test_forced_rescore_overwrites_the_rows_it_already_has(
     db, store, mlflow_names, champion, tmp_cache
 ):
     plan = _plan(db, store, mlflow_names)
-    _score_all(db, store, plan, tmp_cache, airflow_run_id="manual__1")
+    _score_all(db, store, plan, tmp_cache, run_key="manual__1")
     before = _predictions(db)
 
     forced = _plan(db, store, mlflow_names, force=True)
     assert forced["to_score"] == len(before)
-    summaries = _score_all(db, store, forced, tmp_cache, force=True, airflow_run_id="manual__2")
+    summaries = _score_all(db, store, forced, tmp_cache, force=True, run_key="manual__2")
     assert sum(s["scored"] for s in summaries) == len(before)
     after = _predictions(db)
     assert [r["image_id"] for r in after] == [r["image_id"] for r in before]
     assert [r["id"] for r in after] == [r["id"] for r in before]
-    assert all(r["airflow_run_id"] == "manual__2" for r in after)
+    assert all(r["run_key"] == "manual__2" for r in after)
     assert all(a["scored_at"] > b["scored_at"] for a, b in zip(after, before, strict=True))
 
 
@@ -324,7 +324,7 @@ def _prediction_row(image_id, model_name, version, predicted, true, *, subset="t
         "subset": subset,
         "dataset_version": extra.get("dataset_version"),
         "mlflow_run_id": "run",
-        "airflow_run_id": None,
+        "run_key": None,
         "scored_at": extra.get("scored_at", utc_now()),
     }
     return tuple(values[c] for c in score._COLUMNS)

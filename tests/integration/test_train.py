@@ -94,7 +94,7 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
         result["run_id"],
         dataset,
     )
-    assert row[0]["airflow_run_id"] == "manual__run-1" and row[0]["decision"] is None
+    assert row[0]["run_key"] == "manual__run-1" and row[0]["decision"] is None
 
     # "Which data and which run produced this prediction?" (docs/sql.md, v_prediction_lineage)
     record = catalog.dataset_images(db, dataset, ["test"])[0]
@@ -107,7 +107,7 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
                 model_version=int(result["model_version"]),
                 dataset_version=dataset,
                 mlflow_run_id=result["run_id"],
-                airflow_run_id="scheduled__score-1",
+                run_key="scheduled__score-1",
                 scored_at=datetime(2026, 1, 1),
             ),
         )
@@ -121,8 +121,8 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
         int(result["model_version"]),
         result["run_id"],
     )
-    assert got["training_airflow_run_id"] == "manual__run-1"
-    assert got["scoring_airflow_run_id"] == "scheduled__score-1"
+    assert got["training_run_key"] == "manual__run-1"
+    assert got["scoring_run_key"] == "scheduled__score-1"
     assert got["training_dataset_version"] == dataset
     assert got["training_scan_id"] == scan["id"] is not None
 
@@ -295,9 +295,6 @@ def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
     steps = {m.step for m in client.get_metric_history(killed_at["run_id"], "val_accuracy")}
     assert steps == set(range(1, epochs + 1))
     assert train.load_checkpoint(checkpoints, ckpt) is None  # removed once registered
-    experiment = client.get_experiment_by_name(mlflow_names["model_name"])
-    if experiment is not None:  # the CLI logs to an experiment named after the model
-        client.delete_experiment(experiment.experiment_id)
 
 
 def test_a_stray_label_refuses_training_or_is_excluded_with_a_warning_in_mlflow(

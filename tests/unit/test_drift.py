@@ -157,7 +157,7 @@ def test_embedding_rows_are_float32_bytes():
         torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
         model_name="m",
         model_version=1,
-        airflow_run_id=None,
+        run_key=None,
         created_at=None,
     )
     assert [r[3] for r in rows] == [7, 9] and rows[0][2] == ""

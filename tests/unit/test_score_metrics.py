@@ -98,7 +98,7 @@ def test_prediction_rows_mark_correctness_and_leave_inbox_out_of_the_dataset():
         model_version=4,
         dataset_version="ds1",
         mlflow_run_id="run",
-        airflow_run_id="manual__x",
+        run_key="manual__x",
         scored_at=when,
     )
     by_column = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
