@@ -5,22 +5,27 @@ Run by hand (throwaway bucket, database, MLflow experiment and registered model,
 
 Data (`bench.images.make_class_jpegs`): two digit classes painted in any colour on photo crops,
 500x375 JPEGs, trained at 64 px from random init, so accuracy stays far from 100 % and recipe
-differences show. Fixed images, one training seed per row. Per seed:
+differences show. Fixed images, one training seed per row. One prefix `carved/` (train/ +
+test/, no val/): `catalog.scan` with the default val_percent carves ~10 % of train into val.
+Per seed, each pipeline run is the real `train.train_model`, its registered version scored on
+the test split with `score.score_shard` + `score.evaluate` (what the DAG reports):
 
-  pipeline        prefix `carved/` (train/ + test/, no val/): `catalog.scan` with the default
-                  val_percent carves ~10 % of train into val; `train_model` with the default
-                  params (epochs overridden); the registered model is scored on the test split
-                  with `score.score_shard` + `score.evaluate` (what the DAG reports).
-  full            prefix `full/`: the same train images, all kept for training, plus a val/
-                  folder of other images of the same size as the carved val; `train_model`.
+  default         default params (epochs overridden): trains on the carved train images, keeps
+                  the last epoch (`patience` 0).
+  train_on_val    `train_on_val=True`: trains on train + val, i.e. every labelled non-test image.
+  patience        early stopping (`patience=--patience`, 0: none), the best val epoch kept:
+                  replayed on the default run's per-epoch val accuracy with the pipeline's own
+                  rule (`train.update_best`, `train.patience_exhausted`), so it costs nothing;
+                  the epochs before the stop are the default run's. `--real-patience-runs`
+                  also trains it with `train_model` and scores it, as a check.
   plain           a textbook torchvision loop (ImageFolder-style PIL transforms v1, the same
                   ResNet18, AdamW, cosine schedule, augmentation, epochs, batch size) on ALL
                   train images, last epoch kept.
 
-Each pipeline run gets a checkpoint store that evaluates every epoch's checkpoint on the test
-images and keeps nothing (`EpochProbe`), so one run yields both the kept (best-on-val) epoch's
-and the last epoch's test accuracy without touching `pipeline/`. The 2x2 of {carved, full} x
-{best-on-val, last epoch} separates the two suspected causes of the gap.
+Each pipeline run also gets a checkpoint store that tests every epoch's checkpoint on the test
+images and keeps nothing (`EpochProbe`): it gives per-epoch test curves, checks that `score`
+agrees with the kept epoch's weights, shows what the old rule (best val epoch kept without
+early stopping) would have registered from the same run, and replays early stopping.
 
 Writes its section of bench/results/train.md (between markers; the rest of the file is kept).
 """
@@ -38,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -54,11 +60,7 @@ from pipeline import catalog, score, train  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.db import create_database, drop_database, migrate  # noqa: E402
 from pipeline.store import ObjectStore  # noqa: E402
-
-try:  # TrainParams moved to the torch-free pipeline.train_plan
-    from pipeline.train_plan import TrainParams  # noqa: E402
-except ImportError:  # pragma: no cover - older checkouts
-    from pipeline.train import TrainParams  # noqa: E402
+from pipeline.train_plan import TrainParams  # noqa: E402
 
 log = logging.getLogger("bench_train_quality")
 RESULTS = Path(__file__).resolve().parent / "results" / "train.md"
@@ -113,15 +115,14 @@ def accuracy(model: torch.nn.Module, test: TestSet, label_map: dict[str, int]) -
 class EpochProbe:
     """A checkpoint store for `train_model` that tests every epoch's weights and stores nothing.
 
-    `train_model` saves a checkpoint after each epoch (model, history, best epoch); here each
-    one is evaluated on the test images at once. `load` finds nothing, so no run resumes.
+    `train_model` saves a checkpoint after each epoch (model, history, best val epoch); here
+    each one is evaluated on the test images at once. `load` finds nothing, so no run resumes.
     """
 
     test: TestSet
     label_map: dict[str, int]
     test_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
-    best_epoch: int = 0
 
     def load(self, name: str) -> bytes | None:
         return None
@@ -134,13 +135,12 @@ class EpochProbe:
         model.load_state_dict(state["model"])
         self.test_accuracy.append(accuracy(model, self.test, self.label_map))
         self.val_accuracy.append(state["history"][-1]["val_accuracy"])
-        self.best_epoch = int(state["best"]["epoch"])
         log.info(
-            "probe: epoch %d test accuracy %.4f (val %.4f, best epoch so far %d)",
+            "probe: epoch %d test accuracy %.4f (val %.4f, best val epoch so far %d)",
             state["epoch"],
             self.test_accuracy[-1],
             self.val_accuracy[-1],
-            self.best_epoch,
+            state["best"]["epoch"],
         )
 
     def delete(self, name: str) -> None:
@@ -151,25 +151,90 @@ class EpochProbe:
 
 
 def run_pipeline(
-    db, store, dataset_version: str, params: TrainParams, test: TestSet, **kwargs: Any
+    db,
+    store,
+    client,
+    dataset_version: str,
+    params: TrainParams,
+    test: TestSet,
+    *,
+    prefix: str,
+    model_name: str,
+    run_key: str,
+    cache_dir: Path,
 ) -> dict[str, Any]:
-    """`train.train_model` with an `EpochProbe`; best (kept) and last epoch's test accuracy."""
-    label_map = catalog.get_dataset(db, dataset_version)["label_map"]
-    probe = EpochProbe(test, label_map)
+    """`train.train_model`, then its registered version scored on the test split as the DAG
+    does; with the run's `kept_epoch`/`best_val_epoch` metrics and the probe's per-epoch curve.
+    """
+    dataset = catalog.get_dataset(db, dataset_version)
+    probe = EpochProbe(test, dataset["label_map"])
     started = time.perf_counter()
-    result = train.train_model(db, store, dataset_version, params, checkpoint_store=probe, **kwargs)
+    result = train.train_model(
+        db,
+        store,
+        dataset_version,
+        params,
+        model_name=model_name,
+        run_key=run_key,
+        cache_dir=cache_dir,
+        checkpoint_store=probe,
+        experiment=model_name,
+    )
     seconds = time.perf_counter() - started
-    counts = catalog.get_dataset(db, dataset_version)["counts"]
+    metrics = client.get_run(result["run_id"]).data.metrics
+    kept_epoch, best_val_epoch = int(metrics["kept_epoch"]), int(metrics["best_val_epoch"])
+    scored, n_scored = score_test_split(
+        db,
+        store,
+        prefix=prefix,
+        model_name=model_name,
+        model_version=result["model_version"],
+        dataset_version=dataset_version,
+        cache_dir=cache_dir,
+    )
+    assert n_scored == len(test.labels), (n_scored, len(test.labels))
+    counts = dataset["counts"]
+    n_train = sum(counts.get("train", {}).values())
+    if params.train_on_val:
+        n_train += sum(counts.get("val", {}).values())
+    log.info(
+        "%s: test accuracy %.4f (kept epoch %d of %d run, best val epoch %d), %.0f s",
+        run_key,
+        scored,
+        kept_epoch,
+        result["epochs_run"],
+        best_val_epoch,
+        seconds,
+    )
     return {
-        **result,
+        "test": scored,
         "seconds": seconds,
-        "n_train": sum(counts.get("train", {}).values()),
-        "n_val": sum(counts.get("val", {}).values()),
+        "n_train": n_train,
+        "kept_epoch": kept_epoch,
+        "best_val_epoch": best_val_epoch,
+        "epochs_run": result["epochs_run"],
         "curve": probe.test_accuracy,
         "val_curve": probe.val_accuracy,
-        "best_epoch": probe.best_epoch,
-        "best": probe.test_accuracy[probe.best_epoch - 1],
-        "last": probe.test_accuracy[-1],
+        # What the registered weights scored per the probe: must equal `score`'s figure.
+        "probe_kept": probe.test_accuracy[kept_epoch - 1],
+        # The rule before the fix (best val epoch kept, every epoch trained), same run.
+        "best_val": probe.test_accuracy[best_val_epoch - 1],
+    }
+
+
+def early_stopped(run: dict[str, Any], patience: int) -> dict[str, Any]:
+    """Early stopping with `patience` replayed on `run`'s per-epoch val accuracy: the test
+    accuracy of the epoch it keeps, that epoch and the epochs it trains.
+    """
+    best: dict[str, Any] = {"accuracy": -1.0, "epoch": 0, "state": None}
+    for epoch, val_accuracy in enumerate(run["val_curve"], start=1):
+        best = train.update_best(best, epoch, val_accuracy, lambda: None)
+        if train.patience_exhausted(epoch, best["epoch"], patience):
+            break
+    return {
+        "test": run["curve"][best["epoch"] - 1],
+        "kept_epoch": best["epoch"],
+        "epochs_run": epoch,
     }
 
 
@@ -309,68 +374,131 @@ def git_state() -> str:
     return sha + (" (pipeline/ has uncommitted changes)" if dirty else "")
 
 
-COLUMNS = (
-    ("pipeline", "pipeline: `train_model` + `score` (carved val, best epoch)"),
-    ("carved_last", "carved val, last epoch"),
-    ("full_best", "all train + separate val/, best epoch"),
-    ("full_last", "all train, last epoch"),
-    ("plain", "plain loop (all train, last epoch)"),
-)
+class LoadSampler:
+    """The machine's 1-minute load average, sampled in a background thread while the run lasts."""
+
+    def __init__(self, every_s: float = 15.0) -> None:
+        self.samples: list[float] = []
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self._every_s):
+                return
+
+    def start(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "not sampled"
+        return (
+            f"mean {statistics.mean(self.samples):.1f}, max {max(self.samples):.1f} "
+            f"({len(self.samples)} samples every {self._every_s:.0f} s)"
+        )
+
+
+def columns(patience: int, real_patience_runs: bool) -> list[tuple[str, str]]:
+    """(key, title) of the accuracy columns, the plain loop last."""
+    cols = [
+        ("default", "pipeline default: carved val, last epoch kept"),
+        ("train_on_val", "`train_on_val=True` (train + val), last epoch"),
+    ]
+    if patience:
+        cols.append(
+            (
+                "patience_replay",
+                f"`patience={patience}`: best val epoch kept, early stop (replayed on default run)",
+            )
+        )
+    if patience and real_patience_runs:
+        cols.append(("patience", f"`patience={patience}`, trained and scored"))
+    cols += [
+        ("best_val", "before the fix: carved val, best val epoch kept (same run as default)"),
+        ("plain", "plain loop (all train, last epoch)"),
+    ]
+    return cols
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def paired(rows: list[dict[str, Any]], key: str) -> str:
+    """Mean gap to the plain loop in points, with the paired differences' sd and standard error."""
+    diffs = [100 * (r[key] - r["plain"]) for r in rows]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.1f}"
+    sd = statistics.stdev(diffs)
+    return f"{mean:+.1f} (sd {sd:.1f}, se {sd / len(diffs) ** 0.5:.1f})"
+
+
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    means = {key: statistics.mean(r[key] for r in rows) for key, _ in COLUMNS}
-    plain = means["plain"]
+    cols = columns(meta["patience"], meta["real_patience_runs"])
+    means = {key: statistics.mean(r[key] for r in rows) for key, _ in cols}
+    epochs = meta["epochs"]
     lines = [
         "## Quality off the easy case (two-class photos, random init)",
         "",
-        f"Machine: {meta['cpu']}, {os.cpu_count()} cores (shared with other work while this "
-        f"ran); CPU flags: {cpu_flags()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}."
-        f" Code: {meta['code']}. Command: `{COMMAND}` ({meta['args']}).",
+        f"Machine: {meta['cpu']}, {os.cpu_count()} cores shared with other work while this ran "
+        f"(1-minute load average {meta['load']}; this run at nice {meta['nice']}, "
+        f"{torch.get_num_threads()} torch threads); CPU flags: {cpu_flags()}; torch "
+        f"{torch.__version__}; {time.strftime('%Y-%m-%d')}. Code: {meta['code']}. Command: "
+        f"`{COMMAND}` ({meta['args']}).",
         "",
         f"Data (`bench.images.make_class_jpegs`): digits {' vs '.join(meta['labels'])} in any "
         f"colour on photo crops, 500x375 JPEG; {meta['n_train']} train images (no `val/`), "
         f"{meta['n_test']} test images, fixed across seeds. The default scan carves "
-        f"{meta['n_val_carved']} of the train images into val (so {meta['n_train_carved']} train);"
-        f" the `full/` prefix keeps all {meta['n_train']} for training and has a `val/` folder of "
-        f"{meta['n_val_full']} other images. Params: defaults with epochs={meta['epochs']}: "
-        f"{meta['params']}.",
+        f"{meta['n_val']} of the train images into val, so the default run trains on "
+        f"{meta['n_train_carved']} and `train_on_val` on {meta['n_train_on_val']}. Params: "
+        f"defaults with epochs={epochs}: {meta['params']}.",
         "",
-        "Test accuracy (%) per training seed; every column is measured on the same test images:",
+        "Test accuracy (%) per training seed, every column on the same test images. Pipeline "
+        "columns are the registered version scored by `score.score_shard` + `score.evaluate`; "
+        '"before the fix" is the default run\'s best-val-epoch checkpoint, tested by the probe:',
         "",
-        "| seed | " + " | ".join(title for _, title in COLUMNS) + " | kept epoch (carved) |",
-        "|---" * (len(COLUMNS) + 2) + "|",
+        "| seed | " + " | ".join(title for _, title in cols) + " | epochs: default kept / "
+        "best val" + ("; patience kept / run" if meta["patience"] else "") + " |",
+        "|---" * (len(cols) + 2) + "|",
     ]
     for r in rows:
+        epochs_note = f"{r['default_kept_epoch']} / {r['default_best_val_epoch']}"
+        if meta["patience"]:
+            epochs_note += f"; {r['patience_kept_epoch']} / {r['patience_epochs_run']}"
+        if meta["real_patience_runs"] and meta["patience"]:
+            epochs_note += f" (trained: {r['real_kept_epoch']} / {r['real_epochs_run']})"
         lines.append(
-            f"| {r['seed']} | "
-            + " | ".join(pct(r[key]) for key, _ in COLUMNS)
-            + f" | {r['carved_best_epoch']} of {meta['epochs']} |"
+            f"| {r['seed']} | " + " | ".join(pct(r[key]) for key, _ in cols) + f" | {epochs_note} |"
         )
     lines += [
-        "| **mean** | " + " | ".join(f"**{pct(means[k])}**" for k, _ in COLUMNS) + " | |",
-        "| gap to plain (points) | "
-        + " | ".join(f"{100 * (means[k] - plain):+.1f}" for k, _ in COLUMNS)
+        "| **mean** | " + " | ".join(f"**{pct(means[k])}**" for k, _ in cols) + " | |",
+        "| gap to plain, points (paired sd, se) | "
+        + " | ".join(paired(rows, k) for k, _ in cols)
         + " | |",
         "",
         "Mean test accuracy (%) per epoch over the seeds, from the per-epoch checkpoints:",
         "",
-        "| epoch | " + " | ".join(str(e) for e in range(1, meta["epochs"] + 1)) + " |",
-        "|---" * (meta["epochs"] + 1) + "|",
+        "| epoch | " + " | ".join(str(e) for e in range(1, epochs + 1)) + " |",
+        "|---" * (epochs + 1) + "|",
     ]
-    for name, key in (("carved (train minus val)", "carved_curve"), ("all train", "full_curve")):
-        curve = [statistics.mean(r[key][e] for r in rows) for e in range(meta["epochs"])]
+    for name, key in (("default (carved)", "default_curve"), ("train_on_val", "tov_curve")):
+        curve = [statistics.mean(r[key][e] for r in rows) for e in range(epochs)]
         lines.append(f"| {name} | " + " | ".join(pct(c) for c in curve) + " |")
+    seconds = ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items())
     lines += [
         "",
-        f"The registered model's `score` accuracy equals the probe's kept-epoch accuracy: "
-        f"{meta['score_matches_probe']}. Seconds per run (train only, mean): pipeline "
-        f"{meta['seconds']['pipeline']:.0f}, full {meta['seconds']['full']:.0f}, plain "
-        f"{meta['seconds']['plain']:.0f}.",
+        "The registered version's `score` accuracy equals the probe's accuracy for its kept epoch "
+        f"(`kept_epoch` metric) in every pipeline run: {meta['score_matches_probe']}. Seconds "
+        f"per run (training only, mean): {seconds}.",
         "",
     ]
     return "\n".join(lines)
@@ -409,6 +537,14 @@ def main() -> int:
     parser.add_argument("--train-images", type=int, default=300)
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument(
+        "--patience", type=int, default=3, help="early stopping's patience (0: no such column)"
+    )
+    parser.add_argument(
+        "--real-patience-runs",
+        action="store_true",
+        help="also train and score the early-stopping setting (else it is only replayed)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -419,6 +555,7 @@ def main() -> int:
 
     settings = load_settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri)
     suffix = uuid.uuid4().hex[:8]
     db_name = f"{settings.mysql.database}_test_bench_{suffix}"
     db = create_database(settings.mysql, db_name)
@@ -426,6 +563,8 @@ def main() -> int:
     model_name = f"bench-quality-{suffix}"
     work = Path(tempfile.mkdtemp(prefix="bench_train_quality_"))
     labels = tuple(args.labels.split(","))
+    code = git_state()  # the code imported now, not what a long run may find in the tree later
+    load = LoadSampler().start()
     try:
         migrate(db)
         store.ensure_bucket()
@@ -434,78 +573,87 @@ def main() -> int:
         upload(store, "carved", "train", train_images)
         upload(store, "carved", "test", test_images)
         carved = catalog.scan(db, store, "carved")["dataset_version"]
-        n_val_carved = sum(catalog.get_dataset(db, carved)["counts"].get("val", {}).values())
-        val_images = make_class_jpegs(max(n_val_carved, 2 * len(labels)), seed=3, labels=labels)
-        upload(store, "full", "train", train_images)
-        upload(store, "full", "val", val_images)
-        full = catalog.scan(db, store, "full")["dataset_version"]
 
         base = TrainParams(epochs=args.epochs)
         test = test_set(test_images, base.image_size)
         num_workers = default_num_workers() if base.num_workers is None else base.num_workers
-        common = {"model_name": model_name, "cache_dir": work / "cache", "experiment": model_name}
-        rows, seconds, matches = [], {"pipeline": [], "full": [], "plain": []}, []
+        common = {"prefix": "carved", "model_name": model_name, "cache_dir": work / "cache"}
+        variants = {
+            "default": {},
+            "train_on_val": {"train_on_val": True},
+            **(
+                {"patience": {"patience": args.patience}}
+                if args.patience and args.real_patience_runs
+                else {}
+            ),
+        }
+        rows: list[dict[str, Any]] = []
+        seconds: dict[str, list[float]] = {key: [] for key in (*variants, "plain")}
+        matches: list[bool] = []
         for seed in args.seeds:
-            params = TrainParams(epochs=args.epochs, seed=seed)
-            p = run_pipeline(db, store, carved, params, test, run_key=f"carved-{seed}", **common)
-            scored, n_scored = score_test_split(
-                db,
-                store,
-                prefix="carved",
-                model_name=model_name,
-                model_version=p["model_version"],
-                dataset_version=carved,
-                cache_dir=work / "cache",
+            runs = {}
+            for key, overrides in variants.items():
+                params = TrainParams(epochs=args.epochs, seed=seed, **overrides)
+                runs[key] = run_pipeline(
+                    db, store, client, carved, params, test, run_key=f"{key}-{seed}", **common
+                )
+                matches.append(abs(runs[key]["test"] - runs[key]["probe_kept"]) < 1e-9)
+                seconds[key].append(runs[key]["seconds"])
+            plain = plain_loop(
+                train_images,
+                test_images,
+                TrainParams(epochs=args.epochs, seed=seed),
+                num_workers=num_workers,
             )
-            assert n_scored == len(test_images), (n_scored, len(test_images))
-            matches.append(abs(scored - p["best"]) < 1e-9)
-            f = run_pipeline(db, store, full, params, test, run_key=f"full-{seed}", **common)
-            plain = plain_loop(train_images, test_images, params, num_workers=num_workers)
-            rows.append(
-                {
-                    "seed": seed,
-                    "pipeline": scored,
-                    "carved_last": p["last"],
-                    "full_best": f["best"],
-                    "full_last": f["last"],
-                    "plain": plain["last"],
-                    "carved_best_epoch": p["best_epoch"],
-                    "carved_curve": p["curve"],
-                    "full_curve": f["curve"],
-                    "n_train_carved": p["n_train"],
-                }
-            )
-            seconds["pipeline"].append(p["seconds"])
-            seconds["full"].append(f["seconds"])
             seconds["plain"].append(plain["seconds"])
+            default = runs["default"]
+            row = {
+                "seed": seed,
+                **{key: run["test"] for key, run in runs.items()},
+                "best_val": default["best_val"],
+                "plain": plain["last"],
+                "default_kept_epoch": default["kept_epoch"],
+                "default_best_val_epoch": default["best_val_epoch"],
+                "default_curve": default["curve"],
+                "tov_curve": runs["train_on_val"]["curve"],
+            }
+            if args.patience:
+                replay = early_stopped(default, args.patience)
+                row["patience_replay"] = replay["test"]
+                row["patience_kept_epoch"] = replay["kept_epoch"]
+                row["patience_epochs_run"] = replay["epochs_run"]
+            if "patience" in runs:
+                row["real_kept_epoch"] = runs["patience"]["kept_epoch"]
+                row["real_epochs_run"] = runs["patience"]["epochs_run"]
+            rows.append(row)
             log.info(
-                "seed %d: pipeline %.4f (probe best %.4f, epoch %d) carved-last %.4f "
-                "full-best %.4f full-last %.4f plain %.4f",
+                "seed %d: %s",
                 seed,
-                scored,
-                p["best"],
-                p["best_epoch"],
-                p["last"],
-                f["best"],
-                f["last"],
-                plain["last"],
+                ", ".join(
+                    f"{key} {row[key]:.4f}"
+                    for key, _ in columns(args.patience, args.real_patience_runs)
+                ),
             )
             # The section is rewritten after every seed: a long run cut short keeps its rows.
             meta = {
                 "cpu": cpu_model(),
-                "code": git_state(),
+                "code": code,
                 "args": " ".join(sys.argv[1:]) or "defaults",
                 "labels": labels,
                 "n_train": len(train_images),
                 "n_test": len(test_images),
-                "n_val_carved": n_val_carved,
-                "n_train_carved": rows[0]["n_train_carved"],
-                "n_val_full": len(val_images),
+                "n_val": len(train_images) - default["n_train"],
+                "n_train_carved": default["n_train"],
+                "n_train_on_val": runs["train_on_val"]["n_train"],
                 "epochs": args.epochs,
+                "patience": args.patience,
+                "real_patience_runs": args.real_patience_runs,
                 "params": {k: v for k, v in vars(base).items() if k != "seed"}
                 | {"num_workers": num_workers},
                 "score_matches_probe": "yes" if all(matches) else f"no ({matches})",
-                "seconds": {k: statistics.mean(v) for k, v in seconds.items()},
+                "seconds": {k: statistics.mean(v) for k, v in seconds.items() if v},
+                "load": load.summary(),
+                "nice": os.nice(0),
             }
             text = report(rows, meta)
             if seed == args.seeds[-1]:
@@ -514,7 +662,7 @@ def main() -> int:
                 write_section(text)
         return 0
     finally:
-        client = MlflowClient(settings.mlflow_tracking_uri)
+        load.stop()
         try:
             client.delete_registered_model(model_name)
         except Exception:  # noqa: BLE001 - nothing registered when training failed early
