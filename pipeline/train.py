@@ -58,6 +58,9 @@ from pipeline.train_plan import TrainParams, training_decision
 log = logging.getLogger(__name__)
 
 _LOG_EVERY_S = 10.0
+# Below this many val images, early stopping picks epochs by noise (bench/results/train.md: on 33
+# images, patience 3 stopped every seed at a chance-level epoch).
+SMALL_VAL = 200
 
 
 def train_model(
@@ -92,6 +95,12 @@ def train_model(
     data = load_data(
         db, store, dataset_version, params, cache_dir=cache_dir, on_gpu=device.type == "cuda"
     )
+    if params.patience and len(data["val_records"]) < SMALL_VAL:
+        log.warning(
+            "early stopping on %d val images: their accuracy is mostly noise and may stop at a"
+            " chance-level epoch (bench/results/train.md); consider patience 0",
+            len(data["val_records"]),
+        )
     training = build_training(params, device, data, store=store)
     ckpt_name = checkpoint_name(model_name, run_key)
     identity = checkpoint_identity(dataset_version, params)
