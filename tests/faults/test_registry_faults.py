@@ -54,6 +54,7 @@ def _register(db, model_name: str, dataset_version: str, run_key: str) -> str:
     torch.manual_seed(0)
     mlflow.set_experiment(model_name)
     with mlflow.start_run():
+        mlflow.set_tag("run_key", run_key)  # what train_model's run carries (provenance)
         version = train.log_and_register(
             build_model(len(label_map)),
             model_name=model_name,
