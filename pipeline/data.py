@@ -24,7 +24,6 @@ import logging
 import math
 import multiprocessing
 import os
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +41,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
+from pipeline.files import write_atomically
 from pipeline.records import ImageRecord
 
 if TYPE_CHECKING:
@@ -530,14 +530,7 @@ class ImageCache:
         except FileNotFoundError:
             pass
         data = fetch_object(store, record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Unique per writer: containers sharing the cache volume can have the same pid.
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, data)
         return data
 
     def _cached(self, record: ImageRecord) -> bool:

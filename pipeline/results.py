@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -22,6 +20,7 @@ from typing import Any
 
 from pipeline import catalog, report
 from pipeline.db import Database
+from pipeline.files import write_atomically
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectStore
 
@@ -419,12 +418,6 @@ def thumbnail(
             f"image {image_id} changed or vanished since it was catalogued; rescan the bucket"
         )
     data = render_thumbnail(store.get_bytes(record.object_key), size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, data)
     log.debug("thumbnail of image %s at %spx cached in %s", image_id, size, path)
     return data, tag
