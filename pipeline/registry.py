@@ -312,7 +312,7 @@ def own_versions(model_name: str, found: Iterable[Any]) -> Iterator[Any]:
 
 
 def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
-    """The version registered by the training run `run_key` (an Airflow run id), if any.
+    """The version registered by the training run `run_key` (an Airflow run id or `cli__...`).
 
     None only when MLflow answered that there is none: an unreachable MLflow raises, so a
     retried training never takes an outage for "not registered yet" and registers twice. A

@@ -80,6 +80,8 @@ def train_model(
 
     Returns `{"skipped": True, ...}` when the champion was trained on this dataset version
     (unless `force_retrain`), and the already registered version when `run_key` made one.
+    The run goes to the experiment named like the model; another `experiment` (benchmarks)
+    registers versions the gate will not take (`registry.provenance_problem`).
     """
     import mlflow
 
