@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from tests.airflow_env import mysql_connection_env
 from tests.celery_executor.cluster import CeleryAirflow, Worker
 
 TRAIN_QUEUE = "train"
@@ -35,23 +35,13 @@ def world(settings, tmp_path_factory) -> Iterator[dict]:
     demo_data.render_digits(local, size=32, fmt="png", inbox=12, per_label=40)
     upload.upload_tree(store, local, prefix)
     model_name = f"test-celery-model-{suffix}"
-    m = settings.mysql
     try:
         yield {
             "suffix": suffix,
             "db": db,
             "model_name": model_name,
             "env": {
-                "AIRFLOW_CONN_IMGPIPE_MYSQL": json.dumps(
-                    {
-                        "conn_type": "mysql",
-                        "host": m.host,
-                        "port": m.port,
-                        "login": m.user,
-                        "password": m.password,
-                        "schema": db_name,
-                    }
-                ),
+                **mysql_connection_env(settings, db_name),
                 "MODEL_NAME": model_name,
                 "PIPELINE_TASK_RETRIES": "2",
                 "PIPELINE_TASK_RETRY_DELAY_S": "3",  # the killed shard's retry, without waiting

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from pipeline.config import REPO_ROOT
+from tests.airflow_env import mysql_connection_env
 
 DAG_ID = "image_classification"
 
@@ -37,19 +38,9 @@ def world(settings, tmp_path_factory):
     upload.upload_tree(store, local, prefix)
     model_name = f"test-dag-model-{suffix}"
     env = dict(os.environ)
-    m = settings.mysql
     env.update(
         {
-            "AIRFLOW_CONN_IMGPIPE_MYSQL": json.dumps(
-                {
-                    "conn_type": "mysql",
-                    "host": m.host,
-                    "port": m.port,
-                    "login": m.user,
-                    "password": m.password,
-                    "schema": db_name,
-                }
-            ),
+            **mysql_connection_env(settings, db_name),
             "MODEL_NAME": model_name,
             "PIPELINE_TASK_RETRIES": "0",
             "PIPELINE_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),

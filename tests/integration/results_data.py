@@ -10,7 +10,6 @@ section of the page has rows. Its own MySQL database, bucket and MLflow model, r
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Settings
+from tests.airflow_env import mysql_connection_env
 
 PREFIX = "ds"
 SIZE = 16
@@ -40,23 +40,6 @@ class ScoredResults:
     champion: str
     challenger: str | None
     mysql_database: str
-
-
-def mysql_connection_env(settings: Settings, database: str) -> dict[str, str]:
-    """The environment variable of the pipeline's MySQL connection, pointed at `database`."""
-    conn_id = os.environ.get("PIPELINE_MYSQL_CONN_ID", "imgpipe_mysql")
-    m = settings.mysql
-    value = json.dumps(
-        {
-            "conn_type": "mysql",
-            "host": m.host,
-            "port": m.port,
-            "login": m.user,
-            "password": m.password,
-            "schema": database,
-        }
-    )
-    return {f"AIRFLOW_CONN_{conn_id.upper()}": value}
 
 
 def _register(model_name: str, label_map: dict[str, int], dataset_version: str, seed: int) -> str:
