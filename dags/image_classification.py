@@ -17,7 +17,8 @@ the `imgpipe_drift` asset is updated; `both`), `PIPELINE_CACHE_DIR` (image/check
 **Params** (the trigger form; `airflow dags trigger -c '{...}'` and the REST API use the same names):
 `bucket`, `prefix`, `epochs`, `batch_size`, `learning_rate`, `image_size`, `weights`
 (`none` / `imagenet` / path / `s3://` state dict), `min_accuracy`, `promotion_margin`, `shards`,
-`force_retrain`, `score_only`, `rollback_to`, `model_ref`, the drift thresholds `drift_p_value`
+`force_retrain`, `score_only`, `rollback_to`, `model_ref`, `require_approval` (default from env
+`PIPELINE_REQUIRE_APPROVAL`) and `approval_timeout_hours`, the drift thresholds `drift_p_value`
 (accepted false-positive rate), `drift_min_images`, `drift_label_shift`, `drift_confidence_drop`,
 ... Every value is validated again by the
 first task, because `dags test -c` and the REST API skip the form.
@@ -33,7 +34,10 @@ saying what to change; a service outage fails the task and Airflow retries it.
 **Nightly**: on an unchanged bucket the run skips training and scores only new images (seconds).
 
 **Tasks**: `check_services` → `scan_images` → `check_dataset` (short-circuits training when
-nothing changed) → `train_model` → `promote_model` → `publish_champion` → `plan_scoring` →
+nothing changed) → `train_model` → `promote_model` → `approve_promotion` (with `require_approval`,
+when the gate would promote: a person answers in Browse > Required Actions or through the REST
+API; approve moves the champion, reject or no answer within `approval_timeout_hours` keeps it) →
+`publish_champion` → `plan_scoring` →
 `score_images` (mapped over shards) → `evaluate_model` and `check_drift` (this run's scored test
 and inbox images against the scoring version's val reference, into `drift_reports`) →
 `publish_drift` (the `imgpipe_drift` asset event, only when drift was found). Each task also runs alone with
@@ -46,6 +50,7 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, dag, task
+from imgpipe_approval import PromotionApproval
 from imgpipe_runtime import CATALOG_ASSET, CHAMPION_ASSET, DEFAULT_ARGS, DRIFT_ASSET, fail_fast
 
 from pipeline.params import RUN_PARAMS
@@ -257,6 +262,7 @@ def image_classification():
             actor=actor,
             cache_dir=rt.cache_dir(),
             allow_label_change=params["allow_label_change"],
+            require_approval=params["require_approval"],
         )
 
     @task(outlets=[CHAMPION_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
@@ -265,7 +271,7 @@ def image_classification():
         """Emit the champion asset event only when the champion actually moved."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        decision = _xcom(context, "promote_model") or {}
+        decision = _xcom(context, "approve_promotion") or _xcom(context, "promote_model") or {}
         if decision.get("decision") not in ("promoted", "rolled_back"):
             raise AirflowSkipException(
                 f"champion unchanged ({decision.get('decision', 'no gate')})"
@@ -398,12 +404,14 @@ def image_classification():
     needs_training = check_dataset()
     trained = train_model()
     promoted = promote_model()
+    # Asks only when the gate's verdict is awaiting_approval (require_approval); skipped otherwise.
+    approved = PromotionApproval(task_id="approve_promotion", trigger_rule=TriggerRule.NONE_FAILED)
     published = publish_champion()
     plan = plan_scoring()
     scored = score_images.expand_kwargs(plan)
     evaluated = evaluate_model()
 
-    checked >> scanned >> needs_training >> trained >> promoted >> published >> plan
+    checked >> scanned >> needs_training >> trained >> promoted >> approved >> published >> plan
     scored >> evaluated
     scored >> check_drift() >> publish_drift()
 

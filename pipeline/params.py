@@ -19,6 +19,23 @@ SMALL_LABEL_POLICIES = ("refuse", "exclude")
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
 
 
+APPROVAL_ENV = "PIPELINE_REQUIRE_APPROVAL"
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A true/false setting of the environment (`.env`); anything else is refused by name."""
+    import os
+
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r}: expected true or false")
+
+
 def cli_run_key() -> str:
     """The run key of a `python -m pipeline ...` run: `cli__<UTC time>`, beside the Airflow run
     ids DAG runs use, so MLflow tags, checkpoints and SQL `run_key` columns say which it was."""
@@ -249,6 +266,23 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         False,
         "Let the gate replace a champion trained on other labels (refused otherwise: a run on"
         " another dataset must not replace its champion).",
+        section="Promotion",
+    ),
+    "require_approval": ParamSpec(
+        "boolean",
+        env_flag(APPROVAL_ENV),
+        "When the gate would promote, wait for a person to approve or reject in Airflow's"
+        " Required Actions (or the REST API) before the champion moves. Default from"
+        f" {APPROVAL_ENV} (scheduled runs use it).",
+        section="Promotion",
+    ),
+    "approval_timeout_hours": ParamSpec(
+        "number",
+        24.0,
+        "With require_approval: hours to wait for an answer; none by then and nothing moves"
+        " (the version stays challenger, the run scores with the champion in force).",
+        minimum=0.001,
+        maximum=720,
         section="Promotion",
     ),
     "rollback_to": ParamSpec(

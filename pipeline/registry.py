@@ -39,12 +39,18 @@ from typing import Any, TypeVar
 
 from pipeline.db import Database, named_lock, utc_now
 from pipeline.errors import Refusal, ServiceUnavailable, is_transient
+from pipeline.preflight import without_credentials
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
+# The gate's verdict for a version that earned promotion in a run with `require_approval`: it is
+# challenger until a person answers (`review`), then `promoted` or `challenger`.
+AWAITING_APPROVAL = "awaiting_approval"
+APPROVED, REJECTED, TIMED_OUT = "approved", "rejected", "timed_out"
+REVIEWS = (APPROVED, REJECTED, TIMED_OUT)
 # A gate holds the model's lock while it evaluates two models: minutes on a large val split.
 ALIAS_LOCK_TIMEOUT_S = 900
 # Test-only pause point (seconds) between the MLflow alias move and its history row, so a fault
@@ -622,14 +628,17 @@ def promote(
     cache_dir: str | Path,
     allow_label_change: bool = False,
     explicit: bool = False,
+    require_approval: bool = False,
 ) -> dict[str, Any]:
     """The promotion gate for `model_version`; returns the decision and both scores.
 
     Only a version this pipeline's training registered is gated (`provenance_problem`), unless
     `explicit` (a person named it: `promote --model-version N`), which the decision records.
 
-    Decisions: `promoted` (alias champion moved), `challenger` (kept out, alias challenger).
-    Runs under the model's alias lock, after repairing the alias history from MLflow.
+    Decisions: `promoted` (alias champion moved), `challenger` (kept out, alias challenger),
+    and with `require_approval` `awaiting_approval` instead of `promoted` (alias challenger until
+    a person answers: `review`). Runs under the model's alias lock, after repairing the alias
+    history from MLflow.
 
     Raises:
         LabelSetMismatch: the champion was trained on other labels and `allow_label_change` is
@@ -659,6 +668,7 @@ def promote(
                 min_accuracy=min_accuracy,
                 promotion_margin=promotion_margin,
                 allow_label_change=allow_label_change,
+                require_approval=require_approval,
                 cache_dir=cache_dir,
                 catalog=catalog,
                 note=f"explicit promotion of a version from outside the pipeline ({problem}): "
@@ -708,13 +718,20 @@ def _gate_result(model_name: str, version: str, row: dict[str, Any]) -> dict[str
         "accuracy": row["gate_accuracy"],
         "champion_version": str(row["champion_version"]) if row["champion_version"] else None,
         "champion_accuracy": row["champion_accuracy"],
+        "dataset_version": row["dataset_version"],
+        "review": row.get("review"),
+        "reviewer": row.get("reviewer"),
+        "review_comment": row.get("review_comment"),
     }
 
 
 def _tag_gate_result(result: dict[str, Any]) -> None:
-    """The decision and both scores as `gate_*` tags of the version in MLflow."""
+    """The decision and both scores as `gate_*` tags of the version in MLflow (and the review,
+    once a person answered)."""
     name, version = result["model_name"], result["model_version"]
-    for key in ("decision", "accuracy", "champion_version", "champion_accuracy"):
+    keys = ["decision", "accuracy", "champion_version", "champion_accuracy"]
+    keys += [key for key in ("review", "reviewer") if result.get(key)]
+    for key in keys:
         _ask(
             f"tag {name} v{version}",
             lambda key=key: mlflow_client().set_model_version_tag(
@@ -732,12 +749,39 @@ def gate_decision(
     champion_version: str | None = None,
     label_change: str | None = None,
     allow_label_change: bool = False,
+    require_approval: bool = False,
 ) -> tuple[str, str]:
-    """(`promoted` | `challenger` | `refused`, reason): promote when accuracy >= min_accuracy and
-    it is not worse than the champion's by more than promotion_margin (no champion: the minimum
-    suffices). `label_change` (from `label_change_refusal`) says the champion has other labels:
-    `refused` unless `allow_label_change`, which replaces it on the minimum alone.
+    """(`promoted` | `challenger` | `refused` | `awaiting_approval`, reason): promote when
+    accuracy >= min_accuracy and it is not worse than the champion's by more than
+    promotion_margin (no champion: the minimum suffices). `label_change` (from
+    `label_change_refusal`) says the champion has other labels: `refused` unless
+    `allow_label_change`, which replaces it on the minimum alone. With `require_approval` a
+    promotion becomes `awaiting_approval`: a person decides (`review`).
     """
+    decision, reason = _verdict(
+        accuracy,
+        champion_accuracy,
+        min_accuracy=min_accuracy,
+        promotion_margin=promotion_margin,
+        champion_version=champion_version,
+        label_change=label_change,
+        allow_label_change=allow_label_change,
+    )
+    if decision == "promoted" and require_approval:
+        return AWAITING_APPROVAL, f"{reason}; awaiting approval"
+    return decision, reason
+
+
+def _verdict(
+    accuracy: float,
+    champion_accuracy: float | None,
+    *,
+    min_accuracy: float,
+    promotion_margin: float,
+    champion_version: str | None,
+    label_change: str | None,
+    allow_label_change: bool,
+) -> tuple[str, str]:
     if label_change is not None:
         if not allow_label_change:
             return "refused", f"{label_change}: {LABEL_CHANGE_HINT}"
@@ -772,6 +816,7 @@ def _decide(
     min_accuracy,
     promotion_margin,
     allow_label_change,
+    require_approval,
     cache_dir,
     catalog,
     note="",
@@ -810,6 +855,7 @@ def _decide(
         champion_version=champion_version,
         label_change=label_change,
         allow_label_change=allow_label_change,
+        require_approval=require_approval,
     )
     reason = f"{note}{reason} on {n} {split} images"
     db.execute(
@@ -831,6 +877,163 @@ def _decide(
         "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
         (model_name, int(version)),
     )[0]
+
+
+def _version_row(db: Database, model_name: str, version: str) -> dict[str, Any]:
+    rows = db.query(
+        "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
+        (model_name, int(version)),
+    )
+    if not rows:
+        raise NoModelError(f"{model_name} v{version} has no model_versions row: never gated")
+    return rows[0]
+
+
+def recorded_review(
+    db: Database, model_name: str, model_version: str
+) -> tuple[str, str | None, str] | None:
+    """(outcome, reviewer, comment) already written for the version, or None."""
+    row = _version_row(db, model_name, str(int(model_version)))
+    if row["review"] is None:
+        return None
+    return row["review"], row["reviewer"], row["review_comment"] or ""
+
+
+def review_reason(outcome: str, reviewer: str | None, comment: str, gate_reason: str) -> str:
+    """The decision reason after a person's answer (or its timeout), the gate's reason kept."""
+    gate = gate_reason.removesuffix("; awaiting approval")
+    said = f": {comment.strip()}" if comment and comment.strip() else ""
+    if outcome == APPROVED:
+        return f"approved by {reviewer}{said} (gate: {gate})"
+    if outcome == REJECTED:
+        return f"rejected by {reviewer}{said} (gate: {gate})"
+    return f"approval timed out: nobody answered, nothing moved (gate: {gate})"
+
+
+def review(
+    db: Database,
+    model_name: str,
+    model_version: str,
+    outcome: str,
+    *,
+    reviewer: str | None,
+    comment: str = "",
+    actor: str,
+) -> dict[str, Any]:
+    """A person's answer to a version `awaiting_approval` (or the timeout of the question).
+
+    `approved`: decision `promoted`, alias champion moves (alias_history's actor names the
+    reviewer). `rejected` and `timed_out`: decision `challenger`, nothing moves. The answer,
+    reviewer and comment are written to `model_versions` before any alias moves, so a retry
+    after a crash replays them (and finishes the move) instead of asking again.
+
+    Raises:
+        Refusal: the version is not awaiting approval, or was already answered otherwise.
+    """
+    if outcome not in REVIEWS:
+        raise ValueError(f"review outcome {outcome!r}; expected one of: {', '.join(REVIEWS)}")
+    if outcome != TIMED_OUT and not reviewer:
+        raise ValueError(f"a review that {outcome} needs the reviewer's name")
+    version = str(int(model_version))
+    with alias_lock(db, model_name):
+        for alias in ALIASES:
+            _reconcile(db, model_name, alias, actor=actor)
+        row = _version_row(db, model_name, version)
+        if row["review"] is not None:
+            if row["review"] != outcome:
+                raise Refusal(
+                    f"{model_name} v{version} was already {row['review']}"
+                    f" ({row['decision_reason']}); not {outcome} now"
+                )
+            log.info("review of v%s already recorded: %s (replaying)", version, outcome)
+        elif row["decision"] != AWAITING_APPROVAL:
+            raise Refusal(
+                f"{model_name} v{version} is not awaiting approval (gate decision:"
+                f" {row['decision']}); nothing to {outcome.removesuffix('d')}"
+            )
+        else:
+            reason = review_reason(outcome, reviewer, comment, row["decision_reason"] or "")
+            champion_now = alias_version(model_name, CHAMPION)
+            gated_against = str(row["champion_version"]) if row["champion_version"] else None
+            if outcome == APPROVED and champion_now != gated_against:
+                log.warning(
+                    "champion moved while v%s awaited approval (v%s at the gate, v%s now)",
+                    version,
+                    gated_against,
+                    champion_now,
+                )
+                reason += (
+                    f"; champion was v{gated_against} at the gate, v{champion_now} at approval"
+                )
+            db.execute(
+                "UPDATE model_versions SET decision = %s, decision_reason = %s, review = %s,"
+                " reviewer = %s, review_comment = %s, reviewed_at = %s"
+                " WHERE model_name = %s AND model_version = %s",
+                (
+                    "promoted" if outcome == APPROVED else "challenger",
+                    reason[:512],
+                    outcome,
+                    (reviewer or None) and reviewer[:255],
+                    (comment or None) and comment[:1024],
+                    utc_now(),
+                    model_name,
+                    int(version),
+                ),
+            )
+            row = _version_row(db, model_name, version)
+        result = _gate_result(model_name, version, row)
+        if outcome == APPROVED:
+            _move(
+                db,
+                model_name,
+                CHAMPION,
+                version,
+                actor=f"reviewer:{reviewer}",
+                reason=row["decision_reason"],
+            )
+        _tag_gate_result(result)
+    log.info("review: %s", result)
+    return result
+
+
+def approval_request(
+    db: Database, model_name: str, model_version: str, *, results_url: str | None = None
+) -> tuple[str, str]:
+    """(subject, Markdown body) of the question a reviewer sees: both scores, the dataset and
+    model versions, links to the version and its training run in MLflow and to the results."""
+    version = str(int(model_version))
+    row = _version_row(db, model_name, version)
+    ui = (os.environ.get("MLFLOW_UI_URL") or without_credentials(tracking_uri())).rstrip("/")
+    experiment = _ask(
+        f"read run {row['run_id']}", lambda: mlflow_client().get_run(row["run_id"])
+    ).info.experiment_id
+    champion = (
+        f"v{row['champion_version']}: {row['champion_accuracy']:.4f}"
+        if row["champion_version"] and row["champion_accuracy"] is not None
+        else "none to compare with"
+    )
+    lines = [
+        f"The promotion gate would make **{model_name} v{version}** the champion.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| candidate accuracy | v{version}: {row['gate_accuracy']:.4f} |",
+        f"| champion accuracy | {champion} |",
+        f"| dataset version | `{row['dataset_version']}` |",
+        f"| gate | {row['decision_reason']} |",
+        f"| trained by run | `{row['run_key']}` |",
+        "",
+        f"- [model version in MLflow]({ui}/#/models/{model_name}/versions/{version})",
+        f"- [training run in MLflow]({ui}/#/experiments/{experiment}/runs/{row['run_id']})",
+    ]
+    if results_url:
+        lines.append(f"- [results page]({results_url})")
+    lines += [
+        "",
+        "**Approve**: the champion moves to this version and this run scores with it."
+        " **Reject**: it stays challenger and the run scores with the current champion.",
+    ]
+    return f"Promote {model_name} v{version} to champion?", "\n".join(lines)
 
 
 def rollback(db: Database, model_name: str, model_version: str, *, actor: str, reason: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -27,11 +27,15 @@ CHAMPION_ASSET = Asset(name="imgpipe_champion", uri="imgpipe://registry/champion
 DRIFT_ASSET = Asset(name="imgpipe_drift", uri="imgpipe://monitoring/drift")
 
 
-def run_params(context: dict[str, Any]) -> dict[str, Any]:
-    """The run's params with defaults filled and checked (dags test / REST pass conf unvalidated)."""
+def run_params(context: dict[str, Any], own: Iterable[str] = ()) -> dict[str, Any]:
+    """The run's params with defaults filled and checked (dags test / REST pass conf unvalidated).
+
+    `own`: names of the task's own params (an approval's comment field), left out.
+    """
     from pipeline.params import validate_params
 
-    return validate_params({k: v for k, v in dict(context["params"]).items()})
+    mine = set(own)
+    return validate_params({k: v for k, v in dict(context["params"]).items() if k not in mine})
 
 
 def model_name(params: dict[str, Any] | None = None) -> str:

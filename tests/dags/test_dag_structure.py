@@ -41,7 +41,8 @@ def test_expected_edges(dagbag):
         ("scan_images", "check_dataset"),
         ("check_dataset", "train_model"),
         ("train_model", "promote_model"),
-        ("promote_model", "publish_champion"),
+        ("promote_model", "approve_promotion"),
+        ("approve_promotion", "publish_champion"),
         ("publish_champion", "plan_scoring"),
         ("plan_scoring", "score_images"),
         ("score_images", "evaluate_model"),
@@ -51,6 +52,17 @@ def test_expected_edges(dagbag):
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
     assert isinstance(dag.get_task("score_images"), MappedOperator)
+
+
+def test_the_approval_form_asks_only_for_a_comment(dagbag):
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    approval = dagbag.dags[DAG_ID].get_task("approve_promotion")
+    assert isinstance(approval, HITLOperator)
+    assert approval.options == ["Approve", "Reject"] and not approval.multiple
+    assert approval.defaults is None  # no answer is never taken for an answer
+    assert set(approval.serialized_params) == {"comment"}
+    assert approval.trigger_rule == "none_failed"
 
 
 def test_params_render_the_form_with_the_spec(dagbag):

@@ -54,6 +54,7 @@ def _gate(db, store, names, version, tmp_cache, **kwargs):
         promotion_margin=kwargs.get("promotion_margin", 0.0),
         actor="pytest",
         cache_dir=tmp_cache,
+        require_approval=kwargs.get("require_approval", False),
     )
 
 
@@ -167,6 +168,82 @@ def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_o
     assert registry.champion_at(db, name, datetime.now(UTC).replace(tzinfo=None)) == str(
         second["model_version"]
     )
+
+
+def test_approval_holds_a_promotion_until_a_person_answers(
+    trainer, db, store, mlflow_names, tmp_cache
+):
+    name = mlflow_names["model_name"]
+
+    def awaiting(run_key: str) -> str:
+        version = trainer(run_key, force_retrain=True)["model_version"]
+        held = _gate(db, store, mlflow_names, version, tmp_cache, require_approval=True)
+        assert held["decision"] == registry.AWAITING_APPROVAL, held
+        assert registry.resolve_model_version(name, "challenger") == version
+        return version
+
+    def row(version: str) -> dict:
+        return db.query(
+            "SELECT decision, decision_reason, review, reviewer, review_comment, reviewed_at"
+            " FROM model_versions WHERE model_name = %s AND model_version = %s",
+            (name, int(version)),
+        )[0]
+
+    first = awaiting("run-1")
+    assert registry.alias_version(name, "champion") is None  # nothing promoted yet
+    subject, body = registry.approval_request(db, name, first, results_url="/imgpipe-results/")
+    assert f"{name} v{first}" in subject
+    for shown in (row(first)["decision_reason"], "none to compare with", "/imgpipe-results/"):
+        assert shown in body
+    assert f"#/models/{name}/versions/{first}" in body and "/runs/" in body
+
+    approved = registry.review(
+        db, name, first, "approved", reviewer="alice", comment="looks right", actor="pytest"
+    )
+    assert approved["decision"] == "promoted" and approved["reviewer"] == "alice"
+    assert registry.resolve_model_version(name) == first
+    got = row(first)
+    assert (got["review"], got["reviewer"], got["review_comment"]) == (
+        "approved",
+        "alice",
+        "looks right",
+    )
+    assert got["reviewed_at"] is not None and "approved by alice" in got["decision_reason"]
+    tags = registry.version_tags(name, first)
+    assert (tags["gate_decision"], tags["gate_review"], tags["gate_reviewer"]) == (
+        "promoted",
+        "approved",
+        "alice",
+    )
+    moves = db.query("SELECT alias, to_version, actor FROM alias_history ORDER BY id")
+    assert moves[-1] == {"alias": "champion", "to_version": int(first), "actor": "reviewer:alice"}
+    # A retry after the answer was written replays it: no second move; another answer is refused.
+    registry.review(db, name, first, "approved", reviewer="alice", actor="pytest")
+    assert db.query("SELECT COUNT(*) AS n FROM alias_history")[0]["n"] == len(moves)
+    with pytest.raises(registry.Refusal, match="already approved"):
+        registry.review(db, name, first, "rejected", reviewer="mallory", actor="pytest")
+
+    second = awaiting("run-2")
+    rejected = registry.review(
+        db, name, second, "rejected", reviewer="bob", comment="not on a Friday", actor="pytest"
+    )
+    assert rejected["decision"] == "challenger" and rejected["champion_version"] == first
+    assert registry.resolve_model_version(name) == first
+    assert registry.resolve_model_version(name, "challenger") == second
+    assert (row(second)["review"], row(second)["reviewer"]) == ("rejected", "bob")
+    assert "rejected by bob: not on a Friday" in row(second)["decision_reason"]
+
+    third = awaiting("run-3")
+    timed_out = registry.review(db, name, third, "timed_out", reviewer=None, actor="pytest")
+    assert timed_out["decision"] == "challenger" and row(third)["reviewer"] is None
+    assert registry.resolve_model_version(name) == first
+    assert db.query("SELECT COUNT(*) AS n FROM alias_history WHERE alias = 'champion'")[0]["n"] == 1
+
+    # Only a version awaiting approval can be answered.
+    fourth = trainer("run-4", force_retrain=True)["model_version"]
+    _gate(db, store, mlflow_names, fourth, tmp_cache, min_accuracy=1.0, require_approval=True)
+    with pytest.raises(registry.Refusal, match="not awaiting approval"):
+        registry.review(db, name, fourth, "approved", reviewer="alice", actor="pytest")
 
 
 def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(

@@ -44,6 +44,30 @@ PHOTOS = ("cat", "dog")
             "below min_accuracy",
             id="label-change-allowed-but-too-weak",
         ),
+        pytest.param(
+            0.9,
+            0.85,
+            {"require_approval": True},
+            "awaiting_approval",
+            "awaiting approval",
+            id="approval-holds-a-promotion",
+        ),
+        pytest.param(
+            0.8,
+            0.9,
+            {"require_approval": True},
+            "challenger",
+            "worse than champion v1",
+            id="approval-never-asked-for-a-challenger",
+        ),
+        pytest.param(
+            0.9,
+            None,
+            {"label_change": "label set [cat, dog]", "require_approval": True},
+            "refused",
+            "allow_label_change",
+            id="approval-never-asked-for-a-refusal",
+        ),
     ],
 )
 def test_gate_decision(accuracy, champion, kwargs, decision, says):
@@ -122,3 +146,24 @@ def test_search_filter_quotes_each_value_with_a_quote_it_lacks(conditions, expec
 def test_search_filter_refuses_what_mlflow_cannot_match(value):
     with pytest.raises(ValueError, match="cannot search MLflow"):
         registry.search_filter({"tags.run_key": value})
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reviewer", "comment", "says", "lacks"),
+    [
+        (
+            "approved",
+            "alice",
+            " looks right ",
+            "approved by alice: looks right (gate: acc 0.9",
+            "awaiting",
+        ),
+        ("rejected", "bob", "", "rejected by bob (gate: acc 0.9", "awaiting"),
+        ("timed_out", None, "", "approval timed out: nobody answered, nothing moved", "awaiting"),
+    ],
+)
+def test_review_reason_names_the_reviewer_and_keeps_the_gate_reason(
+    outcome, reviewer, comment, says, lacks
+):
+    reason = registry.review_reason(outcome, reviewer, comment, "acc 0.9 vs 0.8; awaiting approval")
+    assert says in reason and lacks not in reason

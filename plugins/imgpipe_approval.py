@@ -1,0 +1,142 @@
+"""The approval step of image_classification: a person approves or rejects a promotion.
+
+`PromotionApproval` is Airflow's human-in-the-loop operator (standard provider; since Airflow 3.3
+a waiting task is in the `awaiting_input` state and holds no worker slot). It asks only when the
+gate's verdict in this run is `awaiting_approval` (run param `require_approval`); otherwise it
+is skipped. The question, with both scores, the dataset and model versions and links to MLflow
+and the results page, shows in the UI under Browse > Required Actions and is answered there or
+through the REST API (`PATCH .../taskInstances/approve_promotion/-1/hitlDetails`). The answer
+goes to `pipeline.registry.review`: approve moves the champion, reject keeps the version
+challenger, no answer within `approval_timeout_hours` moves nothing; reviewer and comment are
+recorded in `model_versions` (and an approval's move in `alias_history`).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import Param
+from airflow.sdk.definitions.param import ParamsDict
+
+APPROVE, REJECT = "Approve", "Reject"
+GATE_TASK = "promote_model"
+
+
+class PromotionApproval(HITLOperator):
+    """Approve or Reject, with a comment, for the version the gate wants to promote."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        # `params` arrive merged with the DAG's (which the operator leaves out of the form).
+        params = kwargs.pop("params", None)
+        params = params if isinstance(params, ParamsDict) else ParamsDict(params or {})
+        params["comment"] = Param(
+            "",
+            type="string",
+            maxLength=1024,
+            description="Why (kept with the version in model_versions).",
+            source="task",
+        )
+        super().__init__(
+            subject="Promote the new model version to champion?",  # replaced by execute
+            options=[APPROVE, REJECT],
+            multiple=False,
+            params=params,
+            # The run's approval_timeout_hours replaces this when the question is asked.
+            response_timeout=timedelta(hours=24),
+            **kwargs,
+        )
+
+    def execute(self, context: Any) -> Any:
+        import imgpipe_runtime as rt
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline import registry
+
+        params = rt.run_params(context, own=self.params)
+        gate = context["ti"].xcom_pull(task_ids=GATE_TASK) or {}
+        if gate.get("decision") != registry.AWAITING_APPROVAL:
+            raise AirflowSkipException(
+                f"no approval to ask for (gate: {gate.get('decision', 'no decision in this run')})"
+            )
+        name, version = rt.model_name(params), str(gate["model_version"])
+        db = rt.database()
+        recorded = registry.recorded_review(db, name, version)
+        if recorded is not None:  # a retry after the answer was written: finish it, don't ask
+            return self._apply(context, name, version, *recorded)
+        self.subject, self.body = registry.approval_request(
+            db, name, version, results_url=_results_url(name)
+        )
+        self.response_timeout = timedelta(hours=params["approval_timeout_hours"])
+        rt.log.info(
+            "asking for approval of %s v%s (timeout %s h): Browse > Required Actions",
+            name,
+            version,
+            params["approval_timeout_hours"],
+        )
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from pipeline import registry
+
+        if event.get("error_type") == "timeout":
+            outcome, reviewer, comment = registry.TIMED_OUT, None, ""
+        else:
+            answer = super().execute_complete(context=context, event=event)
+            outcome = (
+                registry.APPROVED if answer["chosen_options"] == [APPROVE] else registry.REJECTED
+            )
+            user = answer["responded_by_user"] or {}
+            reviewer = str(user.get("name") or user.get("id") or "")
+            comment = str((answer["params_input"] or {}).get("comment") or "")
+        import imgpipe_runtime as rt
+
+        params = rt.run_params(context, own=self.params)
+        gate = context["ti"].xcom_pull(task_ids=GATE_TASK) or {}
+        return self._apply(
+            context, rt.model_name(params), str(gate["model_version"]), outcome, reviewer, comment
+        )
+
+    def _apply(
+        self,
+        context: Any,
+        name: str,
+        version: str,
+        outcome: str,
+        reviewer: str | None,
+        comment: str,
+    ) -> dict[str, Any]:
+        import imgpipe_runtime as rt
+
+        from pipeline import registry
+
+        result = rt.fail_fast(registry.review)(
+            rt.database(),
+            name,
+            version,
+            outcome,
+            reviewer=reviewer,
+            comment=comment,
+            actor=f"airflow:{context['run_id']}",
+        )
+        if outcome == registry.TIMED_OUT:
+            rt.log.warning(
+                "approval of %s v%s timed out: nobody answered, the champion did not move"
+                " (v%s stays challenger; this run scores with the champion in force)",
+                name,
+                version,
+                version,
+            )
+        else:
+            rt.log.info("%s v%s %s by %s", name, version, outcome, reviewer)
+        return result
+
+
+def _results_url(model_name: str) -> str:
+    """The results page of `model_name` (absolute when Airflow's api.base_url is set)."""
+    from urllib.parse import quote
+
+    base = (os.environ.get("AIRFLOW__API__BASE_URL") or "").rstrip("/")
+    return f"{base}/imgpipe-results/?model_name={quote(model_name)}"
