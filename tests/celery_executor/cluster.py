@@ -265,6 +265,18 @@ class AirflowApi:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries"
         return self._call("GET", path)["task_instances"]
 
+    def hitl_detail(self, run_id: str, task_id: str, dag_id: str = DAG_ID) -> dict:
+        """The human-in-the-loop question of an unmapped task (subject, body, options, answer)."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
+        return self._call("GET", path)
+
+    def answer(
+        self, run_id: str, task_id: str, options: list[str], params: dict, dag_id: str = DAG_ID
+    ) -> dict:
+        """Answer it, as a reviewer's tool would: the chosen options and the form's fields."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
+        return self._call("PATCH", path, {"chosen_options": options, "params_input": params})
+
 
 class CeleryAirflow:
     """Airflow with the CeleryExecutor in `root`; `env` adds the pipeline's settings to every
@@ -375,6 +387,8 @@ class CeleryAirflow:
             # not the default 5 minutes.
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
+            # How often the scheduler ends human-in-the-loop waits past their timeout (15 s).
+            "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "3",
             "PYTHONUNBUFFERED": "1",
         }
 

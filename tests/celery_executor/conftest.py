@@ -1,4 +1,5 @@
-"""A private dataset and a CeleryExecutor Airflow with two workers, shared by the module's tests."""
+"""A private dataset and a CeleryExecutor Airflow with two workers, shared by the package's tests
+(the Celery runs, then the human approvals)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ TRAIN_QUEUE = "train"
 SCORE_QUEUE = "score"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def world(settings, tmp_path_factory) -> Iterator[dict]:
     """A private MySQL database, bucket (400 demo digits, 32 px) and registered model name."""
     from mlflow import MlflowClient
@@ -71,7 +72,7 @@ def world(settings, tmp_path_factory) -> Iterator[dict]:
             pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def cluster(world, tmp_path_factory) -> Iterator[CeleryAirflow]:
     """Scheduler, DAG processor, API server and two workers: `worker-a` takes the default and
     training queues and scoring, `worker-b` scoring only. Everything is stopped afterwards."""
