@@ -273,8 +273,9 @@ def image_classification():
 
         decision = _xcom(context, "approve_promotion") or _xcom(context, "promote_model") or {}
         if decision.get("decision") not in ("promoted", "rolled_back"):
+            said = decision.get("reason") if decision.get("review") else None
             raise AirflowSkipException(
-                f"champion unchanged ({decision.get('decision', 'no gate')})"
+                f"champion unchanged ({said or decision.get('decision', 'no gate')})"
             )
         return str(decision.get("model_version"))
 
@@ -388,16 +389,9 @@ def image_classification():
     @fail_fast
     def publish_drift(**context) -> dict:
         """Emit the drift asset event only when check_drift found drift."""
-        from airflow.sdk.exceptions import AirflowSkipException
+        import imgpipe_runtime as rt
 
-        report = _xcom(context, "check_drift") or {}
-        if not report.get("drifted"):
-            raise AirflowSkipException("no drift found: no asset event")
-        found = {s: v["reasons"] for s, v in report["subsets"].items() if v["drifted"]}
-        context["outlet_events"][DRIFT_ASSET].extra = {
-            k: report[k] for k in ("model_name", "model_version", "run_key")
-        } | {"subsets": found}
-        return found
+        return rt.publish_drift(context, _xcom(context, "check_drift"))
 
     checked = check_services()
     scanned = scan_images()

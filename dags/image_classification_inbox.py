@@ -7,6 +7,11 @@ promotes a new champion (asset `imgpipe_champion`) and every hour on its own. Us
 connections and environment as `image_classification`; catalogs the bucket first so new inbox
 files are seen, and never trains. `model_name` picks the dataset scope's registered model
 (empty: `MODEL_NAME`); a refusal (no champion yet, a bad param) fails at once, without retries.
+
+**Drift**: `check_drift` compares the inbox images the version scored since its last inbox
+verdict (this run's and earlier runs' few at a time, until `drift_min_images`) with its val
+reference, into `drift_reports`; `publish_drift` emits the `imgpipe_drift` asset event when they
+drifted (the `drift_*` params are those of `image_classification`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,21 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
-from imgpipe_runtime import CHAMPION_ASSET, DEFAULT_ARGS, fail_fast
+from imgpipe_runtime import CHAMPION_ASSET, DEFAULT_ARGS, DRIFT_ASSET, fail_fast
 
 from pipeline.params import RUN_PARAMS
 
-_FORM = ("bucket", "prefix", "model_name", "model_ref", "precision")
+_FORM = (
+    "bucket",
+    "prefix",
+    "model_name",
+    "model_ref",
+    "precision",
+    "drift_p_value",
+    "drift_min_images",
+    "drift_label_shift",
+    "drift_confidence_drop",
+)
 
 
 @dag(
@@ -92,7 +107,39 @@ def image_classification_inbox():
         )
         return {"model_version": plan["model_version"], **result}
 
-    scan_images() >> score_inbox()
+    @task
+    @fail_fast
+    def check_drift(**context) -> dict:
+        """The inbox images scored since the version's last inbox verdict, against its val
+        reference."""
+        import imgpipe_runtime as rt
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipeline import drift
+
+        params = rt.run_params(context)
+        scored = context["ti"].xcom_pull(task_ids="score_inbox") or {}
+        if not scored.get("scored"):
+            raise AirflowSkipException("no inbox image scored in this run: nothing new to check")
+        return drift.check_drift(
+            rt.database(),
+            model_name=rt.model_name(params),
+            model_version=str(scored["model_version"]),
+            run_key=context["run_id"],
+            cache_dir=rt.cache_dir(),
+            thresholds=drift.Thresholds.from_params(params),
+            subsets=("inbox",),
+        )
+
+    @task(outlets=[DRIFT_ASSET])
+    @fail_fast
+    def publish_drift(**context) -> dict:
+        """Emit the drift asset event only when check_drift found drift."""
+        import imgpipe_runtime as rt
+
+        return rt.publish_drift(context, context["ti"].xcom_pull(task_ids="check_drift"))
+
+    scan_images() >> score_inbox() >> check_drift() >> publish_drift()
 
 
 image_classification_inbox()

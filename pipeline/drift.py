@@ -40,6 +40,7 @@ import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ MAX_REFERENCE = 1000  # reference images kept with a version
 MAX_WINDOW = 1000  # scored images tested per subset (a seeded sample beyond that)
 PERMUTATIONS = 1000  # p-values down to 1/1001: below a third of the default 0.01
 SUBSETS = ("test", "inbox")
+# Subsets checked over a rolling window (`pending_since`); the test split is scored whole by the
+# run that checks it.
+ROLLING_SUBSETS = ("inbox",)
 KEEP_EMBEDDINGS_DAYS = 30
 
 # Verdicts of one subset.
@@ -470,23 +474,38 @@ def compare(
 
 
 def window_of(
-    db: Database, *, model_name: str, model_version: int, run_key: str, subset: str, labels
+    db: Database,
+    *,
+    model_name: str,
+    model_version: int,
+    run_key: str,
+    subset: str,
+    labels,
+    since: datetime | None = None,
 ):
-    """(embeddings (m, k), predicted indices, confidences) of the images `run_key`
-    scored in `subset` with the version."""
+    """(embeddings (m, k), predicted indices, confidences) of the images `run_key` scored in
+    `subset` with the version, and with `since` also those any run embedded after it (the
+    latest embedding per image)."""
     import numpy as np
     import torch
 
-    rows = db.query(
-        "SELECT e.embedding, p.predicted_label, p.confidence FROM drift_embeddings e"
+    sql = (
+        "SELECT e.image_id, e.embedding, p.predicted_label, p.confidence FROM drift_embeddings e"
         " JOIN predictions p ON p.image_id = e.image_id AND p.model_name = e.model_name"
         " AND p.model_version = e.model_version"
-        " WHERE e.model_name = %s AND e.model_version = %s AND e.run_key = %s"
-        " AND e.subset = %s ORDER BY e.image_id",
-        (model_name, model_version, run_key, subset),
+        " WHERE e.model_name = %s AND e.model_version = %s AND e.subset = %s"
     )
+    args: tuple = (model_name, model_version, subset)
+    if since is None:
+        sql += " AND e.run_key = %s"
+        args += (run_key,)
+    else:
+        sql += " AND (e.run_key = %s OR e.created_at > %s)"
+        args += (run_key, since)
+    rows = db.query(sql + " ORDER BY e.image_id, e.created_at", args)
     index = {label: i for i, label in enumerate(labels)}
-    rows = [r for r in rows if r["predicted_label"] in index]
+    latest = {r["image_id"]: r for r in rows}  # ordered by time: the last one wins
+    rows = [r for r in latest.values() if r["predicted_label"] in index]
     if not rows:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0)
     embeddings = np.stack([np.frombuffer(r["embedding"], dtype="<f4") for r in rows])
@@ -495,6 +514,22 @@ def window_of(
         torch.tensor([index[r["predicted_label"]] for r in rows], dtype=torch.long),
         torch.tensor([float(r["confidence"]) for r in rows], dtype=torch.float32),
     )
+
+
+def pending_since(db: Database, model_name: str, model_version: int, run_key: str) -> datetime:
+    """Start of the rolling inbox window: the version's last inbox verdict by another run.
+
+    Inbox images are scored by whichever run sees them first (the hourly inbox DAG, mostly),
+    a few at a time: each run's own handful would say "not enough images" forever. So the
+    inbox window holds every inbox image the version scored since its last verdict (epoch
+    when there is none) plus this run's own; a rerun of this run's check sees the same window.
+    """
+    rows = db.query(
+        "SELECT MAX(checked_at) AS t FROM drift_reports WHERE model_name = %s"
+        " AND model_version = %s AND subset = 'inbox' AND status = %s AND run_key <> %s",
+        (model_name, model_version, CHECKED, run_key),
+    )
+    return rows[0]["t"] or datetime(1970, 1, 1)
 
 
 def latest_run(db: Database, model_name: str, model_version: int) -> str | None:
@@ -520,6 +555,8 @@ def check_drift(
 ) -> dict[str, Any]:
     """Compare the images `run_key` scored with the version, per subset, with the
     version's reference; one `drift_reports` row per subset (upserted: a rerun rewrites it).
+    The inbox window also holds the inbox images other runs scored since the version's last
+    inbox verdict (`pending_since`).
 
     Returns {model_name, model_version, run_key, drifted, subsets: {subset: verdict}}
     (status, n_images, the statistics and p-values, reasons, message).
@@ -550,6 +587,9 @@ def check_drift(
                 run_key=run_key,
                 subset=subset,
                 labels=reference.labels,
+                since=pending_since(db, model_name, version, run_key)
+                if subset in ROLLING_SUBSETS
+                else None,
             )
             verdict = compare(reference, window, predicted, confidence, thresholds)
         verdicts[subset] = verdict

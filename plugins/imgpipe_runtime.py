@@ -69,6 +69,22 @@ def fail_fast(task_callable: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+def publish_drift(context: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+    """The `imgpipe_drift` asset event of a `check_drift` report: its extra names the model
+    version, the run and the drifted subsets with their reasons. Skips the task (no event)
+    when nothing drifted."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    report = report or {}
+    if not report.get("drifted"):
+        raise AirflowSkipException("no drift found: no asset event")
+    found = {s: v["reasons"] for s, v in report["subsets"].items() if v["drifted"]}
+    context["outlet_events"][DRIFT_ASSET].extra = {
+        k: report[k] for k in ("model_name", "model_version", "run_key")
+    } | {"subsets": found}
+    return found
+
+
 def cache_dir():
     from pathlib import Path
 

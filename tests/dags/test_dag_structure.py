@@ -54,6 +54,17 @@ def test_expected_edges(dagbag):
     assert isinstance(dag.get_task("score_images"), MappedOperator)
 
 
+def test_inbox_dag_checks_drift_after_scoring(dagbag):
+    dag = dagbag.dags["image_classification_inbox"]
+    edges = {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+    assert edges == {
+        ("scan_images", "score_inbox"),
+        ("score_inbox", "check_drift"),
+        ("check_drift", "publish_drift"),
+    }
+    assert {a.name for a in dag.get_task("publish_drift").outlets} == {"imgpipe_drift"}
+
+
 def test_the_approval_form_asks_only_for_a_comment(dagbag):
     from airflow.providers.standard.operators.hitl import HITLOperator
 

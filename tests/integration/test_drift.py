@@ -242,3 +242,21 @@ def test_a_tiny_or_empty_window_says_not_enough_images(world):
     empty = check(world, "run-that-scored-nothing")
     assert all(v["status"] == drift.NOT_ENOUGH for v in empty["subsets"].values())
     assert empty["drifted"] is False
+
+
+def test_small_inbox_runs_add_up_to_one_verdict_then_start_over(world):
+    """Hourly inbox runs score a few images each: the inbox window holds what the version
+    scored since its last inbox verdict, so small runs add up until there are enough."""
+    _, report = _score_window(world, "run-roll-base", _take(world, 30))
+    assert report["subsets"]["inbox"]["status"] == drift.CHECKED  # the window starts after it
+    seen = []
+    for i in range(3):
+        _, report = _score_window(world, f"run-roll-{i}", _take(world, 12))
+        inbox = report["subsets"]["inbox"]
+        seen.append((inbox["status"], inbox["n_images"]))
+    assert seen == [(drift.NOT_ENOUGH, 12), (drift.NOT_ENOUGH, 24), (drift.CHECKED, 36)]
+    assert report["subsets"]["inbox"]["drifted"] is False
+    assert check(world, "run-roll-2")["subsets"]["inbox"]["n_images"] == 36  # a rerun: same
+    _, report = _score_window(world, "run-roll-after", _take(world, 5))
+    inbox = report["subsets"]["inbox"]
+    assert (inbox["status"], inbox["n_images"]) == (drift.NOT_ENOUGH, 5)
