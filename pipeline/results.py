@@ -1,4 +1,5 @@
-"""Read-only answers for the results page: champion, accuracy, confusion, review queue, thumbnails.
+"""Read-only answers for the results page: champion, accuracy, confusion, review queue, drift,
+thumbnails.
 
 Every query reads the views of `pipeline/migrations` or the tables behind them and writes
 nothing. Lists page by keyset on indexed columns, so a model version with 100k predictions
@@ -34,6 +35,7 @@ QUEUES = ("review", "all")
 MAX_PAGE = 200
 THUMBNAIL_SIZES = (64, 128, 256)
 HISTORY_ROWS = 20
+DRIFT_ROWS = 40
 NEXT_STEP = (
     "no champion yet: trigger the DAG image_classification in the Airflow UI (or run"
     " `make demo`); its promotion gate names the first champion"
@@ -353,6 +355,50 @@ def inbox_predictions(
         item["top_k"] = json.loads(r["top_k"]) if r.get("top_k") else []
         items.append(item)
     return {"items": items, "total": int(total)}
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def mark_latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of drift checks, newest first, each with `latest`: True on the newest of its subset
+    (the verdict that stands for that subset now)."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        out.append(row | {"latest": row["subset"] not in seen})
+        seen.add(row["subset"])
+    return out
+
+
+def drift_history(db: Database, model_name: str, *, limit: int = DRIFT_ROWS) -> dict[str, Any]:
+    """The model's last `limit` drift checks (`v_drift_history`, one row per checked subset of a
+    run), newest first, with the thresholds they were judged by. `verdict` is the view's words
+    ("no drift", "drift: <reasons>", "not enough images", "no reference"); `latest` marks the
+    newest check of each subset. Returns {model_name, items}."""
+    _check_limit(limit)
+    rows = db.query(
+        "SELECT h.model_version, h.run_key, h.subset, h.checked_at, h.status, h.verdict,"
+        " h.n_images, h.n_reference, h.mmd_p_value, h.label_shift, h.label_p_value,"
+        " h.reference_confidence, h.mean_confidence, h.confidence_drop, r.confidence_p_value,"
+        " h.p_value_threshold, r.min_images, r.label_shift_threshold,"
+        " r.confidence_drop_threshold, h.drifted, h.reasons"
+        " FROM v_drift_history h JOIN drift_reports r ON r.model_name = h.model_name"
+        " AND r.model_version = h.model_version AND r.run_key = h.run_key"
+        " AND r.subset = h.subset"
+        " WHERE h.model_name = %s"
+        " ORDER BY h.checked_at DESC, h.model_version DESC, h.run_key, h.subset LIMIT %s",
+        (model_name, limit),
+    )
+    items = [
+        _plain(r)
+        | {
+            "drifted": bool(r["drifted"]),
+            "reasons": r["reasons"].split(",") if r["reasons"] else [],
+        }
+        for r in rows
+    ]
+    return {"model_name": model_name, "items": mark_latest(items)}
 
 
 # ----------------------------------------------------------------------------- thumbnails

@@ -1,4 +1,5 @@
-"""Results page in the Airflow UI: champion, accuracy by version, confusion matrix, review queue.
+"""Results page in the Airflow UI: champion, accuracy by version, confusion matrix, review queue,
+drift.
 
 An Airflow 3 plugin: a FastAPI app mounted by the API server under `/imgpipe-results` and an
 external view that puts it in the Airflow navigation (an iframe on the same origin, so the
@@ -206,6 +207,14 @@ def get_inbox(
     from pipeline import results
 
     return results.inbox_predictions(_database(), _model(model_name), limit=limit, offset=offset)
+
+
+@app.get("/api/drift")
+def get_drift(model_name: ModelName = None, limit: Limit = 40) -> dict[str, Any]:
+    """The latest drift checks, newest first (`v_drift_history`), the newest per subset marked."""
+    from pipeline import results
+
+    return results.drift_history(_database(), _model(model_name), limit=limit)
 
 
 @app.get("/api/images/{image_id}/thumbnail")

@@ -324,6 +324,60 @@ function loadReview() {
     });
 }
 
+// ----------------------------------------------------------------------------- drift
+
+const pValue = (p) => (p === null || p === undefined ? "–" : Number(p).toFixed(4));
+
+// Why a check has no statistics, in words (its numbers would mean nothing).
+function unjudged(d) {
+  if (d.status === "not_enough_images") return `not enough images: ${d.n_images} scored, at least ${d.min_images} needed`;
+  if (d.status === "no_reference") return `no reference: v${d.model_version} was registered without a drift reference (retrain to get one)`;
+  return d.verdict;
+}
+
+function driftRow(d) {
+  const classes = [d.latest ? "latest" : "", d.drifted ? "drifted" : ""].filter(Boolean).join(" ");
+  const cells = [
+    el("td", { text: when(d.checked_at) }),
+    el("td", { text: `v${d.model_version}` }),
+    el("td", { class: "key", text: d.run_key }),
+    el("td", { text: d.subset }),
+    el("td", { class: "verdict", text: d.verdict }),
+  ];
+  if (d.status === "checked") {
+    cells.push(
+      el("td", { class: "num", text: d.n_images }),
+      el("td", { class: "num", text: pValue(d.mmd_p_value) }),
+      el("td", { class: "num", text: `${Number(d.label_shift).toFixed(3)} (p ${pValue(d.label_p_value)})` }),
+      el("td", { class: "num", text: `${pct(d.reference_confidence)} → ${pct(d.mean_confidence)} (p ${pValue(d.confidence_p_value)})` }),
+      el("td", { text: `p ≤ ${pValue(d.p_value_threshold / 3)}; shift ≥ ${d.label_shift_threshold}; drop ≥ ${d.confidence_drop_threshold}` }),
+    );
+  } else {
+    cells.push(el("td", { class: "unjudged", colspan: 6, text: unjudged(d) }));
+  }
+  return el("tr", { class: classes || null, "data-subset": d.subset, "data-status": d.status }, cells);
+}
+
+function loadDrift() {
+  return api("drift", { limit: 40 }).then((data) => {
+    const table = document.getElementById("drift-table");
+    const summary = document.getElementById("drift-summary");
+    if (!data.items.length) {
+      summary.textContent = "no drift check yet: the DAG's check_drift task (after score_images) writes one per scored subset.";
+      table.replaceChildren();
+      return;
+    }
+    const latest = data.items.filter((d) => d.latest).map((d) => `${d.subset} — ${d.verdict} (v${d.model_version}, ${when(d.checked_at)})`);
+    summary.textContent =
+      `Latest: ${latest.join("; ")}. Each check compares the images one run scored in a subset with the ` +
+      "scoring version's val images; the newest check of each subset is highlighted.";
+    fill(table,
+      el("tr", {}, ["checked", "version", "run", "subset", "verdict", "images", "embeddings (MMD p)", "label shift", "confidence (val → run)", "judged at"].map((h) => el("th", { text: h }))),
+      data.items.map(driftRow),
+    );
+  });
+}
+
 // ----------------------------------------------------------------------------- disagreements, inbox
 
 function loadDisagreements(append = false) {
@@ -406,7 +460,7 @@ async function main() {
       await loadConfusion();
       await loadReview();
     }
-    await Promise.all([loadDisagreements(), loadInbox()]);
+    await Promise.all([loadDrift(), loadDisagreements(), loadInbox()]);
     document.body.dataset.loaded = "true";
   } catch (error) {
     showError(error);

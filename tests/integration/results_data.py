@@ -1,8 +1,9 @@
 """What the results plugin's tests run against: a scored model and a real Airflow API server.
 
 `scored_results`: digits scanned, version 1 promoted by the gate (first champion), version 2
-kept out as challenger; both score the test split and the inbox and are evaluated, so every
-section of the page has rows. Its own MySQL database, bucket and MLflow model, removed after.
+kept out as challenger; both score the test split and the inbox, are evaluated and checked for
+drift, so every section of the page has rows. Its own MySQL database, bucket and MLflow model,
+removed after.
 `api_server`: `airflow api-server` of this checkout (its plugins, the simple auth manager of
 `scripts/stack.py`) on a free loopback port, pointed at such a database.
 """
@@ -30,6 +31,9 @@ PREFIX = "ds"
 SIZE = 16
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240
+VAL_PERCENT = 30  # enough val images (at least 8) for the champion's drift reference
+# The test split (20 images) gets a verdict, the inbox (5) "not enough images".
+DRIFT_MIN_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,34 @@ class ScoredResults:
     mysql_database: str
 
 
-def _register(model_name: str, label_map: dict[str, int], dataset_version: str, seed: int) -> str:
+def _drift_reference(db, store, model, dataset_version: str, cache_dir: Path):
+    """`model`'s drift reference on the dataset's val images, built as training builds it."""
+    import torch
+
+    from pipeline import drift, train
+    from pipeline.data import make_loader
+    from pipeline.train_plan import TrainParams
+
+    data = train.load_data(
+        db, store, dataset_version, TrainParams(image_size=SIZE), cache_dir=cache_dir
+    )
+    loader = make_loader(data["val_set"], batch_size=64, shuffle=False, num_workers=0, seed=0)
+    reference = drift.build_reference(model, loader, torch.device("cpu"), labels=data["labels"])
+    assert reference is not None, "too few val images for a drift reference: raise VAL_PERCENT"
+    return reference
+
+
+def _register(
+    db,
+    store,
+    model_name: str,
+    label_map: dict[str, int],
+    dataset_version: str,
+    seed: int,
+    *,
+    cache_dir: Path,
+    drift_reference: bool,
+) -> str:
     import mlflow
     import torch
 
@@ -50,19 +81,25 @@ def _register(model_name: str, label_map: dict[str, int], dataset_version: str, 
     from pipeline.model import build_model
 
     torch.manual_seed(seed)
+    model = build_model(len(label_map))
+    reference = (
+        _drift_reference(db, store, model, dataset_version, cache_dir) if drift_reference else None
+    )
     with mlflow.start_run():
         return train.log_and_register(
-            build_model(len(label_map)),
+            model,
             model_name=model_name,
             label_map=label_map,
             image_size=SIZE,
             dataset_version=dataset_version,
             run_key=f"results-{seed}",
+            drift_reference=reference,
         )
 
 
 def _score(db, store, model_name: str, alias: str, cache_dir: Path) -> str:
-    from pipeline import score
+    """Score the test split and the inbox as run `manual__<alias>`, evaluate, check drift."""
+    from pipeline import drift, score
 
     plan = score.plan_scoring(
         db, store.bucket, PREFIX, model_name=model_name, model_ref=alias, shards=1
@@ -85,6 +122,15 @@ def _score(db, store, model_name: str, alias: str, cache_dir: Path) -> str:
     score.evaluate(
         db, model_name=model_name, model_version=plan["model_version"], log_to_mlflow=False
     )
+    drift.check_drift(
+        db,
+        model_name=model_name,
+        model_version=plan["model_version"],
+        run_key=f"manual__{alias}",
+        cache_dir=cache_dir,
+        thresholds=drift.Thresholds(min_images=DRIFT_MIN_IMAGES),
+        log_to_mlflow=False,
+    )
     return plan["model_version"]
 
 
@@ -101,9 +147,11 @@ def scope_names(settings: Settings, suffix: str) -> tuple[str, str]:
 def scored_results(
     settings: Settings, workdir: Path, suffix: str | None = None
 ) -> Iterator[ScoredResults]:
-    """Digits (6 per label, 2 of them test) and 5 inbox images; a champion and a challenger,
-    both scored and evaluated, in database `<MYSQL_DATABASE>_test_<suffix>` and model
-    `test-model-<suffix>` (`scope_names`). Everything created is removed on exit."""
+    """Digits (6 per label, 2 of them test) and 5 inbox images; a champion (with a drift
+    reference: its test split is checked, its inbox has too few images) and a challenger
+    (without: "no reference"), both scored, evaluated and checked for drift, in database
+    `<MYSQL_DATABASE>_test_<suffix>` and model `test-model-<suffix>` (`scope_names`).
+    Everything created is removed on exit."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -124,7 +172,7 @@ def scored_results(
         store.ensure_bucket()
         render_digits(workdir / "digits", size=SIZE, per_label=6, inbox=5, test_percent=34)
         upload_tree(store, workdir / "digits", PREFIX)
-        dataset = catalog.scan(db, store, PREFIX)["dataset_version"]
+        dataset = catalog.scan(db, store, PREFIX, val_percent=VAL_PERCENT)["dataset_version"]
         label_map = catalog.get_dataset(db, dataset)["label_map"]
         mlflow.set_experiment(experiment)
         cache_dir = workdir / "cache"
@@ -135,9 +183,13 @@ def scored_results(
             "promotion_margin": 0.0,
             "explicit": True,
         }
-        first = _register(model_name, label_map, dataset, seed=0)
+        first = _register(
+            db, store, model_name, label_map, dataset, 0, cache_dir=cache_dir, drift_reference=True
+        )
         registry.promote(db, store, model_name, first, min_accuracy=0.0, **gate)
-        second = _register(model_name, label_map, dataset, seed=1)
+        second = _register(
+            db, store, model_name, label_map, dataset, 1, cache_dir=cache_dir, drift_reference=False
+        )
         # Above any accuracy a model can reach: the gate keeps it out, as challenger.
         registry.promote(db, store, model_name, second, min_accuracy=1.01, **gate)
         champion = _score(db, store, model_name, "champion", cache_dir)

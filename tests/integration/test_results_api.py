@@ -23,6 +23,7 @@ ENDPOINTS = [
     "/api/predictions",
     "/api/disagreements",
     "/api/inbox",
+    "/api/drift",
     "/api/images/1/thumbnail",
 ]
 
@@ -295,6 +296,56 @@ def test_disagreements_and_inbox_are_the_views(client, scored):
     assert {(i["image_id"], i["predicted_label"]) for i in shown["items"]} == {
         (r["image_id"], r["predicted_label"]) for r in inbox
     }
+
+
+def test_drift_history_is_the_view_newest_first_with_the_newest_check_of_each_subset_marked(
+    client, scored
+):
+    rows = scored.db.query(
+        "SELECT model_version, run_key, subset, status, verdict, n_images, mmd_p_value,"
+        " label_shift, confidence_drop, p_value_threshold, drifted FROM v_drift_history"
+        " WHERE model_name = %s ORDER BY checked_at DESC, model_version DESC, run_key, subset",
+        (scored.model_name,),
+    )
+    champion, challenger = int(scored.champion), int(scored.challenger)
+    assert {(r["model_version"], r["subset"]): r["status"] for r in rows} == {
+        (champion, "test"): "checked",
+        (champion, "inbox"): "not_enough_images",
+        (challenger, "test"): "no_reference",
+        (challenger, "inbox"): "no_reference",
+    }
+    items = _get(client, "/api/drift")["items"]
+    assert [
+        (i["model_version"], i["run_key"], i["subset"], i["status"], i["verdict"], i["n_images"])
+        for i in items
+    ] == [
+        (r["model_version"], r["run_key"], r["subset"], r["status"], r["verdict"], r["n_images"])
+        for r in rows
+    ]
+    for item, row in zip(items, rows, strict=True):
+        for column in ("mmd_p_value", "label_shift", "confidence_drop", "p_value_threshold"):
+            assert item[column] == pytest.approx(row[column]), column
+        assert item["drifted"] is bool(row["drifted"])
+    checked = next(i for i in items if i["status"] == "checked")
+    tested = scored.db.query(
+        "SELECT COUNT(*) AS n FROM predictions WHERE model_name = %s AND model_version = %s"
+        " AND subset = 'test'",
+        (scored.model_name, scored.champion),
+    )[0]["n"]
+    assert checked["n_images"] == tested and 0 < checked["mmd_p_value"] <= 1
+    assert checked["verdict"] in ("no drift", "drift: " + ",".join(checked["reasons"]))
+    newest = scored.db.query(
+        "SELECT h.subset, h.model_version FROM v_drift_history h WHERE h.model_name = %s"
+        " AND h.checked_at = (SELECT MAX(r.checked_at) FROM drift_reports r"
+        " WHERE r.model_name = h.model_name AND r.subset = h.subset)",
+        (scored.model_name,),
+    )
+    assert sorted((i["subset"], i["model_version"]) for i in items if i["latest"]) == sorted(
+        (r["subset"], r["model_version"]) for r in newest
+    )
+    assert _get(client, "/api/drift", limit=1)["items"] == items[:1]
+    assert client.get(BASE + "/api/drift", params={"limit": 500}).status_code == 422
+    assert _get(client, "/api/drift", model_name="never-trained")["items"] == []
 
 
 def test_thumbnails_are_bounded_jpegs_of_catalogued_images_cached_on_disk(client, scored):

@@ -2,10 +2,10 @@
 real Airflow API server (this checkout's plugins) as the `.env` admin.
 
 The page must be in Airflow's navigation and render, inside Airflow's iframe, the champion, the
-accuracy chart, the confusion heatmap and thumbnails the browser actually decoded. A screenshot
-lands in the test's tmp_path. With IMGPIPE_RESULTS_SCREENSHOT=<png path> (`make
-results-screenshot`, after `make demo`) the page shows the demo's own database and model and the
-screenshot is also written there, shrunk, for the README.
+accuracy chart, the confusion heatmap, the drift checks and thumbnails the browser actually
+decoded. A screenshot lands in the test's tmp_path. With IMGPIPE_RESULTS_SCREENSHOT=<png path>
+(`make results-screenshot`, after `make demo`) the page shows the demo's own database and model
+and the screenshot is also written there, shrunk, for the README.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _open_results_page(page, airflow_url: str):
     return frame
 
 
-def test_results_page_in_the_airflow_ui_renders_champion_chart_heatmap_and_thumbnails(
+def test_results_page_in_the_airflow_ui_renders_champion_chart_heatmap_drift_and_thumbnails(
     results_data, results_server, browser_page, tmp_path
 ):
     data, airflow_url, page = results_data, results_server, browser_page
@@ -112,6 +112,25 @@ def test_results_page_in_the_airflow_ui_renders_champion_chart_heatmap_and_thumb
         (data.model_name, data.champion),
     )[0]["n"]
     assert frame.locator("#heatmap td a").count() == cells > 0
+    # Drift: a row per check, the newest of each subset highlighted, a check without a verdict
+    # (too few images, no reference) said in words.
+    checks = data.db.query(
+        "SELECT status, COUNT(*) AS n FROM v_drift_history WHERE model_name = %s GROUP BY status",
+        (data.model_name,),
+    )
+    rows = frame.locator("#drift-table tr[data-status]")
+    assert rows.count() == min(sum(c["n"] for c in checks), 40)
+    subsets = set(rows.evaluate_all("(trs) => trs.map((tr) => tr.dataset.subset)"))
+    assert frame.locator("#drift-table tr.latest").count() == len(subsets)
+    for status, words in (
+        ("not_enough_images", "not enough images"),
+        ("no_reference", "no reference"),
+    ):
+        if any(c["status"] == status for c in checks):
+            cell = frame.locator(f"#drift-table tr[data-status={status}] td.unjudged").first
+            assert cell.inner_text().startswith(words)
+    summary = frame.locator("#drift-summary").inner_text()
+    assert summary.startswith("Latest: " if checks else "no drift check yet")
     assert _images_decoded(frame, "#review-items img.thumb") > 0
     assert _images_decoded(frame, "#inbox-items img.thumb") > 0
 

@@ -1,4 +1,5 @@
-"""The results page's pure pieces: cursors, filters, run links, thumbnails, cache paths."""
+"""The results page's pure pieces: cursors, filters, run links, thumbnails, cache paths, the
+newest drift check of each subset."""
 
 from __future__ import annotations
 
@@ -114,3 +115,24 @@ def test_thumbnail_cache_path_changes_with_the_objects_etag_and_the_size(tmp_pat
 def test_thumbnail_size_must_be_one_of_the_offered_sizes(tmp_path):
     with pytest.raises(ValueError, match="size must be one of: 64, 128, 256"):
         results.thumbnail(None, None, 1, size=1000, cache_dir=tmp_path)
+
+
+def test_the_newest_drift_check_of_each_subset_is_marked_latest():
+    rows = [
+        {"subset": "test", "model_version": 2},
+        {"subset": "inbox", "model_version": 2},
+        {"subset": "test", "model_version": 1},
+        {"subset": "inbox", "model_version": 1},
+        {"subset": "test", "model_version": 1},
+    ]
+    marked = results.mark_latest(rows)
+    assert [r["latest"] for r in marked] == [True, True, False, False, False]
+    assert [r["model_version"] for r in marked] == [2, 2, 1, 1, 1]
+    assert "latest" not in rows[0], "the rows passed in are left as they were"
+    assert results.mark_latest([]) == []
+
+
+@pytest.mark.parametrize("limit", [0, results.MAX_PAGE + 1])
+def test_drift_history_is_bounded(limit):
+    with pytest.raises(ValueError, match="limit must be"):
+        results.drift_history(None, "m", limit=limit)
