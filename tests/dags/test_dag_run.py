@@ -319,6 +319,55 @@ def test_inbox_dag_scores_new_inbox_images_with_the_champion(world, settings, tm
     assert dataset() == before
 
 
+def test_inbox_dag_flags_shifted_inbox_images_and_emits_the_drift_asset_event(world, tmp_path):
+    """Colour-inverted digits dropped into inbox/: the inbox DAG scores them, its check flags
+    the inbox window as drifted and `publish_drift` emits an `imgpipe_drift` asset event."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from pipeline import demo_data
+
+    local = tmp_path / "shifted"
+    demo_data.render_digits(local, size=32, fmt="png", inbox=40, per_label=1)
+    for path in sorted((local / "inbox").iterdir()):
+        buf = io.BytesIO()
+        ImageOps.invert(Image.open(path).convert("RGB")).save(buf, format="PNG")
+        world["store"].put_bytes(f"{world['prefix']}/inbox/inverted-{path.name}", buf.getvalue())
+    conf = {"bucket": world["conf"]["bucket"], "prefix": world["prefix"]}
+    result = airflow(world, "dags", "test", "image_classification_inbox", "-c", json.dumps(conf))
+    output = result.stdout + result.stderr
+    finished = re.search(r"DagRun Finished: .*?run_id=([^,\s]+),.*?state=success", output)
+    assert finished, output[-3000:]
+    run_id = finished.group(1)
+
+    report = world["db"].query(
+        "SELECT n_images, drifted, verdict FROM v_drift_history WHERE run_key = %s"
+        " AND subset = 'inbox'",
+        (run_id,),
+    )
+    assert len(report) == 1 and report[0]["drifted"] == 1, report
+    assert report[0]["n_images"] >= 40  # the inverted ones, with the inbox images not yet judged
+    # The event, as Airflow recorded it in its metadata database.
+    import sqlalchemy
+
+    url = airflow(world, "config", "get-value", "database", "sql_alchemy_conn").stdout.strip()
+    engine = sqlalchemy.create_engine(url.splitlines()[-1])
+    with engine.connect() as conn:
+        events = conn.execute(
+            sqlalchemy.text(
+                "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
+                " WHERE a.name = 'imgpipe_drift' AND e.source_run_id = :run"
+            ),
+            {"run": run_id},
+        ).all()
+    engine.dispose()
+    assert len(events) == 1, events
+    extra = events[0][0] if isinstance(events[0][0], dict) else json.loads(events[0][0])
+    assert extra["model_name"] == world["model_name"] and extra["run_key"] == run_id
+    assert "embeddings" in extra["subsets"]["inbox"]
+
+
 SECRET_VARIABLES = (
     "MYSQL_PASSWORD",
     "MYSQL_ROOT_PASSWORD",
