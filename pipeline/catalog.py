@@ -36,9 +36,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from functools import cached_property
+from itertools import islice
 from typing import Any
 
-from pipeline.db import Database, named_lock, utc_now
+from pipeline.db import Database, insert_rows, named_lock, utc_now
 from pipeline.errors import S3_MISSING_CODES, Refusal, is_transient, s3_error_code, s3_unavailable
 from pipeline.params import SMALL_LABEL_POLICIES
 from pipeline.records import ImageRecord
@@ -97,6 +98,8 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
 )
 
 _BATCH = 500
+# Objects one GET task fetches and validates in turn (see `_in_order`).
+_GET_BATCH = 8
 _COLUMNS = (
     "bucket",
     "prefix",
@@ -119,13 +122,12 @@ _COLUMNS = (
     "last_seen_at",
     "deleted_at",
 )
-_UPSERT = (
-    f"INSERT INTO images ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))})"
-    " ON DUPLICATE KEY UPDATE "
-    + ", ".join(
-        f"{c} = VALUES({c})" for c in _COLUMNS if c not in ("bucket", "key_hash", "first_seen_at")
-    )
+# The upsert on the natural key (bucket, key_hash), sent by `insert_rows`.
+_UPSERT_HEAD = f"INSERT INTO images ({', '.join(_COLUMNS)})"
+_UPSERT_TAIL = " ON DUPLICATE KEY UPDATE " + ", ".join(
+    f"{c} = VALUES({c})" for c in _COLUMNS if c not in ("bucket", "key_hash", "first_seen_at")
 )
+_row_values = operator.itemgetter(*_COLUMNS)
 
 
 # What a scan reads of every catalogued row: enough to diff a listing and version a dataset.
@@ -566,7 +568,7 @@ def apply_object(
         return
     if row is None:
         row = rows[obj.key] = {"id": None}
-    row.setdefault("first_seen_at", now)  # an existing row keeps its own (see _UPSERT)
+    row.setdefault("first_seen_at", now)  # an existing row keeps its own (see _UPSERT_TAIL)
     row.update(
         bucket=bucket,
         prefix=prefix,
@@ -630,8 +632,8 @@ def rows_to_write(
 def write_rows(cur: Any, writes: RowWrites) -> None:
     """Execute `writes` (upserts on the natural key (bucket, key_hash), updates by id)."""
     for i in range(0, len(writes.upserts), _BATCH):
-        batch = writes.upserts[i : i + _BATCH]
-        cur.executemany(_UPSERT, [tuple(r[c] for c in _COLUMNS) for r in batch])
+        rows = map(_row_values, writes.upserts[i : i + _BATCH])
+        insert_rows(cur, _UPSERT_HEAD, rows, _UPSERT_TAIL)
     if writes.updates:
         cur.executemany(
             _UPDATE_STATE,
@@ -732,18 +734,47 @@ def _fetch_and_inspect(
 
 
 def _in_order(
-    pool: ThreadPoolExecutor, inspect, objects: Iterable[tuple[str, ObjectInfo]], depth: int
+    pool: ThreadPoolExecutor,
+    inspect,
+    objects: Iterable[tuple[str, ObjectInfo]],
+    depth: int,
+    batch: int = _GET_BATCH,
 ):
-    """(key, inspect(obj)) in order, computed on `pool` at most `depth` ahead of the caller."""
-    pending: deque[tuple[str, Future]] = deque()
-    for key, obj in objects:
-        pending.append((key, pool.submit(inspect, obj)))
-        if len(pending) >= depth:
-            key, future = pending.popleft()
-            yield key, future.result()
-    while pending:
-        key, future = pending.popleft()
-        yield key, future.result()
+    """(key, inspect(obj)) in order, computed on `pool` at most `depth` ahead of the caller.
+
+    Each task inspects `batch` objects one after the other: a future per object costs more
+    client CPU than the validation of a small image. An error is raised at its own key, after
+    the results before it, as if each object were a task of its own.
+    """
+    pending: deque[tuple[list[str], Future]] = deque()
+    ahead = 0
+    objects = iter(objects)
+    while True:
+        group = list(islice(objects, batch))
+        if group:
+            keys = [key for key, _ in group]
+            pending.append((keys, pool.submit(_inspect_all, inspect, [obj for _, obj in group])))
+            ahead += len(keys)
+        while pending and (ahead >= depth or not group):
+            keys, future = pending.popleft()
+            ahead -= len(keys)
+            results, error = future.result()
+            yield from zip(keys, results, strict=False)
+            if error is not None:
+                raise error
+        if not group:
+            return
+
+
+def _inspect_all(inspect, objects: list[ObjectInfo]) -> tuple[list[Any], BaseException | None]:
+    """inspect(obj) of each object in turn, up to the first error (returned, not raised)."""
+    results = []
+    for obj in objects:
+        try:
+            results.append(inspect(obj))
+        except Exception as exc:  # noqa: BLE001 - raised again by the caller, at its key
+            return results, exc
+    return results, None
 
 
 def inspect_objects(
@@ -1194,9 +1225,9 @@ def _insert_dataset_version(
         for r in version.members
     ]
     for i in range(0, len(membership), _BATCH):
-        cur.executemany(
-            "INSERT INTO dataset_version_images (dataset_version, image_id, subset, label, etag)"
-            " VALUES (%s, %s, %s, %s, %s)",
+        insert_rows(
+            cur,
+            "INSERT INTO dataset_version_images (dataset_version, image_id, subset, label, etag)",
             membership[i : i + _BATCH],
         )
 

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -135,6 +135,50 @@ class Database:
         """Run one statement in its own transaction; returns affected rows."""
         with self.transaction() as cur:
             return cur.execute(sql, args)
+
+
+# Characters of VALUES per statement `insert_rows` sends: at most 4 bytes each in utf8mb4, so a
+# statement stays under 1 MB, as pymysql's executemany keeps it (max_allowed_packet is larger).
+_MAX_STATEMENT_CHARS = 250_000
+
+
+def insert_rows(cur: Any, head: str, rows: Iterable[Sequence[Any]], tail: str = "") -> int:
+    """`head VALUES (...), (...) tail` for `rows` (few statements); returns affected rows.
+
+    What `executemany` sends for an INSERT, escaped here at a fraction of its CPU: pymysql
+    dispatches every value through its encoders, while a batch repeats most of its values
+    (bucket, prefix, labels, timestamps), so each distinct string or datetime is escaped once.
+    `head` is `INSERT INTO t (a, b, ...)`; values are str, int, None, datetime (or anything
+    pymysql escapes).
+    """
+    conn = cur.connection
+    literal = conn.literal
+    memo: dict[Any, str] = {}
+    affected, values, size = 0, [], 0
+    for row in rows:
+        parts = []
+        for value in row:
+            kind = type(value)
+            if kind is int:
+                parts.append(str(value))
+            elif value is None:
+                parts.append("NULL")
+            elif kind is str or kind is datetime:
+                text = memo.get(value)
+                if text is None:
+                    text = memo[value] = literal(value)
+                parts.append(text)
+            else:
+                parts.append(literal(value))
+        text = f"({','.join(parts)})"
+        values.append(text)
+        size += len(text) + 1
+        if size > _MAX_STATEMENT_CHARS:
+            affected += cur.execute(f"{head} VALUES {','.join(values)}{tail}")
+            values, size = [], 0
+    if values:
+        affected += cur.execute(f"{head} VALUES {','.join(values)}{tail}")
+    return affected
 
 
 class LockTimeout(TimeoutError):

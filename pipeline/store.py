@@ -5,8 +5,9 @@ Choices:
 
 - The MinIO SDK costs less than half of boto3's client CPU per GET (0.52 vs 1.20 ms measured
   here, bench/results/scan.md and score.md): scan validation, the training cache fill and
-  scoring fetches are CPU-bound on a small worker, so those calls go through it; so do LISTs
-  (about 60 % of boto3's client CPU per page). DELETE and bucket calls are few and stay on boto3.
+  scoring fetches are CPU-bound on a small worker, so those calls go through it; so do LISTs,
+  sent by the SDK and parsed here (key, size and ETag only: a sixth of the SDK's parsing CPU).
+  DELETE and bucket calls are few and stay on boto3.
 - One client of each kind per process and endpoint (with its credentials), shared by every
   store on it and by the threads of the process (both clients are thread-safe); a forked child
   builds its own, as neither client's connection pool may cross a fork.
@@ -25,7 +26,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote_plus, urlparse
+from xml.etree import ElementTree
 
 from pipeline.config import S3Settings
 from pipeline.errors import S3_MISSING_CODES, is_transient, s3_error_code, s3_unavailable
@@ -46,6 +48,40 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+
+
+def parse_list_page(body: bytes) -> tuple[list[ObjectInfo], str | None]:
+    """The objects of one ListObjectsV2 answer and the token of the next page (None: last).
+
+    Reads what the MinIO SDK's `parse_list_objects` reads for key, size and ETag, and finds
+    the next page's token as it does (NextContinuationToken, else NextMarker, else the last
+    key of a truncated page).
+    """
+    root = ElementTree.fromstring(body.decode())
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    key_tag, size_tag, etag_tag = f"{ns}Key", f"{ns}Size", f"{ns}ETag"
+    url_encoded = root.findtext(f"{ns}EncodingType") == "url"
+    objects = []
+    for item in root.iterfind(f"{ns}Contents"):
+        key = item.findtext(key_tag)
+        if key is None:
+            raise ValueError("XML element <Key> not found")
+        objects.append(
+            ObjectInfo(
+                unquote_plus(key) if url_encoded else key,
+                int(item.findtext(size_tag)),
+                (item.findtext(etag_tag) or "").replace('"', ""),
+            )
+        )
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").lower() == "true"
+    token = root.findtext(f"{ns}NextContinuationToken")
+    if token is None:
+        token = root.findtext(f"{ns}NextMarker")
+        if token and url_encoded:
+            token = unquote_plus(token)
+    if token is None and truncated and objects:
+        token = objects[-1].key
+    return objects, token if truncated else None
 
 
 class _Clients:
@@ -218,10 +254,30 @@ class ObjectStore:
             self.client.create_bucket(Bucket=self.bucket)
 
     def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under `prefix`, paginated (LIST only, no GET)."""
+        """Every object under `prefix`, paginated (LIST only, no GET).
+
+        The requests are the SDK's `list_objects(recursive=True)` (ListObjectsV2, 1000 keys a
+        page, URL-encoded keys); only the parsing is ours: the SDK builds each listed object
+        from a dozen XML lookups and a date parse (35 us of CPU per object, measured here)
+        where key, size and ETag take 6 (`parse_list_page`).
+        """
+        from minio.helpers import check_bucket_name
+
         try:
-            for item in self.minio.list_objects(self.bucket, prefix=prefix, recursive=True):
-                yield ObjectInfo(item.object_name, int(item.size), (item.etag or "").strip('"'))
+            client = self.minio
+            check_bucket_name(self.bucket, s3_check=client._base_url.is_aws_host)
+            token: str | None = None
+            while True:
+                query = {"list-type": "2"}
+                if token:
+                    query["continuation-token"] = token
+                query.update({"delimiter": "", "encoding-type": "url", "max-keys": "1000"})
+                query["prefix"] = prefix
+                response = client._execute("GET", self.bucket, query_params=query)
+                objects, token = parse_list_page(response.data)
+                yield from objects
+                if token is None:
+                    return
         except Exception as exc:
             if is_transient(exc):
                 raise s3_unavailable(exc, self.endpoint) from exc

@@ -7,13 +7,14 @@ import gzip
 import hashlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from pipeline.data import MissingObjectError, fetch_object
 from pipeline.errors import s3_error_code
 from pipeline.records import ImageRecord
-from pipeline.store import ObjectStore, minio_endpoint
+from pipeline.store import ObjectInfo, ObjectStore, minio_endpoint
 
 
 def record(store: ObjectStore, key: str, etag: str) -> ImageRecord:
@@ -32,6 +33,20 @@ def test_put_get_and_head_round_trip_with_the_etag_s3_computes(store):
     info = store.head(key)
     assert (info.key, info.size, info.etag) == (key, 5, etag)
     assert [o.key for o in store.iter_objects("a/")] == [key]
+
+
+def test_listing_pages_and_odd_keys_match_what_the_sdk_lists(store):
+    keys = [f"l/{i:04d}.png" for i in range(1003)]
+    keys += ["l/a b+c%20d.png", "l/ü/é x.png", "l/q?&=#.png", "l/tab\tkey.png"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: store.put_bytes(k, k.encode()), keys))
+    listed = list(store.iter_objects("l/"))
+    sdk = store.minio.list_objects(store.bucket, prefix="l/", recursive=True)
+    expected = [ObjectInfo(o.object_name, int(o.size), o.etag.strip('"')) for o in sdk]
+    assert listed == expected
+    assert sorted(o.key for o in listed) == sorted(keys)
+    assert all(o.size == len(o.key.encode()) and len(o.etag) == 32 for o in listed)
+    assert list(store.iter_objects("nothing/")) == []
 
 
 def test_a_large_object_is_one_put_whose_etag_is_its_md5(store):
