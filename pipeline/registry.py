@@ -49,6 +49,7 @@ ALIASES = (CHAMPION, CHALLENGER)
 # The gate's verdict for a version that earned promotion in a run with `require_approval`: it is
 # challenger until a person answers (`review`), then `promoted` or `challenger`.
 AWAITING_APPROVAL = "awaiting_approval"
+AWAITING_SUFFIX = "; awaiting approval"  # ends the gate's reason while the question is open
 APPROVED, REJECTED, TIMED_OUT = "approved", "rejected", "timed_out"
 REVIEWS = (APPROVED, REJECTED, TIMED_OUT)
 # A gate holds the model's lock while it evaluates two models: minutes on a large val split.
@@ -768,7 +769,7 @@ def gate_decision(
         allow_label_change=allow_label_change,
     )
     if decision == "promoted" and require_approval:
-        return AWAITING_APPROVAL, f"{reason}; awaiting approval"
+        return AWAITING_APPROVAL, reason
     return decision, reason
 
 
@@ -858,6 +859,8 @@ def _decide(
         require_approval=require_approval,
     )
     reason = f"{note}{reason} on {n} {split} images"
+    if decision == AWAITING_APPROVAL:
+        reason += AWAITING_SUFFIX
     db.execute(
         "UPDATE model_versions SET gate_accuracy = %s, champion_version = %s,"
         " champion_accuracy = %s, decision = %s, decision_reason = %s, decided_at = %s"
@@ -901,7 +904,7 @@ def recorded_review(
 
 def review_reason(outcome: str, reviewer: str | None, comment: str, gate_reason: str) -> str:
     """The decision reason after a person's answer (or its timeout), the gate's reason kept."""
-    gate = gate_reason.removesuffix("; awaiting approval")
+    gate = gate_reason.removesuffix(AWAITING_SUFFIX)
     said = f": {comment.strip()}" if comment and comment.strip() else ""
     if outcome == APPROVED:
         return f"approved by {reviewer}{said} (gate: {gate})"

@@ -49,7 +49,7 @@ PHOTOS = ("cat", "dog")
             0.85,
             {"require_approval": True},
             "awaiting_approval",
-            "awaiting approval",
+            "vs champion v1",
             id="approval-holds-a-promotion",
         ),
         pytest.param(
