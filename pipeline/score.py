@@ -389,20 +389,16 @@ def score_shard(
         embed=projector,
     ):
         t0 = time.perf_counter()
-        _reject(db, scored.failures, stats)
-        if scored.predictions:
-            rows = prediction_rows(
-                scored.predictions,
-                model_name=model_name,
-                model_version=int(version),
-                dataset_version=dataset_version,
-                mlflow_run_id=loaded.run_id,
-                run_key=run_key,
-                scored_at=utc_now(),
-            )
-            embedded = _embedding_rows(scored, rows, run_key)
-            _write_batch(db, rows, *([embedded] if embedded else []))
-            stats.add_rows(rows)
+        write_scored(
+            db,
+            scored,
+            stats,
+            model_name=model_name,
+            model_version=int(version),
+            dataset_version=dataset_version,
+            mlflow_run_id=loaded.run_id,
+            run_key=run_key,
+        )
         clock.add("write", t0)
         if time.monotonic() - last_log >= _PROGRESS_EVERY_S:
             last_log = time.monotonic()
@@ -410,20 +406,54 @@ def score_shard(
     summary = _shard_summary(
         where, dataset_version, precision, stats, clock, time.monotonic() - started
     )
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
     log.info(
         "shard %d/%d: scored %d images with %s v%s (%s) in %.1fs (%.1f img/s, %s), rejected %s",
-        shard,
-        shards,
-        stats.scored,
-        model_name,
-        version,
-        precision,
+        summary["shard"],
+        summary["shards"],
+        summary["scored"],
+        summary["model_name"],
+        summary["model_version"],
+        summary["precision"],
         summary["seconds"],
         summary["images_per_s"],
         ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items()),
         summary["rejected"] or "none",
     )
-    return summary
+
+
+def write_scored(
+    db: Database,
+    scored,
+    stats: ShardStats,
+    *,
+    model_name: str,
+    model_version: int,
+    dataset_version: str,
+    mlflow_run_id: str,
+    run_key: str | None,
+) -> None:
+    """One scored batch into MySQL: its rejections, then its predictions and drift embeddings
+    in one transaction (a retried or killed shard rewrites rows, never doubles them)."""
+    _reject(db, scored.failures, stats)
+    if not scored.predictions:
+        return
+    rows = prediction_rows(
+        scored.predictions,
+        model_name=model_name,
+        model_version=model_version,
+        dataset_version=dataset_version,
+        mlflow_run_id=mlflow_run_id,
+        run_key=run_key,
+        scored_at=utc_now(),
+    )
+    embedded = _embedding_rows(scored, rows, run_key)
+    _write_batch(db, rows, *([embedded] if embedded else []))
+    stats.add_rows(rows)
 
 
 def drift_projector(loaded, precision: str, device, *, cache_dir):
