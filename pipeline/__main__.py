@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scan": ("catalog", "catalog the bucket into MySQL and print the dataset version"),
     "train": ("train", "train ResNet18 on a dataset version and register it in MLflow"),
     "promote": ("registry", "run the promotion gate for a model version, or roll back"),
+    "review": ("registry", "approve or reject a promotion awaiting approval"),
     "score": ("score", "score images with a model version and write predictions to MySQL"),
     "report": ("report", "print the evaluation of the champion (or a model version)"),
     "check-drift": ("drift", "compare a scoring run's images with the version's val reference"),

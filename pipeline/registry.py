@@ -952,7 +952,7 @@ def review(
         elif row["decision"] != AWAITING_APPROVAL:
             raise Refusal(
                 f"{model_name} v{version} is not awaiting approval (gate decision:"
-                f" {row['decision']}); nothing to {outcome.removesuffix('d')}"
+                f" {row['decision']}): not {outcome}"
             )
         else:
             reason = review_reason(outcome, reviewer, comment, row["decision_reason"] or "")
@@ -1108,6 +1108,32 @@ def cli_promote(args: argparse.Namespace, settings: Any) -> int:
             allow_label_change=args.allow_label_change,
             explicit=True,  # a person named the version
         )
+    for key, value in result.items():
+        print(f"{key:<18} {value}")
+    return 0
+
+
+def add_review_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-version", required=True, help="version awaiting approval")
+    answer = parser.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--approve", action="store_true", help="make it champion")
+    answer.add_argument("--reject", action="store_true", help="keep it challenger")
+    parser.add_argument("--comment", default="", help="why (kept in model_versions)")
+
+
+def cli_review(args: argparse.Namespace, settings: Any) -> int:
+    """Answer a promotion awaiting approval from a terminal, e.g. one whose Airflow run was
+    cancelled while it waited; the reviewer is the login name."""
+    reviewer = f"cli:{os.environ.get('USER', 'unknown')}"
+    result = review(
+        Database(settings.mysql),
+        settings.model_name,
+        args.model_version,
+        APPROVED if args.approve else REJECTED,
+        reviewer=reviewer,
+        comment=args.comment,
+        actor=reviewer,
+    )
     for key, value in result.items():
         print(f"{key:<18} {value}")
     return 0

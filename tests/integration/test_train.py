@@ -171,7 +171,7 @@ def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_o
 
 
 def test_approval_holds_a_promotion_until_a_person_answers(
-    trainer, db, store, mlflow_names, tmp_cache
+    trainer, db, store, mlflow_names, tmp_cache, monkeypatch
 ):
     name = mlflow_names["model_name"]
 
@@ -244,6 +244,18 @@ def test_approval_holds_a_promotion_until_a_person_answers(
     _gate(db, store, mlflow_names, fourth, tmp_cache, min_accuracy=1.0, require_approval=True)
     with pytest.raises(registry.Refusal, match="not awaiting approval"):
         registry.review(db, name, fourth, "approved", reviewer="alice", actor="pytest")
+
+    # From a terminal (a question left open by a cancelled run): the login name is the reviewer.
+    from pipeline.__main__ import main
+
+    fifth = awaiting("run-5")
+    monkeypatch.setenv("MYSQL_DATABASE", db.name)
+    monkeypatch.setenv("USER", "carol")
+    cli = ["--model-name", name, "review", "--model-version"]
+    assert main([*cli, fifth, "--reject", "--comment", "stale question"]) == 0
+    assert (row(fifth)["review"], row(fifth)["reviewer"]) == ("rejected", "cli:carol")
+    assert main([*cli, fourth, "--approve"]) == 1  # not awaiting approval
+    assert registry.resolve_model_version(name) == first
 
 
 def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(
