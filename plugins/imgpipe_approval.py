@@ -33,10 +33,10 @@ class PromotionApproval(HITLOperator):
         params = kwargs.pop("params", None)
         params = params if isinstance(params, ParamsDict) else ParamsDict(params or {})
         params["comment"] = Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             maxLength=1024,
-            description="Why (kept with the version in model_versions).",
+            description="Why (optional; kept with the version in model_versions).",
             source="task",
         )
         super().__init__(
