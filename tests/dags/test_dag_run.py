@@ -68,6 +68,9 @@ def world(settings, tmp_path_factory):
             "model_name": model_name,
             "prefix": prefix,
             "run_ids": [],  # of `airflow dags test` runs, in order
+            # The logical date of `task_test`'s runs: one second of 2026-11-24 of its own.
+            "when": f"2026-11-24T{int(suffix, 16) % 86400 // 3600:02d}"
+            f":{int(suffix, 16) % 3600 // 60:02d}:{int(suffix, 16) % 60:02d}+00:00",
         }
     finally:
         drop_database(settings.mysql, db_name)
@@ -151,12 +154,16 @@ def test_dag_runs_end_to_end_then_skips_an_unchanged_bucket(world, settings):
     assert len(client.search_model_versions(f"name='{world['model_name']}'")) == versions_before
 
 
-def task_test(world, task_id: str, when: str = "2026-11-24", *extra: str, **conf) -> dict:
+def task_test(world, task_id: str, when: str | None = None, *extra: str, **conf) -> dict:
     """`airflow tasks test` one task; returns its final state and returned value.
 
-    `tasks test` exits 0 even when the task fails, so the state is read from its log.
+    `tasks test` exits 0 even when the task fails, so the state is read from its log. Each
+    call gets a temporary DAG run that Airflow deletes afterwards, unless a run with that
+    logical date exists: a `tasks test` killed earlier leaves its run (and XComs) behind, so
+    the default date is this test module's own (`world["when"]`), never an earlier session's.
     """
     params = json.dumps(world["conf"] | conf)
+    when = when or world["when"]
     result = airflow(world, "tasks", "test", DAG_ID, task_id, when, *extra, "-t", params)
     output = result.stdout + result.stderr
     states = re.findall(r"new_state=(\w+)", output)
