@@ -653,10 +653,7 @@ def promote(
         version, mv, problem = _version_to_gate(model_name, model_version, explicit=explicit)
         tags = dict(mv.tags)
         _record_version(db, model_name, version, tags, mv.run_id)
-        row = db.query(
-            "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
-            (model_name, int(version)),
-        )[0]
+        row = _version_row(db, model_name, version)
         # A refusal is no verdict on the model: a rerun (allowing the change, or after the
         # champion moved) decides afresh.
         if row["decision"] in (None, "refused"):
@@ -876,13 +873,11 @@ def _decide(
             int(version),
         ),
     )
-    return db.query(
-        "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
-        (model_name, int(version)),
-    )[0]
+    return _version_row(db, model_name, version)
 
 
 def _version_row(db: Database, model_name: str, version: str) -> dict[str, Any]:
+    """The version's `model_versions` row (lineage, the gate's decision, the review)."""
     rows = db.query(
         "SELECT * FROM model_versions WHERE model_name = %s AND model_version = %s",
         (model_name, int(version)),
@@ -955,35 +950,7 @@ def review(
                 f" {row['decision']}): not {outcome}"
             )
         else:
-            reason = review_reason(outcome, reviewer, comment, row["decision_reason"] or "")
-            champion_now = alias_version(model_name, CHAMPION)
-            gated_against = str(row["champion_version"]) if row["champion_version"] else None
-            if outcome == APPROVED and champion_now != gated_against:
-                log.warning(
-                    "champion moved while v%s awaited approval (v%s at the gate, v%s now)",
-                    version,
-                    gated_against,
-                    champion_now,
-                )
-                reason += (
-                    f"; champion was v{gated_against} at the gate, v{champion_now} at approval"
-                )
-            db.execute(
-                "UPDATE model_versions SET decision = %s, decision_reason = %s, review = %s,"
-                " reviewer = %s, review_comment = %s, reviewed_at = %s"
-                " WHERE model_name = %s AND model_version = %s",
-                (
-                    "promoted" if outcome == APPROVED else "challenger",
-                    reason[:512],
-                    outcome,
-                    (reviewer or None) and reviewer[:255],
-                    (comment or None) and comment[:1024],
-                    utc_now(),
-                    model_name,
-                    int(version),
-                ),
-            )
-            row = _version_row(db, model_name, version)
+            row = _write_review(db, model_name, version, row, outcome, reviewer, comment)
         result = _gate_result(model_name, version, row)
         if outcome == APPROVED:
             _move(
@@ -997,6 +964,46 @@ def review(
         _tag_gate_result(result)
     log.info("review: %s", result)
     return result
+
+
+def _write_review(
+    db: Database,
+    model_name: str,
+    version: str,
+    row: dict[str, Any],
+    outcome: str,
+    reviewer: str | None,
+    comment: str,
+) -> dict[str, Any]:
+    """The answer into the version's row (decision, reason, reviewer, comment); its new row.
+    An approval notes a champion that moved since the gate compared with it."""
+    reason = review_reason(outcome, reviewer, comment, row["decision_reason"] or "")
+    champion_now = alias_version(model_name, CHAMPION)
+    gated_against = str(row["champion_version"]) if row["champion_version"] else None
+    if outcome == APPROVED and champion_now != gated_against:
+        log.warning(
+            "champion moved while v%s awaited approval (v%s at the gate, v%s now)",
+            version,
+            gated_against,
+            champion_now,
+        )
+        reason += f"; champion was v{gated_against} at the gate, v{champion_now} at approval"
+    db.execute(
+        "UPDATE model_versions SET decision = %s, decision_reason = %s, review = %s,"
+        " reviewer = %s, review_comment = %s, reviewed_at = %s"
+        " WHERE model_name = %s AND model_version = %s",
+        (
+            "promoted" if outcome == APPROVED else "challenger",
+            reason[:512],
+            outcome,
+            (reviewer or None) and reviewer[:255],
+            (comment or None) and comment[:1024],
+            utc_now(),
+            model_name,
+            int(version),
+        ),
+    )
+    return _version_row(db, model_name, version)
 
 
 def approval_request(
