@@ -9,6 +9,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STACK := $(PY) scripts/stack.py
 RUN := $(STACK) run --
+# Two pytest-xdist workers: the suite mostly waits on Airflow, MLflow and S3 processes, so two
+# streams fit 2 cores. Whole modules (and the groups in tests/conftest.py) go to one worker each.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=30
 
 .PHONY: help system-deps venv env up down status test test-unit test-integration test-dags demo airflow lint bench clean browser-deps results-screenshot
 
@@ -68,8 +72,8 @@ status: venv env
 	@$(STACK) status
 
 test: up browser-deps
-	@echo "[make] running the test suite (unit, integration, dags)"
-	@$(RUN) $(PY) -m pytest tests
+	@echo "[make] running the test suite (unit, integration, dags) on $(TEST_WORKERS) workers"
+	@$(RUN) $(PY) -m pytest $(PYTEST_PARALLEL) tests
 
 test-unit: venv env
 	@$(RUN) $(PY) -m pytest tests/unit
