@@ -9,8 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STACK := $(PY) scripts/stack.py
 RUN := $(STACK) run --
-# Two pytest-xdist workers: the suite mostly waits on Airflow, MLflow and S3 processes, so two
-# streams fit 2 cores. Whole modules (and the groups in tests/conftest.py) go to one worker each.
+# Two pytest-xdist workers: much of the suite waits on Airflow, MLflow and S3 processes (on a slow
+# 2-core machine: 27 min of pytest instead of 35.5). Whole modules, and the serial groups in
+# tests/conftest.py, each go to one worker.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=30
 
