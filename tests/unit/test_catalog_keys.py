@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import pytest
@@ -177,6 +178,44 @@ def test_inspect_image_accepts_a_png_and_fingerprints_it():
     import hashlib
 
     assert result.content_sha256 == hashlib.sha256(data).hexdigest()
+
+
+def _with_chunk_after_idat(png: bytes, cid: bytes, data: bytes, *, crc_delta: int = 0) -> bytes:
+    """`png` with one more chunk before IEND (its CRC off by `crc_delta`)."""
+    iend = png.rindex(b"IEND") - 4
+    crc = (zlib.crc32(cid + data) + crc_delta) & 0xFFFFFFFF
+    return (
+        png[:iend] + struct.pack(">I", len(data)) + cid + data + struct.pack(">I", crc) + png[iend:]
+    )
+
+
+def test_png_checksums_are_checked_where_decoding_does_not_look():
+    good = _with_chunk_after_idat(_png(16, 16), b"tEXt", b"k\0v")
+    bad = _with_chunk_after_idat(_png(16, 16), b"tEXt", b"k\0v", crc_delta=1)
+    assert catalog.png_chunks_intact(good) and not catalog.png_chunks_intact(bad)
+    assert catalog.png_chunks_intact(_png(16, 16)[:-12]) is False  # no IEND: truncated
+    with Image.open(io.BytesIO(bad)) as im:
+        im.load()  # Pillow decodes it: only the checksums tell
+    assert catalog.inspect_image(good, size=len(good), complete=True).status == "ok"
+    verdict = catalog.inspect_image(bad, size=len(bad), complete=True)
+    assert verdict.reject_reason == catalog.REJECT_CORRUPT
+
+
+def test_a_big_header_warns_nothing_and_pillows_own_limit_still_holds():
+    """Between Pillow's warning and error sizes: no warning (scan threads share the filters);
+    beyond its error size an image is refused whatever `max_pixels` says (training could not
+    open it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    side = int((1.5 * limit) ** 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = _png_header_only(side, side)
+        verdict = catalog.inspect_image(data, size=10**9, complete=False, max_pixels=10**10)
+    assert verdict.status == "ok" and verdict.width == side
+    side = int((2.5 * limit) ** 0.5)
+    data = _png_header_only(side, side)
+    verdict = catalog.inspect_image(data, size=10**9, complete=False, max_pixels=10**10)
+    assert verdict.reject_reason == catalog.REJECT_TOO_MANY_PIXELS
 
 
 def test_header_only_inspection_has_no_fingerprint():
