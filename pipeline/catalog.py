@@ -967,7 +967,7 @@ def scan(
         diff = diff_listing(listing, rows)
         if not force_delete:
             check_deletions(diff, rows, max_delete_fraction=max_delete_fraction, where=where)
-        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="scan-get")
+        pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="scan-get")
         try:
             inspected, gets = inspect_objects(
                 db,
@@ -983,34 +983,54 @@ def scan(
                 header_bytes=header_bytes,
                 full_fetch_max_bytes=full_fetch_max_bytes,
             )
-        finally:
+        finally:  # a failed scan leaves no GETs queued behind it
             pool.shutdown(wait=True, cancel_futures=True)
-        now = utc_now()
-        apply_listing(rows, listing, diff, inspected, config, bucket=bucket, prefix=prefix, now=now)
-        cross = _cross_checks(
-            rows,
-            leakage_policy=config.leakage_policy,
-            label_conflict_policy=config.label_conflict_policy,
-        )
-        version = build_dataset_version(bucket, rows.values(), config)
-        summary = _summary(bucket, prefix, listing, diff, rows, version, config, cross, gets)
-        summary["seconds"] = round(time.monotonic() - t0, 3)
-        summary.update(
-            write_scan(
-                db,
-                rows_to_write(
-                    rows, stored, [k for k in listing.objects if k in rows], inspected, now
-                ),
-                [rows[k]["id"] for k in diff.deleted],
-                version,
-                config,
-                summary,
-                started=started,
-                now=now,
-            )
+        summary = record_changes(
+            db, bucket, prefix, listing, diff, rows, stored, inspected, gets, config, started, t0
         )
     summary["seconds"] = round(time.monotonic() - t0, 3)
     _log_scan(where, summary)
+    return summary
+
+
+def record_changes(
+    db: Database,
+    bucket: str,
+    prefix: str,
+    listing: Listing,
+    diff: Diff,
+    rows: dict[str, dict[str, Any]],
+    stored: dict[str, tuple],
+    inspected: set[str],
+    gets: int,
+    config: ScanConfig,
+    started: datetime,
+    t0: float,
+) -> dict[str, Any]:
+    """After validation: deletions and revivals applied, cross-checks, the dataset version and
+    the rows still to write, all in one transaction (`write_scan`); returns the summary."""
+    now = utc_now()
+    apply_listing(rows, listing, diff, inspected, config, bucket=bucket, prefix=prefix, now=now)
+    cross = _cross_checks(
+        rows,
+        leakage_policy=config.leakage_policy,
+        label_conflict_policy=config.label_conflict_policy,
+    )
+    version = build_dataset_version(bucket, rows.values(), config)
+    summary = _summary(bucket, prefix, listing, diff, rows, version, config, cross, gets)
+    summary["seconds"] = round(time.monotonic() - t0, 3)
+    summary.update(
+        write_scan(
+            db,
+            rows_to_write(rows, stored, [k for k in listing.objects if k in rows], inspected, now),
+            [rows[k]["id"] for k in diff.deleted],
+            version,
+            config,
+            summary,
+            started=started,
+            now=now,
+        )
+    )
     return summary
 
 

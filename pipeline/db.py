@@ -185,6 +185,12 @@ class LockTimeout(TimeoutError):
     """Another process held a MySQL named lock longer than this one could wait (transient)."""
 
 
+def mysql_lock_name(db: Database, name: str) -> str:
+    """The server-side name of `named_lock(db, name)`: scoped to `db`, hashed to 48 characters."""
+    digest = hashlib.sha256(f"{db.name}\0{name}".encode()).hexdigest()[:40]
+    return f"imgpipe_{digest}"
+
+
 @contextmanager
 def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterator[None]:
     """Hold the MySQL named lock `name` (GET_LOCK) for the `with` block, on its own connection.
@@ -193,8 +199,7 @@ def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterato
     leaves it behind. Names are scoped to `db` and hashed (MySQL allows 64 characters).
     `what` names the work the lock serialises, for the timeout's message.
     """
-    digest = hashlib.sha256(f"{db.name}\0{name}".encode()).hexdigest()[:40]
-    lock = f"imgpipe_{digest}"
+    lock = mysql_lock_name(db, name)
     conn = db.connect(autocommit=True)
     try:
         with conn.cursor() as cur:

@@ -509,9 +509,14 @@ def alias_lock(
 ) -> Iterator[None]:
     """Serialise every alias move of `model_name` (gate, promote, rollback) across processes."""
     with named_lock(
-        db, f"alias_moves/{model_name}", timeout_s=timeout_s, what=f"alias move of {model_name!r}"
+        db, alias_lock_name(model_name), timeout_s=timeout_s, what=f"alias move of {model_name!r}"
     ):
         yield
+
+
+def alias_lock_name(model_name: str) -> str:
+    """The `named_lock` name `alias_lock` holds."""
+    return f"alias_moves/{model_name}"
 
 
 def _recorded_alias(db: Database, model_name: str, alias: str) -> str | None:

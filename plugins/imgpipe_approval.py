@@ -9,10 +9,16 @@ through the REST API (`PATCH .../taskInstances/approve_promotion/-1/hitlDetails`
 goes to `pipeline.registry.review`: approve moves the champion, reject keeps the version
 challenger, no answer within `approval_timeout_hours` moves nothing; reviewer and comment are
 recorded in `model_versions` (and an approval's move in `alias_history`).
+
+An answer is kept in an Airflow Variable (`imgpipe_approval_answer.<hash of dag and run>`) from
+the moment it arrives until it is written to MySQL, so a try that fails in between (MySQL or
+MLflow down, a dropped connection, a killed worker) is retried with the person's answer instead
+of asking them again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -66,6 +72,14 @@ class PromotionApproval(HITLOperator):
         recorded = registry.recorded_review(db, name, version)
         if recorded is not None:  # a retry after the answer was written: finish it, don't ask
             return self._apply(context, name, version, *recorded)
+        given = given_answer(context, name, version)
+        if given is not None:  # a retry after the answer came, before it was written
+            rt.log.info(
+                "applying the answer given before this try (%s by %s), not asking again",
+                given[0],
+                given[1] or "nobody",
+            )
+            return self._apply(context, name, version, *given)
         self.subject, self.body = registry.approval_request(
             db, name, version, results_url=_results_url(name)
         )
@@ -95,9 +109,9 @@ class PromotionApproval(HITLOperator):
 
         params = rt.run_params(context, own=self.params)
         gate = context["ti"].xcom_pull(task_ids=GATE_TASK) or {}
-        return self._apply(
-            context, rt.model_name(params), str(gate["model_version"]), outcome, reviewer, comment
-        )
+        name, version = rt.model_name(params), str(gate["model_version"])
+        keep_answer(context, name, version, outcome, reviewer, comment)
+        return self._apply(context, name, version, outcome, reviewer, comment)
 
     def _apply(
         self,
@@ -109,18 +123,24 @@ class PromotionApproval(HITLOperator):
         comment: str,
     ) -> dict[str, Any]:
         import imgpipe_runtime as rt
+        from airflow.sdk.exceptions import AirflowFailException
 
         from pipeline import registry
 
-        result = rt.fail_fast(registry.review)(
-            rt.database(),
-            name,
-            version,
-            outcome,
-            reviewer=reviewer,
-            comment=comment,
-            actor=f"airflow:{context['run_id']}",
-        )
+        try:
+            result = rt.fail_fast(registry.review)(
+                rt.database(),
+                name,
+                version,
+                outcome,
+                reviewer=reviewer,
+                comment=comment,
+                actor=f"airflow:{context['run_id']}",
+            )
+        except AirflowFailException:
+            forget_answer(context)  # refused: no retry could use it
+            raise
+        forget_answer(context)
         if outcome == registry.TIMED_OUT:
             rt.log.warning(
                 "approval of %s v%s timed out: nobody answered, the champion did not move"
@@ -132,6 +152,61 @@ class PromotionApproval(HITLOperator):
         else:
             rt.log.info("%s v%s %s by %s", name, version, outcome, reviewer)
         return result
+
+
+def answer_key(context: Any) -> str:
+    """The Variable that keeps this run's answer until it is in MySQL (keys allow no `:`)."""
+    run = f"{context['dag'].dag_id}/{context['run_id']}"
+    return f"imgpipe_approval_answer.{hashlib.sha256(run.encode()).hexdigest()[:24]}"
+
+
+def keep_answer(
+    context: Any, name: str, version: str, outcome: str, reviewer: str | None, comment: str
+) -> None:
+    """Keep the answer where the task's next try finds it, before anything can fail."""
+    import json
+
+    from airflow.sdk import Variable
+
+    answer = {"model_name": name, "model_version": version, "outcome": outcome}
+    answer |= {"reviewer": reviewer, "comment": comment, "try_number": context["ti"].try_number}
+    Variable.set(
+        answer_key(context),
+        json.dumps(answer),
+        description=(
+            f"{APPROVE}/{REJECT} answer of {context['dag'].dag_id} run {context['run_id']}"
+            f" for {name} v{version}, kept until it is written to MySQL"
+        ),
+    )
+
+
+def given_answer(context: Any, name: str, version: str) -> tuple[str, str | None, str] | None:
+    """(outcome, reviewer, comment) an earlier try of this run received, or None."""
+    import json
+
+    import imgpipe_runtime as rt
+    from airflow.sdk import Variable
+
+    kept = Variable.get(answer_key(context), default=None)
+    if kept is None:
+        return None
+    answer = json.loads(kept)
+    if (answer["model_name"], answer["model_version"]) != (name, version):
+        rt.log.warning("ignoring a kept answer for another version: %s", answer)
+        return None
+    return answer["outcome"], answer["reviewer"], answer["comment"]
+
+
+def forget_answer(context: Any) -> None:
+    """Drop the kept answer once MySQL has it (or it was refused); a failure here only logs:
+    MySQL's record wins over a leftover Variable."""
+    import imgpipe_runtime as rt
+    from airflow.sdk import Variable
+
+    try:
+        Variable.delete(answer_key(context))
+    except Exception as exc:  # noqa: BLE001 - the answer is recorded; the Variable is a leftover
+        rt.log.warning("could not delete the kept answer %s: %s", answer_key(context), exc)
 
 
 def _results_url(model_name: str) -> str:

@@ -3,8 +3,9 @@
 Runs with `require_approval` train a version the gate would promote (`promotion_margin` 1), and
 `approve_promotion` waits in `awaiting_input` with the question in Required Actions. Approve moves
 the champion and the run scores with it; reject keeps the champion and records who; no answer
-within `approval_timeout_hours` moves nothing. Same CeleryExecutor Airflow as the Celery runs
-(package fixtures), after them: every answer is checked against MLflow and MySQL.
+within `approval_timeout_hours` moves nothing; an answer whose write to MySQL fails is applied
+by the retry, not asked again. Same CeleryExecutor Airflow as the Celery runs (package fixtures),
+after them: every answer is checked against MLflow and MySQL.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import registry
+from pipeline.db import mysql_lock_name
 from tests.celery_executor.cluster import ApiError, CeleryAirflow, wait_until
 from tests.celery_executor.test_celery_run import first_run, task_log, wait_for_run
 
@@ -75,7 +77,19 @@ def scored_by(world, run_id: str) -> dict[int, int]:
     return {r["model_version"]: r["n"] for r in rows}
 
 
+def lock_waiters(world) -> list[int]:
+    """MySQL connections (other than ours) waiting for the model's alias lock."""
+    lock = mysql_lock_name(world["db"], registry.alias_lock_name(world["model_name"]))
+    rows = world["db"].query(
+        "SELECT ID FROM information_schema.PROCESSLIST"
+        " WHERE INFO LIKE %s AND ID <> CONNECTION_ID()",
+        (f"SELECT GET_LOCK('{lock}'%",),
+    )
+    return [int(r["ID"]) for r in rows]
+
+
 def test_approve_moves_the_champion_and_the_run_scores_with_it(cluster, world):
+    """...after the answer's first write lost its MySQL connection: the retry applies it."""
     before = ensure_champion(cluster, world)
     run_id = trigger_held(cluster, world)
     tis = wait_for_question(cluster, run_id)
@@ -90,9 +104,20 @@ def test_approve_moves_the_champion_and_the_run_scores_with_it(cluster, world):
     for shown in ("candidate accuracy", f"v{before}:", "dataset version", "/runs/"):
         assert shown in question["body"], shown
 
-    cluster.api.answer(run_id, APPROVAL, ["Approve"], {"comment": "ship it"})
+    # The answer arrives while the test holds the model's alias lock: its write waits for the
+    # lock, and the test kills that MySQL connection. The task fails; its retry must apply the
+    # answer given, not ask the reviewer again (the run would wait for input until it times out).
+    with registry.alias_lock(world["db"], world["model_name"], timeout_s=30):
+        cluster.api.answer(run_id, APPROVAL, ["Approve"], {"comment": "ship it"})
+        waiting = wait_until(lambda: lock_waiters(world), 300, "the answer's write to wait")
+        for connection in waiting:
+            world["db"].execute(f"KILL {connection}")
     tis = wait_for_run(cluster, run_id)
 
+    assert tis[(APPROVAL, -1)]["try_number"] == 2
+    retried = task_log(cluster, run_id, APPROVAL, attempt=2)
+    assert f"applying the answer given before this try (approved by {cluster.api.user})" in retried
+    assert "Waiting for response" not in retried
     assert champion(world) == version
     done = version_of(world, run_id)
     assert (done["decision"], done["review"], done["reviewer"], done["review_comment"]) == (
