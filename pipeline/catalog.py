@@ -288,7 +288,7 @@ def inspect_image(
             return Inspection("rejected", REJECT_CORRUPT, sha, width, height, fmt, mode)
         if min(width, height) < min_side:
             return Inspection("rejected", REJECT_TOO_SMALL, sha, width, height, fmt, mode)
-        error = _decode_error(im) if complete else None
+        error = _decode_error(im, kind) if complete else None
     if error:
         return Inspection("rejected", REJECT_UNDECODABLE, sha, width, height, fmt, mode, error)
     return Inspection("ok", None, sha, width, height, fmt, mode)
@@ -333,10 +333,11 @@ def png_chunks_intact(data: bytes) -> bool:
     return False
 
 
-def _decode_error(im: Any) -> str | None:
-    """None when the opened image `im` decodes (a JPEG at 1/8 scale), else the decoder's message."""
+def _decode_error(im: Any, kind: str) -> str | None:
+    """None when the opened image `im` decodes (a JPEG, MPO included, at 1/8 scale), else the
+    decoder's message."""
     try:
-        if im.format == "JPEG":
+        if kind == "JPEG":
             im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()
     except Exception as exc:  # noqa: BLE001 - every decoder failure means: not decodable
