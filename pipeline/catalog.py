@@ -284,8 +284,9 @@ def inspect_image(
         (width, height), mode, fmt = im.size, im.mode, im.format or kind
         if width * height > min(max_pixels, _decoder_pixel_limit()):
             return Inspection("rejected", REJECT_TOO_MANY_PIXELS, sha, width, height, fmt, mode)
-        if complete and kind == "PNG" and not png_chunks_intact(data):
-            return Inspection("rejected", REJECT_CORRUPT, sha, width, height, fmt, mode)
+        damage = png_chunk_error(data) if complete and kind == "PNG" else None
+        if damage:
+            return Inspection("rejected", REJECT_CORRUPT, sha, width, height, fmt, mode, damage)
         if min(width, height) < min_side:
             return Inspection("rejected", REJECT_TOO_SMALL, sha, width, height, fmt, mode)
         error = _decode_error(im, kind) if complete else None
@@ -314,23 +315,22 @@ def _decoder_pixel_limit() -> float:
     return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else float("inf")
 
 
-def png_chunks_intact(data: bytes) -> bool:
-    """Every chunk of a whole PNG up to IEND is complete and matches its CRC.
-
-    What Pillow's `verify` checks; decoding alone skips the image data's checksums.
-    """
+def png_chunk_error(data: bytes) -> str | None:
+    """None when every chunk of a whole PNG up to IEND is complete and matches its CRC, else
+    what is wrong: what Pillow's `verify` checks (decoding skips the image data's checksums)."""
     view, pos, end = memoryview(data), 8, len(data)
     while pos + 8 <= end:
         length = int.from_bytes(view[pos : pos + 4], "big")
-        if view[pos + 4 : pos + 8] == b"IEND":
-            return True
+        name = bytes(view[pos + 4 : pos + 8])
+        if name == b"IEND":
+            return None
         stop = pos + 8 + length
-        if stop + 4 > end or zlib.crc32(view[pos + 4 : stop]) != int.from_bytes(
-            view[stop : stop + 4], "big"
-        ):
-            return False
+        if stop + 4 > end:
+            return f"PNG chunk {name!r} at byte {pos} runs past the end ({end} bytes)"
+        if zlib.crc32(view[pos + 4 : stop]) != int.from_bytes(view[stop : stop + 4], "big"):
+            return f"PNG chunk {name!r} at byte {pos} fails its CRC"
         pos = stop + 4
-    return False
+    return f"PNG ends without an IEND chunk ({end} bytes)"
 
 
 def _decode_error(im: Any, kind: str) -> str | None:

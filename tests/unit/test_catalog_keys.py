@@ -192,13 +192,18 @@ def _with_chunk_after_idat(png: bytes, cid: bytes, data: bytes, *, crc_delta: in
 def test_png_checksums_are_checked_where_decoding_does_not_look():
     good = _with_chunk_after_idat(_png(16, 16), b"tEXt", b"k\0v")
     bad = _with_chunk_after_idat(_png(16, 16), b"tEXt", b"k\0v", crc_delta=1)
-    assert catalog.png_chunks_intact(good) and not catalog.png_chunks_intact(bad)
-    assert catalog.png_chunks_intact(_png(16, 16)[:-12]) is False  # no IEND: truncated
+    assert catalog.png_chunk_error(good) is None
+    assert "b'tEXt' at byte" in catalog.png_chunk_error(bad) and "CRC" in catalog.png_chunk_error(
+        bad
+    )
+    assert "without an IEND" in catalog.png_chunk_error(_png(16, 16)[:-12])
+    assert "runs past the end" in catalog.png_chunk_error(_png(16, 16)[:-20])
     with Image.open(io.BytesIO(bad)) as im:
         im.load()  # Pillow decodes it: only the checksums tell
     assert catalog.inspect_image(good, size=len(good), complete=True).status == "ok"
     verdict = catalog.inspect_image(bad, size=len(bad), complete=True)
     assert verdict.reject_reason == catalog.REJECT_CORRUPT
+    assert verdict.reject_detail == catalog.png_chunk_error(bad)
 
 
 def test_a_big_header_warns_nothing_and_pillows_own_limit_still_holds():
