@@ -104,6 +104,7 @@ def main() -> int:
         keys = [o.key for o in store.iter_objects(f"{prefix}/")]
         compare: dict[str, dict[str, list[float]]] = {c: {"bare": [], "scan": []} for c in CLIENTS}
         cpu: dict[str, dict[str, dict[str, float]]] = {c: {} for c in CLIENTS}  # last round
+        switches: dict[str, dict[str, tuple[float, float]]] = {c: {} for c in CLIENTS}
         loads: list[float] = []
         for k in range(args.rounds):
             order = list(CLIENTS) if k % 2 == 0 else list(reversed(CLIENTS))
@@ -117,6 +118,7 @@ def main() -> int:
                     got = sum(1 for _ in pool.map(client_store.get_bytes, keys))
                 compare[client]["bare"].append(got / (time.monotonic() - t))
                 cpu[client]["bare"] = meter.per_item(n)
+                switches[client]["bare"] = meter.switches_per_item(n)
                 scan_db = create_database(settings.mysql, f"{db_name}_{client}{k}")
                 dbs.append(scan_db)
                 migrate(scan_db)
@@ -124,6 +126,7 @@ def main() -> int:
                 first = catalog.scan(scan_db, client_store, prefix, workers=args.workers)
                 compare[client]["scan"].append(n / (time.monotonic() - t))
                 cpu[client]["scan"] = meter.per_item(n)
+                switches[client]["scan"] = meter.switches_per_item(n)
                 assert first["gets"] == n and first["ok"] == n, first
                 log.info(
                     "round %d %s: bare GETs %.0f/s, first scan %.0f/s",
@@ -225,6 +228,16 @@ def main() -> int:
             + ". The S3 and MySQL servers are shared with whatever else runs on the machine (other"
             " tests, here), so their columns count that work too: only this process's column is"
             " this benchmark's alone.",
+            "",
+            "Context switches of this process per object in the last round (voluntary /"
+            " involuntary; with many threads the voluntary ones are mostly GIL hand-offs and"
+            " waits on sockets): "
+            + "; ".join(
+                f"{c} bare GETs {switches[c]['bare'][0]:.1f} / {switches[c]['bare'][1]:.1f},"
+                f" first scan {switches[c]['scan'][0]:.1f} / {switches[c]['scan'][1]:.1f}"
+                for c in CLIENTS
+            )
+            + ".",
             "",
             "## Rescan and the naive rewrite (MinIO SDK store)",
             "",

@@ -4,6 +4,7 @@ what benchmarks on a shared machine can compare when wall-clock rates are noisy.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ class CpuMeter:
 
     def start(self) -> None:
         self._process = time.process_time()
+        self._switches = _context_switches()
         self._servers = {name: process_cpu(pid) for name, pid in self.pids.items()}
 
     def per_item(self, n: int) -> dict[str, float]:
@@ -54,3 +56,15 @@ class CpuMeter:
             if before is not None and after is not None:
                 out[name] = 1000 * (after - before) / n
         return out
+
+    def switches_per_item(self, n: int) -> tuple[float, float]:
+        """(voluntary, involuntary) context switches of this process per item since `start`,
+        threads that ended included: with many threads, voluntary ones are mostly GIL hand-offs
+        and waits on sockets."""
+        now = _context_switches()
+        return ((now[0] - self._switches[0]) / n, (now[1] - self._switches[1]) / n)
+
+
+def _context_switches() -> tuple[int, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw, usage.ru_nivcsw
