@@ -192,10 +192,9 @@ def _with_chunk_after_idat(png: bytes, cid: bytes, data: bytes, *, crc_delta: in
 def test_png_checksums_are_checked_where_decoding_does_not_look():
     good = _with_chunk_after_idat(_png(16, 16), b"tEXt", b"k\0v")
     bad = _with_chunk_after_idat(_png(16, 16), b"tEXt", b"k\0v", crc_delta=1)
+    damage = catalog.png_chunk_error(bad)
     assert catalog.png_chunk_error(good) is None
-    assert "b'tEXt' at byte" in catalog.png_chunk_error(bad) and "CRC" in catalog.png_chunk_error(
-        bad
-    )
+    assert "b'tEXt' at byte" in damage and "fails its CRC" in damage
     assert "without an IEND" in catalog.png_chunk_error(_png(16, 16)[:-12])
     assert "runs past the end" in catalog.png_chunk_error(_png(16, 16)[:-20])
     with Image.open(io.BytesIO(bad)) as im:
@@ -203,7 +202,7 @@ def test_png_checksums_are_checked_where_decoding_does_not_look():
     assert catalog.inspect_image(good, size=len(good), complete=True).status == "ok"
     verdict = catalog.inspect_image(bad, size=len(bad), complete=True)
     assert verdict.reject_reason == catalog.REJECT_CORRUPT
-    assert verdict.reject_detail == catalog.png_chunk_error(bad)
+    assert verdict.reject_detail == damage
 
 
 def test_a_big_header_warns_nothing_and_pillows_own_limit_still_holds():
