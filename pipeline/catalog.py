@@ -987,18 +987,7 @@ def scan(
         finally:  # a failed scan leaves no GETs queued behind it
             pool.shutdown(wait=True, cancel_futures=True)
         summary = record_changes(
-            db,
-            bucket,
-            prefix,
-            listing,
-            diff,
-            rows,
-            stored,
-            inspected,
-            gets,
-            config,
-            started=started,
-            t0=t0,
+            db, bucket, prefix, listing, diff, rows, stored, inspected, gets, config, started, t0
         )
     summary["seconds"] = round(time.monotonic() - t0, 3)
     _log_scan(where, summary)
@@ -1016,7 +1005,6 @@ def record_changes(
     inspected: set[str],
     gets: int,
     config: ScanConfig,
-    *,
     started: datetime,
     t0: float,
 ) -> dict[str, Any]:
