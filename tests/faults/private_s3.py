@@ -29,13 +29,32 @@ def _is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(taken: set[int]) -> int:
-    """A free port p whose p + 10000 is free too (SeaweedFS puts each gRPC port there)."""
-    while True:
-        port = random.randint(30000, 45000)
+    """A free port p whose p + 10000 is free too (SeaweedFS puts each gRPC port there).
+
+    Both lie below the kernel's ephemeral range: a server killed and restarted on the same
+    ports must find them still free, and any outgoing connection of the test run (there are
+    thousands) could otherwise be handed one while the server is down. Each pytest-xdist
+    worker draws from its own slice, so two workers never pick the same port."""
+    low, high = 20000, _ephemeral_floor() - 10000
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    width = (high - low) // max(workers, 1)
+    low += worker * width
+    for _ in range(10 * width):
+        port = random.randrange(low, low + width)
         if not {port, port + 10000} & taken and _is_free(port) and _is_free(port + 10000):
             taken |= {port, port + 10000}
             return port
+    raise RuntimeError(f"no free port pair in {low}-{low + width} and 10000 above")
 
 
 def find_weed() -> str:
@@ -121,9 +140,15 @@ class PrivateS3:
             except Exception:  # noqa: BLE001 - not up yet
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"private S3 on {self.endpoint} did not come up; see {self.root}/weed.log"
+                        f"private S3 on {self.endpoint} did not come up"
+                        f" (exit status {self.proc.poll()}); the end of {self.root}/weed.log:\n"
+                        + self.log_tail()
                     ) from None
                 time.sleep(0.3)
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = (self.root / "weed.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     def kill(self) -> None:
         """SIGKILL: connections are refused from now on."""

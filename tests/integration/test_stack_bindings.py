@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.faults.private_s3 import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -78,28 +80,15 @@ def test_after_up_no_stack_process_listens_beyond_loopback(stack):
     assert _beyond_loopback(_listening(_stack_processes(stack))) == []
 
 
-def _free_port_pair(taken: set[int]) -> int:
-    """A port p not in `taken` with p and p + 10000 free (SeaweedFS serves gRPC on p + 10000)."""
-    for port in range(21000, 29000, 7):
-        free = port not in taken
-        for candidate in (port, port + 10000):
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", candidate))
-                except OSError:
-                    free = False
-        if free:
-            return port
-    raise AssertionError("no free port pair")
-
-
 def test_a_fresh_s3_listens_on_loopback_only(stack, monkeypatch, tmp_path):
     monkeypatch.setattr(stack, "STATE", tmp_path / "state")
     monkeypatch.setattr(stack, "LOGS", tmp_path / "logs")
     monkeypatch.setattr(stack, "PIDS", tmp_path / "pids")
-    ports = {}
-    for name in ("S3", "SEAWEED_MASTER_PORT", "SEAWEED_VOLUME_PORT", "SEAWEED_FILER_PORT"):
-        ports[name] = _free_port_pair(set(ports.values()))
+    taken: set[int] = set()
+    ports = {
+        name: free_port(taken)
+        for name in ("S3", "SEAWEED_MASTER_PORT", "SEAWEED_VOLUME_PORT", "SEAWEED_FILER_PORT")
+    }
     env = stack.stack_env() | {
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.pop('S3')}",
         **{name: str(port) for name, port in ports.items()},
