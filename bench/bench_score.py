@@ -137,13 +137,15 @@ def naive(db: Database, store: ObjectStore, module, records, *, model_name: str,
                 conf, idx = probs.max(0)
                 label = LABELS[int(idx)]
                 cur.execute(
-                    "INSERT INTO predictions (image_id, model_name, model_version, predicted_label,"
-                    " confidence, top_k, true_label, correct, subset, mlflow_run_id, scored_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
+                    "INSERT INTO predictions (image_id, etag, model_name, model_version,"
+                    " predicted_label, confidence, top_k, true_label, correct, subset,"
+                    " mlflow_run_id, scored_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
                     " ON DUPLICATE KEY UPDATE predicted_label = VALUES(predicted_label),"
                     " confidence = VALUES(confidence), scored_at = VALUES(scored_at)",
                     (
                         r.image_id,
+                        r.etag,
                         model_name,
                         int(version) + 1000,  # its own rows, apart from the pipeline's
                         label,

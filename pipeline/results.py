@@ -243,7 +243,7 @@ def _prediction_scope(
     """FROM and WHERE (and args) of a version's filtered predictions of live, accepted images."""
     clauses, args = flt.where()
     sql = (
-        " FROM predictions p JOIN images i ON i.id = p.image_id"
+        " FROM predictions p JOIN images i ON i.id = p.image_id AND i.etag = p.etag"
         " WHERE p.model_name = %s AND p.model_version = %s"
         " AND i.status = 'ok' AND i.deleted_at IS NULL"
     )

@@ -51,6 +51,7 @@ _PROGRESS_EVERY_S = 10.0
 
 _COLUMNS = (
     "image_id",
+    "etag",
     "model_name",
     "model_version",
     "predicted_label",
@@ -109,8 +110,9 @@ def _selection(
     return parts
 
 
+# Scored means scored in its current content: an object overwritten under its key keeps its id.
 _NOT_SCORED = (
-    " AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.image_id = i.id"
+    " AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.image_id = i.id AND p.etag = i.etag"
     " AND p.model_name = %s AND p.model_version = %s)"
 )
 
@@ -534,6 +536,7 @@ def prediction_rows(
         rows.append(
             (
                 record.image_id,
+                record.etag,
                 model_name,
                 model_version,
                 pred.label,
@@ -665,7 +668,7 @@ def labelled_pairs(
     members, member_args = catalog.membership_query(dataset_version, subsets)
     rows = db.query(
         "SELECT p.true_label, p.predicted_label FROM predictions p"
-        f" JOIN ({members}) AS mem ON mem.id = p.image_id"
+        f" JOIN ({members}) AS mem ON mem.id = p.image_id AND mem.etag = p.etag"
         " WHERE p.model_name = %s AND p.model_version = %s AND p.true_label IS NOT NULL",
         (*member_args, model_name, version),
     )

@@ -427,9 +427,9 @@ def test_a_page_deep_in_100k_predictions_reads_one_short_index_range(client, sco
         " 'test', 'test', 'x', 1, 'e', 'ok', NOW(6), NOW(6) FROM (" + numbers + ") t"
     )
     db.execute(
-        "INSERT INTO predictions (image_id, model_name, model_version, predicted_label,"
+        "INSERT INTO predictions (image_id, etag, model_name, model_version, predicted_label,"
         " confidence, top_k, true_label, correct, subset, mlflow_run_id, scored_at)"
-        " SELECT i.id, %s, 1, IF(MOD(i.id, 3) = 0, 'y', 'x'), MOD(i.id * 7919, 100003) / 100003,"
+        " SELECT i.id, i.etag, %s, 1, IF(MOD(i.id, 3) = 0, 'y', 'x'), MOD(i.id * 7919, 100003) / 100003,"
         " '[]', 'x', IF(MOD(i.id, 3) = 0, 0, 1), 'test', 'bulk', NOW(6)"
         " FROM images i WHERE i.bucket = 'bulk'",
         (model,),

@@ -39,6 +39,16 @@ def _broken_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
+def _noise_png(seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((SIZE, SIZE, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.fixture
 def digits(db, store, tmp_path):
     """Digits (5 per label, 2 of them test) and 4 inbox images, scanned; returns the scan summary."""
@@ -149,6 +159,45 @@ def test_scoring_writes_one_row_per_image_and_a_second_run_writes_nothing(
     assert again["to_score"] == 0 and again["shards"] == []
     assert sum(s["scored"] for s in _score_all(db, store, plan, tmp_cache)) == 0
     assert _predictions(db) == rows
+
+
+def test_an_image_overwritten_under_its_key_is_scored_again_and_old_rows_stop_showing(
+    db, store, mlflow_names, champion, tmp_cache
+):
+    plan = _plan(db, store, mlflow_names)
+    _score_all(db, store, plan, tmp_cache, run_key="manual__1")
+    inbox = db.query("SELECT id, object_key, etag FROM images WHERE subset = 'inbox' LIMIT 1")[0]
+    test = db.query("SELECT id, object_key, etag FROM images WHERE subset = 'test' LIMIT 1")[0]
+    for seed, image in enumerate((inbox, test)):  # new content under the same keys
+        store.put_bytes(image["object_key"], _noise_png(seed))
+    rescanned = catalog.scan(db, store, PREFIX)
+    new_etag = {
+        r["id"]: r["etag"]
+        for r in db.query(
+            "SELECT id, etag FROM images WHERE id IN (%s, %s)", (inbox["id"], test["id"])
+        )
+    }
+    assert new_etag[inbox["id"]] != inbox["etag"] and new_etag[test["id"]] != test["etag"]
+    # Until it is scored again, the old content's prediction is not shown for the new content.
+    latest = db.query(
+        "SELECT * FROM v_inbox_latest_predictions WHERE image_id = %s", (inbox["id"],)
+    )
+    assert latest[0]["predicted_label"] is None
+
+    again = _plan(db, store, mlflow_names)
+    assert again["dataset_version"] == rescanned["dataset_version"]
+    assert again["to_score"] == 2  # the two overwritten images, nothing else
+    assert sum(s["scored"] for s in _score_all(db, store, again, tmp_cache)) == 2
+    rows = {r["image_id"]: r for r in _predictions(db)}
+    assert len(rows) == len(_expected(db))  # still one row per image
+    for image in (inbox, test):
+        assert rows[image["id"]]["etag"] == new_etag[image["id"]]
+    assert rows[test["id"]]["dataset_version"] == rescanned["dataset_version"]
+    latest = db.query(
+        "SELECT * FROM v_inbox_latest_predictions WHERE image_id = %s", (inbox["id"],)
+    )
+    assert latest[0]["predicted_label"] == rows[inbox["id"]]["predicted_label"]
+    assert _plan(db, store, mlflow_names)["to_score"] == 0
 
 
 def test_forced_rescore_overwrites_the_rows_it_already_has(
@@ -314,6 +363,7 @@ HAND_CLASSES = {  # label: (precision, recall, f1, support)
 def _prediction_row(image_id, model_name, version, predicted, true, *, subset="test", **extra):
     values = {
         "image_id": image_id,
+        "etag": extra.get("etag"),
         "model_name": model_name,
         "model_version": int(version),
         "predicted_label": predicted,
@@ -331,8 +381,13 @@ def _prediction_row(image_id, model_name, version, predicted, true, *, subset="t
 
 
 def _insert(db, rows) -> None:
+    """Upsert `rows`; those without an ETag are made for the image's current content."""
     with db.transaction() as cur:
         score.upsert_predictions(cur, rows)
+        cur.execute(
+            "UPDATE predictions p JOIN images i ON i.id = p.image_id SET p.etag = i.etag"
+            " WHERE p.etag IS NULL"
+        )
 
 
 def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_names):

@@ -102,6 +102,7 @@ def test_prediction_rows_mark_correctness_and_leave_inbox_out_of_the_dataset():
         scored_at=when,
     )
     by_column = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
+    assert [r["etag"] for r in by_column] == ["e1", "e2", "e3"]  # the content scored
     assert [r["correct"] for r in by_column] == [1, 0, None]
     assert [r["dataset_version"] for r in by_column] == ["ds1", "ds1", None]
     assert by_column[0]["predicted_label"] == "cat" and by_column[0]["confidence"] == 0.75
