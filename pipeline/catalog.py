@@ -40,7 +40,14 @@ from itertools import islice
 from typing import Any
 
 from pipeline.db import Database, insert_rows, named_lock, utc_now
-from pipeline.errors import S3_MISSING_CODES, Refusal, is_transient, s3_error_code, s3_unavailable
+from pipeline.errors import (
+    S3_CHANGED_CODES,
+    S3_MISSING_CODES,
+    Refusal,
+    is_transient,
+    s3_error_code,
+    s3_unavailable,
+)
 from pipeline.params import SMALL_LABEL_POLICIES
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectInfo, ObjectStore, add_location_arguments, location_from_args
@@ -738,25 +745,30 @@ def _fetch_and_inspect(
             reject_detail=f"{obj.size} bytes > max_object_bytes {config.max_object_bytes}",
         ), 0
     limits = {"max_pixels": config.max_pixels, "min_side": config.min_side}
+    # Every GET is of the listed version (If-Match) and reads at most its listed size: an object
+    # replaced after the LIST (by a bigger one, say) is neither read nor judged by the old ETag.
+    whole = {"byte_range": (0, obj.size - 1), "if_match": obj.etag}
     gets = 0
     try:
         if obj.size <= full_fetch_max_bytes:
             gets += 1
-            data = store.get_bytes(obj.key)
+            data = store.get_bytes(obj.key, **whole)
             return inspect_image(data, size=obj.size, complete=True, **limits), gets
         gets += 1
-        head = store.get_bytes(obj.key, byte_range=(0, header_bytes - 1))
+        head = store.get_bytes(obj.key, byte_range=(0, header_bytes - 1), if_match=obj.etag)
         result = inspect_image(head, size=obj.size, complete=False, **limits)
         if result.reject_reason == REJECT_CORRUPT:
             # The header may lie beyond the first bytes (e.g. a large EXIF block): read it all
             # (bounded by max_object_bytes above).
             gets += 1
-            data = store.get_bytes(obj.key)
+            data = store.get_bytes(obj.key, **whole)
             result = inspect_image(data, size=obj.size, complete=True, **limits)
         return result, gets
     except Exception as exc:
-        if s3_error_code(exc) in S3_MISSING_CODES:
-            log.warning("object %s vanished during the scan; next scan will catch up", obj.key)
+        code = s3_error_code(exc)
+        if code in S3_MISSING_CODES or code in S3_CHANGED_CODES:
+            what = "vanished" if code in S3_MISSING_CODES else "changed"
+            log.warning("object %s %s during the scan; the next scan catches up", obj.key, what)
             return None, gets
         if is_transient(exc):
             raise s3_unavailable(exc, store.endpoint) from exc
@@ -1019,6 +1031,10 @@ def record_changes(
     )
     version = build_dataset_version(bucket, rows.values(), config)
     summary = _summary(bucket, prefix, listing, diff, rows, version, config, cross, gets)
+    if set(diff.to_fetch) - inspected:
+        # Objects that vanished or changed between LIST and GET are not in the catalog as
+        # listed: the next scan must not take this listing as done, even if it sees it again.
+        summary["listing_digest"] = None
     summary["seconds"] = round(time.monotonic() - t0, 3)
     summary.update(
         write_scan(

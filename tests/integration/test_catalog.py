@@ -356,3 +356,60 @@ def test_unknown_dataset_version_raises_lookup_error(db):
         catalog.get_dataset(db, "nope123")
     with pytest.raises(LookupError, match="nope123"):
         catalog.dataset_images(db, "nope123", ["train"])
+
+
+def after_listing(store, action) -> None:
+    """Run `action()` on the real bucket right after the scan's LIST, before its GETs."""
+    iter_objects = store.iter_objects
+
+    def listed_then_acted(*args, **kwargs):
+        objects = list(iter_objects(*args, **kwargs))
+        action()
+        return iter(objects)
+
+    store.iter_objects = listed_then_acted
+
+
+def test_an_object_replaced_after_the_list_is_not_read_and_the_next_scan_takes_it(db, store):
+    put_tree(store, base_tree())
+    catalog.scan(db, store, P)
+    key = f"{P}/inbox/grows.png"
+    store.put_bytes(key, png(50))
+    big = png(51, size=(1200, 1200)) + bytes(2 * 1024 * 1024)  # valid PNG, trailing bytes
+    read: list[int] = []
+    get_bytes = store.get_bytes
+
+    def measured(k: str, **options) -> bytes:
+        data = get_bytes(k, **options)
+        read.append(len(data))
+        return data
+
+    store.get_bytes = measured
+    after_listing(store, lambda: store.put_bytes(key, big))
+    second = catalog.scan(db, store, P, max_object_bytes=64 * 1024)
+
+    # Listed small, replaced by 2 MiB before its GET: the GET is of the listed version only.
+    assert sum(read) < 64 * 1024, read
+    assert image_rows(db, object_key=key) == []
+    assert second["listing_digest"] is None
+    store.iter_objects = type(store).iter_objects.__get__(store)
+    third = catalog.scan(db, store, P)
+    row = image_rows(db, object_key=key)[0]
+    assert (row["status"], row["reject_reason"]) == ("rejected", catalog.REJECT_TOO_LARGE)
+    assert row["size_bytes"] == len(big) and third["new"] == 1
+
+
+def test_an_object_gone_at_its_get_and_back_unchanged_is_catalogued_by_the_next_scan(db, store):
+    put_tree(store, base_tree())
+    catalog.scan(db, store, P)
+    key, data = f"{P}/inbox/flicker.png", png(60)
+    store.put_bytes(key, data)
+    after_listing(store, lambda: store.delete(key))
+    catalog.scan(db, store, P)
+    assert image_rows(db, object_key=key) == []
+
+    store.put_bytes(key, data)  # the same bytes again: the same listing as the last scan's
+    store.iter_objects = type(store).iter_objects.__get__(store)
+    again = catalog.scan(db, store, P)
+    assert again["new"] == 1
+    assert image_rows(db, object_key=key)[0]["status"] == "ok"
