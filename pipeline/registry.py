@@ -660,8 +660,8 @@ def promote(
         _record_version(db, model_name, version, tags, mv.run_id)
         row = _version_row(db, model_name, version)
         # A refusal is no verdict on the model: a rerun (allowing the change, or after the
-        # champion moved) decides afresh.
-        if row["decision"] in (None, "refused"):
+        # champion moved) decides afresh; so does a promotion over a champion that is gone.
+        if row["decision"] in (None, "refused") or _promoted_over_another(model_name, version, row):
             row = _decide(
                 db,
                 store,
@@ -689,6 +689,25 @@ def promote(
     if result["decision"] == "refused":
         raise LabelSetMismatch(f"gate refused {model_name} v{version}: {row['decision_reason']}")
     return result
+
+
+def _promoted_over_another(model_name: str, version: str, row: dict[str, Any]) -> bool:
+    """True for a gate's `promoted` decision (no person's) compared with a champion that is no
+    longer champion: replayed, it would put this version over one it never met (a retry after
+    another run promoted a newer version while this one's alias move had failed)."""
+    if row["decision"] != "promoted" or row["review"] is not None:
+        return False
+    champion_now = alias_version(model_name, CHAMPION)
+    gated_against = str(row["champion_version"]) if row["champion_version"] else None
+    if champion_now in (gated_against, version):
+        return False
+    log.warning(
+        "gate decision for v%s compared it with v%s; the champion is v%s now: deciding again",
+        version,
+        gated_against,
+        champion_now,
+    )
+    return True
 
 
 def _version_to_gate(

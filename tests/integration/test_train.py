@@ -170,6 +170,31 @@ def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_o
     )
 
 
+def test_a_replayed_promotion_over_a_champion_since_replaced_is_decided_again(
+    trainer, db, store, mlflow_names, tmp_cache
+):
+    name = mlflow_names["model_name"]
+    first = trainer("run-1")["model_version"]
+    _gate(db, store, mlflow_names, first, tmp_cache)
+    second = trainer("run-2", force_retrain=True)["model_version"]
+    promoted = _gate(db, store, mlflow_names, second, tmp_cache, promotion_margin=1.0)
+    assert (promoted["decision"], promoted["champion_version"]) == ("promoted", first)
+    # As if v2's alias move had failed: the champion is v1, then another run promotes v3.
+    registry.rollback(db, name, first, actor="pytest", reason="v2's move failed")
+    third = trainer("run-3", force_retrain=True)["model_version"]
+    _gate(db, store, mlflow_names, third, tmp_cache, promotion_margin=1.0)
+    assert registry.resolve_model_version(name) == third
+
+    # v2's task retried: its decision was against v1, so it is not replayed over v3.
+    again = _gate(db, store, mlflow_names, second, tmp_cache, min_accuracy=1.0)
+    assert (again["decision"], again["champion_version"]) == ("challenger", third)
+    assert registry.resolve_model_version(name) == third
+    assert registry.resolve_model_version(name, "challenger") == second
+    # A replay over the champion it was compared with still only replays.
+    replay = _gate(db, store, mlflow_names, third, tmp_cache, min_accuracy=1.0)
+    assert replay["decision"] == "promoted" and registry.resolve_model_version(name) == third
+
+
 def test_approval_holds_a_promotion_until_a_person_answers(
     trainer, db, store, mlflow_names, tmp_cache, monkeypatch
 ):
