@@ -44,6 +44,7 @@ from pipeline.errors import (
     S3_CHANGED_CODES,
     S3_MISSING_CODES,
     Refusal,
+    is_out_of_memory,
     is_transient,
     s3_error_code,
     s3_unavailable,
@@ -285,7 +286,9 @@ def inspect_image(
         return Inspection("rejected", REJECT_UNSUPPORTED, sha, format=kind)
     try:
         im = open_image(data, kind)
-    except Exception:  # noqa: BLE001 - a header no plugin can parse is corrupt, whatever the error
+    except Exception as exc:  # noqa: BLE001 - a header no plugin can parse is corrupt, whatever
+        if is_out_of_memory(exc):  # the error, but for running out of memory
+            raise
         return Inspection("rejected", REJECT_CORRUPT, sha, format=kind)
     with im:
         (width, height), mode, fmt = im.size, im.mode, im.format or kind
@@ -348,6 +351,8 @@ def _decode_error(im: Any, kind: str) -> str | None:
             im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()
     except Exception as exc:  # noqa: BLE001 - every decoder failure means: not decodable
+        if is_out_of_memory(exc):
+            raise  # the scan's fault, not the image's: it fails and is retried
         return f"{type(exc).__name__}: {exc}"[:1024]
     return None
 

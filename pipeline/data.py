@@ -40,7 +40,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
+from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, is_out_of_memory, s3_error_code
 from pipeline.files import write_atomically
 from pipeline.records import ImageRecord
 
@@ -92,6 +92,8 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
     except ImageDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - every decoder failure means: not decodable
+        if is_out_of_memory(exc):
+            raise  # the worker's fault: the task fails and retries, the image stays accepted
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 

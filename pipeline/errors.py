@@ -117,6 +117,14 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The process ran out of memory (Python's `MemoryError`, PyTorch's CPU or CUDA allocator):
+    a fault of the worker that a retry may not meet, never a verdict on the image at hand."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 def s3_unavailable(exc: BaseException, endpoint: str | None) -> ServiceUnavailable:
     """`exc` (transient) as a `ServiceUnavailable` naming S3 and its endpoint."""
     code = s3_error_code(exc)

@@ -35,6 +35,7 @@ from pipeline.data import (
     preprocess_on_device,
     staged_on_device,
 )
+from pipeline.errors import is_out_of_memory
 from pipeline.model import Prediction, resolve_precision, to_predictions, top_k_probs
 
 T = TypeVar("T")
@@ -134,6 +135,8 @@ def image_loader(
         except ImageDecodeError as exc:
             return item, None, f"decode_failed: {exc}"
         except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
+            if is_out_of_memory(exc):
+                raise
             return item, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
 
     return load
