@@ -288,7 +288,7 @@ def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
     applied_now: list[int] = []
     try:
         with conn.cursor() as cur:
-            lock = f"{MIGRATION_LOCK}.{db.name}"
+            lock = mysql_lock_name(db, MIGRATION_LOCK)  # within MySQL's 64 characters
             cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
             if cur.fetchone()[0] != 1:
                 raise TimeoutError(f"could not take the migration lock within {timeout_s}s")

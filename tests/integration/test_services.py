@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
+import uuid
 
-from pipeline.db import available_migrations, migrate
+import numpy as np
+import pytest
+
+from pipeline.db import (
+    MIGRATION_LOCK,
+    available_migrations,
+    create_database,
+    drop_database,
+    migrate,
+    mysql_lock_name,
+)
 
 
 def test_object_round_trip_and_listing(store):
@@ -29,6 +39,24 @@ def test_migrations_are_recorded_and_idempotent(db):
     recorded = [r["version"] for r in db.query("SELECT version FROM schema_migrations ORDER BY 1")]
     assert recorded == expected
     assert migrate(db) == []
+
+
+def test_migrations_of_a_database_with_the_longest_name_take_a_lock_mysql_accepts(settings):
+    name = f"{settings.mysql.database}_test_{uuid.uuid4().hex}".ljust(64, "x")  # the longest
+    db = create_database(settings.mysql, name)
+    try:
+        lock = mysql_lock_name(db, MIGRATION_LOCK)
+        assert len(lock) <= 64  # MySQL 8 refuses longer lock names (error 3057)
+        holder = db.connect(autocommit=True)
+        with holder.cursor() as cur:  # while another process migrates, this one waits for it
+            cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
+            assert cur.fetchone()[0] == 1
+            with pytest.raises(TimeoutError, match="migration lock"):
+                migrate(db, timeout_s=1)
+        holder.close()
+        assert migrate(db) == [v for v, _, _ in available_migrations()]
+    finally:
+        drop_database(settings.mysql, name)
 
 
 def test_mlflow_logs_registers_and_loads_by_alias_with_another_batch_size(settings, mlflow_names):
