@@ -315,7 +315,11 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         section="Scoring",
     ),
     "force_rescore": ParamSpec(
-        "boolean", False, "Rescore images already scored by this model version.", section="Scoring"
+        "boolean",
+        False,
+        "Rescore images already scored by this model version (a retried shard keeps what this"
+        " run already rescored).",
+        section="Scoring",
     ),
     "precision": ParamSpec(
         "string",
