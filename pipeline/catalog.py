@@ -87,6 +87,12 @@ REJECT_TOO_MANY_PIXELS = "too_many_pixels"
 REJECT_TOO_SMALL = "too_small"
 REJECT_LABEL_CONFLICT = "label_conflict"
 REJECT_LEAKAGE = "leakage"
+# Found by a GET after the scan (training, scoring): the object was gone, or not the catalogued
+# version. They say where the object was, not what it is: a scan that lists it again with the
+# catalogued ETag validates it again instead of keeping the rejection.
+REJECT_MISSING_OBJECT = "missing_object"
+REJECT_CHANGED_OBJECT = "changed_object"
+_OBJECT_STATE_REJECTIONS = (REJECT_MISSING_OBJECT, REJECT_CHANGED_OBJECT)
 CROSS_REASONS = (REJECT_LABEL_CONFLICT, REJECT_LEAKAGE)
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -557,14 +563,19 @@ class Diff:
 
 
 def diff_listing(listing: Listing, rows: dict[str, dict[str, Any]]) -> Diff:
-    """New (not catalogued), changed (ETag or size differs), revived (deleted, back unchanged)
-    and deleted (live, not listed) keys."""
+    """New (not catalogued), changed (ETag or size differs, or rejected as missing or changed
+    at a later GET: validated again), revived (deleted, back unchanged) and deleted (live, not
+    listed) keys."""
     new, changed, revived = [], [], []
     for key, (_, obj) in listing.objects.items():
         old = rows.get(key)
         if old is None:
             new.append(key)
-        elif old["etag"] != obj.etag or int(old["size_bytes"]) != obj.size:
+        elif (
+            old["etag"] != obj.etag
+            or int(old["size_bytes"]) != obj.size
+            or old["reject_reason"] in _OBJECT_STATE_REJECTIONS
+        ):
             changed.append(key)
         elif old["deleted_at"] is not None:
             revived.append(key)

@@ -40,6 +40,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.catalog import REJECT_CHANGED_OBJECT, REJECT_MISSING_OBJECT
 from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, is_out_of_memory, s3_error_code
 from pipeline.files import write_atomically
 from pipeline.records import ImageRecord
@@ -581,9 +582,13 @@ def fetch_object(store: ObjectStore, record: ImageRecord) -> bytes:
     except Exception as exc:
         code = s3_error_code(exc)
         if code in S3_MISSING_CODES:
-            raise MissingObjectError("missing_object: deleted since it was catalogued") from exc
+            raise MissingObjectError(
+                f"{REJECT_MISSING_OBJECT}: deleted since it was catalogued"
+            ) from exc
         if code in S3_CHANGED_CODES:
-            raise MissingObjectError("changed_object: ETag differs from the catalog") from exc
+            raise MissingObjectError(
+                f"{REJECT_CHANGED_OBJECT}: ETag differs from the catalog"
+            ) from exc
         raise
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import catalog
+from pipeline.data import MissingObjectError, fetch_object
 from pipeline.db import LockTimeout, named_lock
 
 P = "ds"
@@ -413,3 +414,25 @@ def test_an_object_gone_at_its_get_and_back_unchanged_is_catalogued_by_the_next_
     again = catalog.scan(db, store, P)
     assert again["new"] == 1
     assert image_rows(db, object_key=key)[0]["status"] == "ok"
+
+
+def test_an_object_missing_at_a_later_get_and_back_unchanged_is_accepted_again(db, store):
+    put_tree(store, base_tree())
+    first = catalog.scan(db, store, P)
+    victim = catalog.dataset_images(db, first["dataset_version"], ["test"])[0]
+    data = store.get_bytes(victim.object_key)
+    store.delete(victim.object_key)  # deleted by mistake, and scoring's GET finds it gone
+    with pytest.raises(MissingObjectError) as gone:
+        fetch_object(store, victim)
+    assert catalog.mark_rejected(db, [(victim, str(gone.value))]) == 1
+    row = image_rows(db, object_key=victim.object_key)[0]
+    assert (row["status"], row["reject_reason"]) == ("rejected", catalog.REJECT_MISSING_OBJECT)
+
+    store.put_bytes(victim.object_key, data)  # restored: the same bytes, the same ETag
+    assert store.head(victim.object_key).etag == victim.etag
+    gets = count_gets(store)
+    again = catalog.scan(db, store, P)
+    assert gets == [victim.object_key]  # validated again, and only it
+    row = image_rows(db, object_key=victim.object_key)[0]
+    assert (row["status"], row["reject_reason"]) == ("ok", None)
+    assert again["dataset_version"] == first["dataset_version"]
