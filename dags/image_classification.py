@@ -248,7 +248,7 @@ def image_classification():
         name = rt.model_name(params)
         trained = _xcom(context, "train_model") or {
             "model_version": registry.find_version_by_run_key(name, context["run_id"])
-            or registry.newest_ungated_version(db, name)
+            or registry.newest_ungated_version(db, name, retry_refused=params["allow_label_change"])
         }
         if trained.get("skipped") or not trained.get("model_version"):
             raise AirflowSkipException("no new model version in this run")

@@ -335,11 +335,15 @@ def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
     return str(oldest.version) if oldest else None
 
 
-def newest_ungated_version(db: Database, model_name: str) -> str | None:
+def newest_ungated_version(
+    db: Database, model_name: str, *, retry_refused: bool = False
+) -> str | None:
     """The newest version the pipeline's training registered, if the gate never decided on it.
 
     What a gate run alone (`airflow tasks test ... promote_model`, no XCom from train_model and
     no version registered under its own run id) should decide on; None when there is nothing new.
+    A version the gate refused (other labels) counts as decided unless `retry_refused` (a run
+    that allows the label change): each run would refuse it again, and fail before scoring.
     Versions registered elsewhere (a notebook, another job) are skipped with a warning.
     """
     found = _ask(
@@ -352,8 +356,8 @@ def newest_ungated_version(db: Database, model_name: str) -> str | None:
         return None
     decided = db.query(
         "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
-        " AND decision IS NOT NULL AND decision <> 'refused'",
-        (model_name, int(newest.version)),
+        " AND decision IS NOT NULL AND (decision <> 'refused' OR %s = 0)",
+        (model_name, int(newest.version), int(retry_refused)),
     )
     return None if decided else str(newest.version)
 

@@ -304,6 +304,10 @@ def test_two_datasets_keep_their_own_champions_and_a_label_change_is_refused(
         assert "[cat, dog]" in row["decision_reason"]
         assert registry.version_tags(names["digits"], stray)["gate_decision"] == "refused"
         assert len(_history(db, names["digits"])) == 1
+        # A later run that trains nothing does not gate (and refuse, and fail) it again...
+        assert registry.newest_ungated_version(db, names["digits"]) is None
+        # ... unless it allows the label change.
+        assert registry.newest_ungated_version(db, names["digits"], retry_refused=True) == stray
 
         # Asked for explicitly, the label change replaces the champion without comparing.
         allowed = _gate(db, store, names["digits"], stray, cache, allow_label_change=True)
