@@ -495,6 +495,12 @@ class ScanConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def validates_like(self, other: ScanConfig) -> bool:
+        """True when an object validated under `other` gets the same verdict under this config
+        (the same limits); policies and the val split are applied afresh by every scan."""
+        limits = operator.attrgetter("max_pixels", "min_side", "max_object_bytes")
+        return limits(self) == limits(other)
+
     def overridden(self, overrides: dict[str, Any]) -> ScanConfig:
         """This config with `overrides` (None values keep the current value)."""
         known = {f.name for f in fields(self)}
@@ -562,17 +568,20 @@ class Diff:
         return self.new + self.changed
 
 
-def diff_listing(listing: Listing, rows: dict[str, dict[str, Any]]) -> Diff:
+def diff_listing(
+    listing: Listing, rows: dict[str, dict[str, Any]], *, revalidate: bool = False
+) -> Diff:
     """New (not catalogued), changed (ETag or size differs, or rejected as missing or changed
-    at a later GET: validated again), revived (deleted, back unchanged) and deleted (live, not
-    listed) keys."""
+    at a later GET; every catalogued one with `revalidate`: validated again), revived (deleted,
+    back unchanged) and deleted (live, not listed) keys."""
     new, changed, revived = [], [], []
     for key, (_, obj) in listing.objects.items():
         old = rows.get(key)
         if old is None:
             new.append(key)
         elif (
-            old["etag"] != obj.etag
+            revalidate
+            or old["etag"] != obj.etag
             or int(old["size_bytes"]) != obj.size
             or old["reject_reason"] in _OBJECT_STATE_REJECTIONS
         ):
@@ -983,7 +992,8 @@ def scan(
     with named_lock(
         db, scan_lock(bucket, prefix), timeout_s=lock_timeout_s, what=f"scan of {where}"
     ):
-        config = (load_scan_config(db, bucket, prefix) or ScanConfig()).overridden(options)
+        stored_config = load_scan_config(db, bucket, prefix) or ScanConfig()
+        config = stored_config.overridden(options)
         listing = read_listing(store.iter_objects(f"{prefix}/" if prefix else ""), prefix)
         log.info(
             "listed %d objects under %s in %.1fs", listing.n_listed, where, time.monotonic() - t0
@@ -993,7 +1003,8 @@ def scan(
             return _record_unchanged(db, where, previous, listing, started=started, t0=t0)
         rows = _load_rows(db, bucket, prefix)
         stored = {k: _row_state(r) for k, r in rows.items()}
-        diff = diff_listing(listing, rows)
+        # New limits (max_pixels, min_side, max_object_bytes) judge every object again.
+        diff = diff_listing(listing, rows, revalidate=not config.validates_like(stored_config))
         if not force_delete:
             check_deletions(diff, rows, max_delete_fraction=max_delete_fraction, where=where)
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="scan-get")

@@ -436,3 +436,21 @@ def test_an_object_missing_at_a_later_get_and_back_unchanged_is_accepted_again(d
     row = image_rows(db, object_key=victim.object_key)[0]
     assert (row["status"], row["reject_reason"]) == ("ok", None)
     assert again["dataset_version"] == first["dataset_version"]
+
+
+def test_new_validation_limits_judge_every_catalogued_object_again(db, store):
+    put_tree(store, base_tree())
+    small = catalog.scan(db, store, P, max_object_bytes=64)  # every PNG here is bigger
+    assert small["ok"] == 0 and small["reasons"] == {catalog.REJECT_TOO_LARGE: 11}
+
+    gets = count_gets(store)
+    raised = catalog.scan(db, store, P, max_object_bytes=10**6)
+    assert raised["ok"] == 11 and len(gets) == 11
+    assert raised["dataset_version"] != small["dataset_version"]
+
+    gets.clear()
+    stricter = catalog.scan(db, store, P, min_side=17)  # the 16x16 PNGs are now too small
+    assert stricter["reasons"] == {catalog.REJECT_TOO_SMALL: 11} and len(gets) == 11
+    gets.clear()
+    catalog.scan(db, store, P, val_percent=20)  # not a validation limit: no GET
+    assert gets == []
