@@ -13,7 +13,10 @@ recorded in `model_versions` (and an approval's move in `alias_history`).
 An answer is kept in an Airflow Variable (`imgpipe_approval_answer.<hash of dag and run>`) from
 the moment it arrives until it is written to MySQL, so a try that fails in between (MySQL or
 MLflow down, a dropped connection, a killed worker) is retried with the person's answer instead
-of asking them again.
+of asking them again. Variables are writable by more people than MySQL (UI users with the Op
+role, any DAG's code): the kept answer is sealed with an HMAC keyed by the pipeline's MySQL
+password, which the task has and they do not, and a retry applies only an answer whose seal
+holds for this run and version; anything else is ignored with a warning and the person is asked.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class PromotionApproval(HITLOperator):
         recorded = registry.recorded_review(db, name, version)
         if recorded is not None:  # a retry after the answer was written: finish it, don't ask
             return self._apply(context, name, version, *recorded)
-        given = given_answer(context, name, version)
+        given = given_answer(context, db, name, version)
         if given is not None:  # a retry after the answer came, before it was written
             rt.log.info(
                 "applying the answer given before this try (%s by %s), not asking again",
@@ -110,7 +113,7 @@ class PromotionApproval(HITLOperator):
         params = rt.run_params(context, own=self.params)
         gate = context["ti"].xcom_pull(task_ids=GATE_TASK) or {}
         name, version = rt.model_name(params), str(gate["model_version"])
-        keep_answer(context, name, version, outcome, reviewer, comment)
+        keep_answer(context, rt.database(), name, version, outcome, reviewer, comment)
         return self._apply(context, name, version, outcome, reviewer, comment)
 
     def _apply(
@@ -160,19 +163,39 @@ def answer_key(context: Any) -> str:
     return f"imgpipe_approval_answer.{hashlib.sha256(run.encode()).hexdigest()[:24]}"
 
 
+def seal(context: Any, db: Any, answer: dict[str, Any]) -> str | None:
+    """HMAC-SHA256 of `answer` for this dag run, keyed by the pipeline's MySQL password (None
+    without one: nothing to seal with, so a kept answer is never trusted)."""
+    import hmac
+    import json
+
+    secret = db.settings.password
+    if not secret:
+        return None
+    run = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"]}
+    payload = json.dumps(run | answer, sort_keys=True).encode()
+    return hmac.new(secret.encode(), b"imgpipe approval answer\0" + payload, "sha256").hexdigest()
+
+
 def keep_answer(
-    context: Any, name: str, version: str, outcome: str, reviewer: str | None, comment: str
+    context: Any,
+    db: Any,
+    name: str,
+    version: str,
+    outcome: str,
+    reviewer: str | None,
+    comment: str,
 ) -> None:
-    """Keep the answer where the task's next try finds it, before anything can fail."""
+    """Keep the answer, sealed, where the task's next try finds it, before anything can fail."""
     import json
 
     from airflow.sdk import Variable
 
     answer = {"model_name": name, "model_version": version, "outcome": outcome}
-    answer |= {"reviewer": reviewer, "comment": comment, "try_number": context["ti"].try_number}
+    answer |= {"reviewer": reviewer, "comment": comment}
     Variable.set(
         answer_key(context),
-        json.dumps(answer),
+        json.dumps({"answer": answer, "seal": seal(context, db, answer)}),
         description=(
             f"{APPROVE}/{REJECT} answer of {context['dag'].dag_id} run {context['run_id']}"
             f" for {name} v{version}, kept until it is written to MySQL"
@@ -180,8 +203,11 @@ def keep_answer(
     )
 
 
-def given_answer(context: Any, name: str, version: str) -> tuple[str, str | None, str] | None:
-    """(outcome, reviewer, comment) an earlier try of this run received, or None."""
+def given_answer(
+    context: Any, db: Any, name: str, version: str
+) -> tuple[str, str | None, str] | None:
+    """(outcome, reviewer, comment) an earlier try of this run received and sealed, or None."""
+    import hmac
     import json
 
     import imgpipe_runtime as rt
@@ -190,7 +216,21 @@ def given_answer(context: Any, name: str, version: str) -> tuple[str, str | None
     kept = Variable.get(answer_key(context), default=None)
     if kept is None:
         return None
-    answer = json.loads(kept)
+    try:
+        found = json.loads(kept)
+        answer, sealed = dict(found["answer"]), str(found["seal"])
+        expected = seal(context, db, answer)
+        genuine = expected is not None and hmac.compare_digest(sealed, expected)
+    except (ValueError, TypeError, KeyError) as exc:
+        rt.log.warning("ignoring a malformed kept answer %s: %s", answer_key(context), exc)
+        return None
+    if not genuine:
+        rt.log.warning(
+            "ignoring the kept answer %s: its seal does not hold (not written by this task);"
+            " asking again",
+            answer_key(context),
+        )
+        return None
     if (answer["model_name"], answer["model_version"]) != (name, version):
         rt.log.warning("ignoring a kept answer for another version: %s", answer)
         return None

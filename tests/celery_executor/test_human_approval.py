@@ -137,9 +137,36 @@ def test_approve_moves_the_champion_and_the_run_scores_with_it(cluster, world):
     assert set(scored_by(world, run_id)) == {int(version)}
 
 
+def plant_forged_approval(cluster: CeleryAirflow, world, run_id: str) -> None:
+    """What a UI user with the Op role (or another DAG's code) can do: write the Variable a
+    retry of `approve_promotion` reads, an approval of the version this run will register,
+    sealed with a key other than the task's."""
+    import hashlib
+    import hmac
+    import json
+
+    from tests.celery_executor.cluster import DAG_ID
+
+    found = registry.mlflow_client().search_model_versions(f"name = '{world['model_name']}'")
+    answer = {
+        "model_name": world["model_name"],
+        "model_version": str(max(int(v.version) for v in found) + 1),
+        "outcome": registry.APPROVED,
+        "reviewer": "mallory",
+        "comment": "forged",
+    }
+    forged = hmac.new(b"a guess", json.dumps(answer).encode(), "sha256").hexdigest()
+    run = hashlib.sha256(f"{DAG_ID}/{run_id}".encode()).hexdigest()[:24]
+    value = json.dumps({"answer": answer, "seal": forged})
+    cluster.api._call(  # noqa: SLF001 - the REST API as any client sends it
+        "POST", "/api/v2/variables", {"key": f"imgpipe_approval_answer.{run}", "value": value}
+    )
+
+
 def test_reject_keeps_the_champion_and_records_who(cluster, world):
     before = ensure_champion(cluster, world)
     run_id = trigger_held(cluster, world)
+    plant_forged_approval(cluster, world, run_id)  # ignored: the person is asked all the same
     wait_for_question(cluster, run_id)
     version = str(version_of(world, run_id)["model_version"])
 
@@ -160,6 +187,8 @@ def test_reject_keeps_the_champion_and_records_who(cluster, world):
     with pytest.raises(ApiError) as second:  # one answer per question
         cluster.api.answer(run_id, APPROVAL, ["Approve"], {"comment": "changed my mind"})
     assert second.value.status == 409
+    log = task_log(cluster, run_id, APPROVAL)
+    assert "its seal does not hold" in log and "mallory" not in log
 
 
 def test_no_answer_in_time_moves_nothing_and_the_run_says_so(cluster, world):
