@@ -74,6 +74,8 @@ IGNORED_TOO_DEEP = "nested_too_deep"
 IGNORED_UNKNOWN_SPLIT = "unknown_split"
 IGNORED_OUTSIDE_LAYOUT = "file_directly_under_prefix"
 IGNORED_LABEL_TOO_LONG = "label_too_long"
+# MySQL compares labels PAD SPACE (utf8mb4_bin too): `cat ` would be a second class equal to `cat`.
+IGNORED_LABEL_TRAILING_SPACE = "label_ends_with_space"
 
 # Reasons an image is rejected: short codes in images.reject_reason (what went wrong in words,
 # e.g. the decoder's message, goes to images.reject_detail).
@@ -210,7 +212,8 @@ def _is_hidden(part: str) -> bool:
 def parse_key(key: str, prefix: str) -> ParsedKey | IgnoredKey:
     """Place `key` in the layout `<prefix>/<split>/<label>/<file>` or `<prefix>/inbox/<file>`.
 
-    Labels are folder names exactly as written (spaces, unicode, case).
+    Labels are folder names exactly as written (spaces, unicode, case), but for a trailing
+    space: MySQL's comparisons ignore it, so such a folder is ignored with its reason.
     """
     norm = normalize_prefix(prefix)
     start = f"{norm}/" if norm else ""
@@ -239,6 +242,8 @@ def parse_key(key: str, prefix: str) -> ParsedKey | IgnoredKey:
         return IgnoredKey(key, IGNORED_TOO_DEEP)
     if len(parts[1]) > MAX_LABEL_CHARS:
         return IgnoredKey(key, IGNORED_LABEL_TOO_LONG)
+    if parts[1].endswith(" "):
+        return IgnoredKey(key, IGNORED_LABEL_TRAILING_SPACE)
     return ParsedKey(key, rel, head, parts[1])
 
 

@@ -454,3 +454,13 @@ def test_new_validation_limits_judge_every_catalogued_object_again(db, store):
     gets.clear()
     catalog.scan(db, store, P, val_percent=20)  # not a validation limit: no GET
     assert gets == []
+
+
+def test_a_label_folder_ending_in_a_space_is_ignored_with_its_reason(db, store):
+    # MySQL compares `cat ` and `cat` equal (PAD SPACE): two classes would collide in its keys.
+    equal = db.query("SELECT CAST('cat' AS CHAR) COLLATE utf8mb4_bin = 'cat ' AS same")
+    assert equal[0]["same"] == 1
+    put_tree(store, base_tree() | {"train/Gold Fish /x.png": png(70)})
+    summary = catalog.scan(db, store, P)
+    assert summary["ignored_reasons"] == {catalog.IGNORED_LABEL_TRAILING_SPACE: 1}
+    assert sorted(summary["label_map"]) == ["Gold Fish", "Ünï 猫"]

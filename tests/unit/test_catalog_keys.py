@@ -54,6 +54,9 @@ def test_keys_in_the_layout_are_parsed(key, expected):
         pytest.param("ds/train/cat/Thumbs.db", catalog.IGNORED_HIDDEN, id="thumbs-db"),
         pytest.param("ds/train/" + "x" * 256 + "/a.png", catalog.IGNORED_LABEL_TOO_LONG, id="long"),
         pytest.param("other/train/cat/a.png", catalog.IGNORED_OUTSIDE_LAYOUT, id="other-prefix"),
+        pytest.param(
+            "ds/train/cat /a.png", catalog.IGNORED_LABEL_TRAILING_SPACE, id="label-trailing-space"
+        ),
     ],
 )
 def test_keys_outside_the_layout_are_ignored_with_a_reason(key, reason):
