@@ -315,11 +315,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         section="Scoring",
     ),
     "force_rescore": ParamSpec(
-        "boolean",
-        False,
-        "Rescore images already scored by this model version (a retried shard keeps what this"
-        " run already rescored).",
-        section="Scoring",
+        "boolean", False, "Rescore images already scored by this model version.", section="Scoring"
     ),
     "precision": ParamSpec(
         "string",

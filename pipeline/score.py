@@ -110,20 +110,11 @@ def _selection(
     return parts
 
 
-def _not_scored(
-    model_name: str, model_version: str, *, force: bool, run_key: str | None
-) -> tuple[str, tuple]:
-    """SQL to append (and its args) that keeps the images still to score: those the version has
-    not scored in their current content (an object overwritten under its key keeps its id);
-    with `force`, those this very run has not (a retried shard goes on where it stopped)."""
-    if force and not run_key:
-        return "", ()
-    in_run = " AND p.run_key = %s" if force else ""
-    sql = (
-        " AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.image_id = i.id AND p.etag = i.etag"
-        f" AND p.model_name = %s AND p.model_version = %s{in_run})"
-    )
-    return sql, (model_name, int(model_version), *((run_key,) if force else ()))
+# Scored means scored in its current content: an object overwritten under its key keeps its id.
+_NOT_SCORED = (
+    " AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.image_id = i.id AND p.etag = i.etag"
+    " AND p.model_name = %s AND p.model_version = %s)"
+)
 
 
 def _count_by_shard(
@@ -134,13 +125,13 @@ def _count_by_shard(
     model_version: str,
     shards: int,
     force: bool,
-    run_key: str | None = None,
 ) -> dict[str, Counter]:
     """{part kind ("labelled"/"inbox"): Counter(shard -> images to score)}."""
     counts: dict[str, Counter] = {}
-    extra, extra_args = _not_scored(model_name, model_version, force=force, run_key=run_key)
     for kind, sql, args in parts:
         per_shard = counts.setdefault(kind, Counter())
+        extra = "" if force else _NOT_SCORED
+        extra_args = () if force else (model_name, int(model_version))
         rows = db.query(
             f"SELECT s.id %% %s AS shard, COUNT(*) AS n FROM ({sql}{extra}) s GROUP BY 1",
             (shards, *args, *extra_args),
@@ -159,14 +150,14 @@ def _iter_records(
     shard: int,
     shards: int,
     force: bool,
-    run_key: str | None = None,
     page_size: int = PAGE_SIZE,
 ) -> Iterator[ImageRecord]:
     """Images of one shard still to score, streamed in id-ordered pages (keyset pagination)."""
-    extra, extra_args = _not_scored(model_name, model_version, force=force, run_key=run_key)
     for _, sql, args in parts:
         last_id = 0
         while True:
+            extra = "" if force else _NOT_SCORED
+            extra_args = () if force else (model_name, int(model_version))
             rows = db.query(
                 f"{sql} AND i.id > %s AND i.id %% %s = %s{extra} ORDER BY i.id LIMIT %s",
                 (*args, last_id, shards, shard, *extra_args, page_size),
@@ -352,9 +343,7 @@ def score_shard(
     """Score the images of one shard with one concrete model version; returns a summary.
 
     `dataset_version` (whose test subset is scored) defaults to the latest of store.bucket +
-    `prefix`; pass the plan's so every shard of a run scores the same set. Idempotent: images
-    the version already scored in their current content are skipped; with `force` only those
-    this `run_key` scored (a retried shard of a forced run goes on where it stopped).
+    `prefix`; pass the plan's so every shard of a run scores the same set. Idempotent.
     `batch_size` defaults to one that fills the device (`inference.default_batch_size`).
     """
     from pipeline import registry
@@ -371,13 +360,7 @@ def score_shard(
     dataset = catalog.resolve_dataset(db, store.bucket, prefix, dataset_version)
     dataset_version = dataset["dataset_version"]
     parts = _selection(store.bucket, prefix, dataset_version, subsets)
-    select = {
-        "model_name": model_name,
-        "model_version": version,
-        "shards": shards,
-        "force": force,
-        "run_key": run_key,
-    }
+    select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
     by_kind = _count_by_shard(db, parts, **select)
     total = sum(c[shard] for c in by_kind.values())
     stats, clock = ShardStats(), StageClock()
@@ -757,8 +740,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--force",
         dest="force_rescore",
         action="store_true",
-        help="rescore images already scored by this version (the DAG's force_rescore); a rerun"
-        " with the same --run-key skips those that run already rescored",
+        help="rescore images already scored by this version (the DAG's force_rescore)",
     )
     parser.add_argument(
         "--precision",

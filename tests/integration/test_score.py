@@ -217,11 +217,6 @@ def test_forced_rescore_overwrites_the_rows_it_already_has(
     assert all(r["run_key"] == "manual__2" for r in after)
     assert all(a["scored_at"] > b["scored_at"] for a, b in zip(after, before, strict=True))
 
-    # The forced run's retry (same run key) goes on where it stopped: nothing is left.
-    retried = _score_all(db, store, forced, tmp_cache, force=True, run_key="manual__2")
-    assert sum(s["scored"] for s in retried) == 0
-    assert _predictions(db) == after
-
 
 def test_int8_scoring_calibrates_once_on_the_dataset_and_writes_every_row(
     db, store, mlflow_names, champion, tmp_cache, monkeypatch
