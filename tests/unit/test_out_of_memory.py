@@ -15,14 +15,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent(
     """
-    import io, resource, sys
-    from PIL import Image
+    import resource, struct, sys, zlib
     from pipeline import catalog
     from pipeline.data import ImageDecodeError, decode_image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (6000, 6000), (10, 200, 30)).save(buf, format="PNG")  # 108 MB decoded
-    data = buf.getvalue()
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # A valid 6000x6000 RGB PNG (108 MB decoded) written row by row: building it never holds
+    # the pixels, so no freed memory is left for the decoder to reuse under the limit below.
+    side, pack = 6000, zlib.compressobj(9)
+    row = b"\\0" + bytes([10, 200, 30]) * side
+    idat = b"".join(pack.compress(row) for _ in range(side)) + pack.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    data = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     limit = sys.argv[2] == "limited"
     if limit:
         with open("/proc/self/status") as status:
