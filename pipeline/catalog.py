@@ -996,7 +996,7 @@ def scan(
     ScanConfig().overridden(options)  # unknown or invalid options fail before any work
     with named_lock(
         db, scan_lock(bucket, prefix), timeout_s=lock_timeout_s, what=f"scan of {where}"
-    ):
+    ) as lock:
         stored_config = load_scan_config(db, bucket, prefix) or ScanConfig()
         config = stored_config.overridden(options)
         listing = read_listing(store.iter_objects(f"{prefix}/" if prefix else ""), prefix)
@@ -1030,6 +1030,7 @@ def scan(
             )
         finally:  # a failed scan leaves no GETs queued behind it
             pool.shutdown(wait=True, cancel_futures=True)
+        lock.ensure_held()  # a scan that started after this one's lock was lost may be writing
         summary = record_changes(
             db, bucket, prefix, listing, diff, rows, stored, inspected, gets, config, started, t0
         )

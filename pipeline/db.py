@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeVar
@@ -185,19 +185,54 @@ class LockTimeout(TimeoutError):
     """Another process held a MySQL named lock longer than this one could wait (transient)."""
 
 
+class LockLost(ConnectionError):
+    """The connection holding a MySQL named lock ended (a server restart or failover, a KILL,
+    a network cut): the server released the lock and another process may hold it now
+    (transient: the task fails before acting on it, and its retry takes the lock again)."""
+
+
 def mysql_lock_name(db: Database, name: str) -> str:
     """The server-side name of `named_lock(db, name)`: scoped to `db`, hashed to 48 characters."""
     digest = hashlib.sha256(f"{db.name}\0{name}".encode()).hexdigest()[:40]
     return f"imgpipe_{digest}"
 
 
+@dataclass
+class HeldLock:
+    """A named lock held by `connection` (see `named_lock`)."""
+
+    name: str
+    server_name: str
+    connection: Any
+
+    def ensure_held(self) -> None:
+        """Raise `LockLost` unless this connection still holds the lock: call it right before
+        the write the lock protects, since the server drops a lock with its connection."""
+        try:
+            with self.connection.cursor() as cur:
+                cur.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self.server_name,))
+                held = cur.fetchone()[0] == 1
+        except pymysql.err.Error as exc:
+            raise LockLost(
+                f"the MySQL connection holding the lock {self.name!r} was lost ({exc});"
+                " another process may hold it now: nothing was changed under it"
+            ) from exc
+        if not held:
+            raise LockLost(
+                f"the MySQL lock {self.name!r} is no longer held by this process (its connection"
+                " was reset); nothing was changed under it"
+            )
+
+
 @contextmanager
-def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterator[None]:
+def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterator[HeldLock]:
     """Hold the MySQL named lock `name` (GET_LOCK) for the `with` block, on its own connection.
 
     The server releases the lock when that connection ends, so a holder that is killed never
-    leaves it behind. Names are scoped to `db` and hashed (MySQL allows 64 characters).
-    `what` names the work the lock serialises, for the timeout's message.
+    leaves it behind; the other side of that coin is a holder whose connection ends while it
+    works on: it must call `HeldLock.ensure_held()` before each write the lock protects.
+    Names are scoped to `db` and hashed (MySQL allows 64 characters). `what` names the work
+    the lock serialises, for the timeout's message.
     """
     lock = mysql_lock_name(db, name)
     conn = db.connect(autocommit=True)
@@ -210,7 +245,7 @@ def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterato
                     " wait for it to finish (a killed holder releases it at once)"
                 )
         try:
-            yield
+            yield HeldLock(name, lock, conn)
         finally:
             try:
                 with conn.cursor() as cur:

@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.db import Database, named_lock, utc_now
+from pipeline.db import Database, HeldLock, named_lock, utc_now
 from pipeline.errors import Refusal, ServiceUnavailable, is_transient
 from pipeline.preflight import without_credentials
 
@@ -57,6 +57,8 @@ ALIAS_LOCK_TIMEOUT_S = 900
 # Test-only pause point (seconds) between the MLflow alias move and its history row, so a fault
 # test can SIGKILL a real process there. Unset in every deployment.
 PAUSE_AFTER_ALIAS_MOVE_ENV = "PIPELINE_TEST_PAUSE_AFTER_ALIAS_MOVE_S"
+# ... and before it, under the lock, so a fault test can end the lock's MySQL connection there.
+PAUSE_BEFORE_ALIAS_MOVE_ENV = "PIPELINE_TEST_PAUSE_BEFORE_ALIAS_MOVE_S"
 
 T = TypeVar("T")
 
@@ -510,12 +512,13 @@ def _record_version(
 @contextmanager
 def alias_lock(
     db: Database, model_name: str, *, timeout_s: int = ALIAS_LOCK_TIMEOUT_S
-) -> Iterator[None]:
-    """Serialise every alias move of `model_name` (gate, promote, rollback) across processes."""
+) -> Iterator[HeldLock]:
+    """Serialise every alias move of `model_name` (gate, promote, rollback) across processes;
+    `_move` checks the lock is still held before it moves anything."""
     with named_lock(
         db, alias_lock_name(model_name), timeout_s=timeout_s, what=f"alias move of {model_name!r}"
-    ):
-        yield
+    ) as held:
+        yield held
 
 
 def alias_lock_name(model_name: str) -> str:
@@ -599,31 +602,47 @@ def reconcile_aliases(db: Database, model_name: str, *, actor: str) -> dict[str,
 
 
 def _move(
-    db: Database, model_name: str, alias: str, version: str, *, actor: str, reason: str
+    db: Database,
+    lock: HeldLock,
+    model_name: str,
+    alias: str,
+    version: str,
+    *,
+    actor: str,
+    reason: str,
 ) -> bool:
-    """The move itself; the caller holds `alias_lock`. MLflow first, then the history row:
-    a crash between the two is repaired by the next `_reconcile`."""
+    """The move itself, under `lock` (`alias_lock`). MLflow first, then the history row:
+    a crash between the two is repaired by the next `_reconcile`. A lock whose connection
+    ended (a MySQL restart during a long gate) raises `LockLost` before anything moves:
+    another gate may be moving this alias now."""
     current = _reconcile(db, model_name, alias, actor=actor)
     if current == version:
         return False
+    _test_pause(PAUSE_BEFORE_ALIAS_MOVE_ENV)
+    lock.ensure_held()
     _ask(
         f"set alias @{alias} of {model_name!r} to v{version}",
         lambda: mlflow_client().set_registered_model_alias(model_name, alias, version),
     )
-    pause = float(os.environ.get(PAUSE_AFTER_ALIAS_MOVE_ENV) or 0)
-    if pause > 0:
-        log.warning("%s=%s: pausing after the MLflow alias move", PAUSE_AFTER_ALIAS_MOVE_ENV, pause)
-        time.sleep(pause)
+    _test_pause(PAUSE_AFTER_ALIAS_MOVE_ENV)
     _append_history(db, model_name, alias, current, version, actor=actor, reason=reason)
     return True
+
+
+def _test_pause(env: str) -> None:
+    """Sleep the seconds `env` names (a fault test's pause point; unset in deployments)."""
+    pause = float(os.environ.get(env) or 0)
+    if pause > 0:
+        log.warning("%s=%s: pausing", env, pause)
+        time.sleep(pause)
 
 
 def move_alias(
     db: Database, model_name: str, alias: str, version: str, *, actor: str, reason: str
 ) -> bool:
     """Point `alias` at `version` in MLflow and record the move; a no-op move records nothing."""
-    with alias_lock(db, model_name):
-        return _move(db, model_name, alias, str(version), actor=actor, reason=reason)
+    with alias_lock(db, model_name) as lock:
+        return _move(db, lock, model_name, alias, str(version), actor=actor, reason=reason)
 
 
 def promote(
@@ -656,7 +675,7 @@ def promote(
     """
     from pipeline import catalog
 
-    with alias_lock(db, model_name):
+    with alias_lock(db, model_name) as lock:
         for alias in ALIASES:
             _reconcile(db, model_name, alias, actor=actor)
         version, mv, problem = _version_to_gate(model_name, model_version, explicit=explicit)
@@ -687,7 +706,7 @@ def promote(
         result = _gate_result(model_name, version, row)
         if result["decision"] != "refused":
             alias = CHAMPION if result["decision"] == "promoted" else CHALLENGER
-            _move(db, model_name, alias, version, actor=actor, reason=row["decision_reason"])
+            _move(db, lock, model_name, alias, version, actor=actor, reason=row["decision_reason"])
         _tag_gate_result(result)
     log.info("promotion gate: %s", result)
     if result["decision"] == "refused":
@@ -961,7 +980,7 @@ def review(
     if outcome != TIMED_OUT and not reviewer:
         raise ValueError(f"a review that {outcome} needs the reviewer's name")
     version = str(int(model_version))
-    with alias_lock(db, model_name):
+    with alias_lock(db, model_name) as lock:
         for alias in ALIASES:
             _reconcile(db, model_name, alias, actor=actor)
         row = _version_row(db, model_name, version)
@@ -983,6 +1002,7 @@ def review(
         if outcome == APPROVED:
             _move(
                 db,
+                lock,
                 model_name,
                 CHAMPION,
                 version,
@@ -1076,7 +1096,7 @@ def approval_request(
 
 def rollback(db: Database, model_name: str, model_version: str, *, actor: str, reason: str) -> dict:
     """Move `champion` back to an earlier registered version (which must exist)."""
-    with alias_lock(db, model_name):
+    with alias_lock(db, model_name) as lock:
         version = resolve_model_version(model_name, model_version)
         mv = _ask(
             f"read {model_name} v{version}",
@@ -1084,7 +1104,9 @@ def rollback(db: Database, model_name: str, model_version: str, *, actor: str, r
         )
         _record_version(db, model_name, version, dict(mv.tags), mv.run_id)
         _reconcile(db, model_name, CHALLENGER, actor=actor)
-        moved = _move(db, model_name, CHAMPION, version, actor=actor, reason=f"rollback: {reason}")
+        moved = _move(
+            db, lock, model_name, CHAMPION, version, actor=actor, reason=f"rollback: {reason}"
+        )
     return {
         "model_name": model_name,
         "model_version": version,

@@ -1,6 +1,6 @@
 """Registry faults with real processes: MLflow killed during a training retry's lookup, a promote
-SIGKILLed between the MLflow alias move and its history row, racing promotes and rollbacks, and
-two datasets that must keep their own champions."""
+SIGKILLed between the MLflow alias move and its history row, a move whose lock connection ended,
+racing promotes and rollbacks, and two datasets that must keep their own champions."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import catalog, registry, train
+from pipeline.db import mysql_lock_name
 from pipeline.demo_data import render_digits
 from pipeline.errors import ServiceUnavailable
 from pipeline.train_plan import TrainParams
@@ -213,6 +214,44 @@ def test_promote_sigkilled_between_alias_move_and_history_row_is_repaired_by_the
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name) == {"champion": v1}
+
+
+def test_a_move_whose_alias_lock_connection_ended_moves_nothing(db, store, model_name, tmp_path):
+    """A rollback holds the model's alias lock; MySQL ends that connection (as a restart or a
+    failover does) and another process takes the lock and moves the champion. The first must
+    fail before it moves anything, not move the alias over the other's move."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
+    assert _gate(db, store, model_name, v1, tmp_path / "cache")["decision"] == "promoted"
+    lock = mysql_lock_name(db, registry.alias_lock_name(model_name))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--model-name", model_name, "promote"]
+        + ["--model-version", v2, "--rollback"],
+        env={
+            **os.environ,
+            "MYSQL_DATABASE": db.name,
+            "S3_BUCKET": store.bucket,
+            registry.PAUSE_BEFORE_ALIAS_MOVE_ENV: "15",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while (holder := db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]) is None:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the rollback never took the alias lock"
+        time.sleep(0.05)
+    db.execute(f"KILL CONNECTION {int(holder)}")
+    moved = registry.rollback(db, model_name, v3, actor="pytest", reason="meanwhile")
+    assert moved["moved"]
+
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output[-3000:]
+    assert "error: the MySQL connection holding the lock" in output, output[-3000:]
+    assert _mlflow_aliases(model_name) == _sql_aliases(db, model_name) == {"champion": v3}
+    assert [h[2] for h in _history(db, model_name)] == [int(v1), int(v3)]
 
 
 def test_ten_concurrent_promote_and_rollback_pairs_leave_sql_aliases_equal_to_mlflow(

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline import catalog
 from pipeline.data import MissingObjectError, fetch_object
-from pipeline.db import LockTimeout, named_lock
+from pipeline.db import LockLost, LockTimeout, mysql_lock_name, named_lock
 
 P = "ds"
 
@@ -315,6 +315,29 @@ def test_scan_lock_timeout_names_the_scope(db, store):
         with pytest.raises(LockTimeout, match=f"scan of s3://{store.bucket}/{P}"):
             catalog.scan(db, store, P, lock_timeout_s=1)
     assert catalog.scan(db, store, P)["new"] == 1
+
+
+def test_a_scan_whose_lock_connection_ended_writes_nothing_and_the_next_scan_does(db, store):
+    """MySQL ends the connection holding the scan's lock (a restart, a KILL) after the LIST:
+    another scan may hold the lock now, so this one fails before it writes its result."""
+    put_tree(store, base_tree())
+    lock = mysql_lock_name(db, catalog.scan_lock(store.bucket, P))
+
+    def end_lock_connection() -> None:
+        holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
+        db.execute(f"KILL CONNECTION {int(holder)}")
+
+    after_listing(store, end_lock_connection)
+    with pytest.raises(LockLost, match="was lost"):
+        catalog.scan(db, store, P)
+    assert db.query("SELECT COUNT(*) AS n FROM scans")[0]["n"] == 0
+    assert db.query("SELECT COUNT(*) AS n FROM dataset_versions")[0]["n"] == 0
+    del store.iter_objects  # the store's own method again
+    again = catalog.scan(db, store, P)  # its validated chunks were committed: kept, not redone
+    assert again["listed"] == len(base_tree()) and again["gets"] == 0
+    assert db.query("SELECT dataset_version FROM scans") == [
+        {"dataset_version": again["dataset_version"]}
+    ]
 
 
 def test_mark_rejected_survives_rescan_until_the_object_changes(db, store):
