@@ -327,14 +327,57 @@ def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
     retried training never takes an outage for "not registered yet" and registers twice. A
     version tagged with `run_key` by anyone but the pipeline's training is ignored.
     """
+    oldest = next(_run_key_versions(model_name, run_key), None)
+    return str(oldest.version) if oldest else None
+
+
+def _run_key_versions(model_name: str, run_key: str) -> Iterator[Any]:
+    """The versions tagged `run_key` that this pipeline's training registered, oldest first."""
     found = _ask(
         f"search versions of {model_name!r} with run_key {run_key!r}",
         lambda: mlflow_client().search_model_versions(
             search_filter({"name": model_name, "tags.run_key": run_key})
         ),
     )
-    oldest = next(own_versions(model_name, sorted(found, key=lambda v: int(v.version))), None)
-    return str(oldest.version) if oldest else None
+    return own_versions(model_name, sorted(found, key=lambda v: int(v.version)))
+
+
+def settle_registration(model_name: str, run_key: str, registered: str) -> str:
+    """The one version of the training run `run_key`, once `registered` was just created.
+
+    MLflow's client retries a POST whose reply was lost (urllib3 `Retry(allowed_methods=None)`):
+    the server created the version the first time, so one registration can create two. The
+    oldest is kept and returned; later copies of the same MLflow run are deleted before anyone
+    can see them as candidates (a version of another run is left alone, with a warning).
+    """
+    versions = list(_run_key_versions(model_name, run_key))
+    if not versions:  # not searchable (yet): what the create answered
+        return str(registered)
+    kept, *later = versions
+    for mv in later:
+        if mv.run_id != kept.run_id:
+            log.warning(
+                "%s v%s carries run_key %r too, from MLflow run %s (not %s): left alone",
+                model_name,
+                mv.version,
+                run_key,
+                mv.run_id,
+                kept.run_id,
+            )
+            continue
+        log.warning(
+            "%s v%s is a second registration of run %s (a create retried after its reply was"
+            " lost): deleting it, v%s stays",
+            model_name,
+            mv.version,
+            run_key,
+            kept.version,
+        )
+        _ask(
+            f"delete the duplicate {model_name} v{mv.version}",
+            lambda v=mv.version: mlflow_client().delete_model_version(model_name, v),
+        )
+    return str(kept.version)
 
 
 def newest_ungated_version(

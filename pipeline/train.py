@@ -993,8 +993,9 @@ def log_and_register(
         **(extra_tags or {}),
     }
     mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    log.info("registered %s v%s (run %s)", model_name, mv.version, run_key)
-    return str(mv.version)
+    version = registry.settle_registration(model_name, run_key, mv.version)
+    log.info("registered %s v%s (run %s)", model_name, version, run_key)
+    return version
 
 
 def _reject_undecodable(db, groups) -> int:

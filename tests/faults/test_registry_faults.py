@@ -1,6 +1,7 @@
-"""Registry faults with real processes: MLflow killed during a training retry's lookup, a promote
-SIGKILLed between the MLflow alias move and its history row, a move whose lock connection ended,
-racing promotes and rollbacks, and two datasets that must keep their own champions."""
+"""Registry faults with real processes: MLflow killed during a training retry's lookup, a
+registration whose reply was lost, a promote SIGKILLed between the MLflow alias move and its
+history row, a move whose lock connection ended, racing promotes and rollbacks, and two datasets
+that must keep their own champions."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipeline.demo_data import render_digits
 from pipeline.errors import ServiceUnavailable
 from pipeline.train_plan import TrainParams
 from pipeline.upload import upload_tree
+from tests.faults.reply_dropping_proxy import reply_dropping_proxy
 
 TINY = TrainParams(epochs=1, batch_size=16, image_size=32, num_workers=0, augment=False)
 SIZE = 32
@@ -158,6 +160,34 @@ def test_mlflow_killed_before_a_training_retry_fails_naming_mlflow_and_registers
     assert [(v.version, v.tags["run_key"]) for v in versions] == [(first["model_version"], run_key)]
     rows = db.query("SELECT model_version FROM model_versions WHERE model_name = %s", (name,))
     assert [str(r["model_version"]) for r in rows] == [first["model_version"]]
+
+
+def test_a_registration_whose_reply_was_lost_leaves_one_version(
+    settings, db, store, model_name, tmp_path, monkeypatch
+):
+    """The server creates the version but its reply never arrives (the connection closes):
+    MLflow's client retries the POST, which creates a second version of the same training run.
+    Registration must end with one version for the run key, the one it returns."""
+    import mlflow
+
+    dataset = _dataset(db, store, tmp_path, "ds")
+    upstream = settings.mlflow_tracking_uri.removeprefix("http://").rstrip("/")
+    create = b"POST /api/2.0/mlflow/model-versions/create "
+    with reply_dropping_proxy(upstream, create) as proxy:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.uri)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        mlflow.set_tracking_uri(proxy.uri)
+        try:
+            version = _register(db, model_name, dataset, "run-lost-reply")
+        finally:
+            mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        assert proxy.dropped == 1  # the fault happened: one create answered to nobody
+
+    versions = MlflowClient(settings.mlflow_tracking_uri).search_model_versions(
+        f"name='{model_name}'"
+    )
+    assert [(v.version, v.tags["run_key"]) for v in versions] == [(version, "run-lost-reply")]
+    assert registry.find_version_by_run_key(model_name, "run-lost-reply") == version
 
 
 # ----------------------------------------------------------------------------- 6
