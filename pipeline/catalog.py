@@ -162,10 +162,13 @@ _LOADED_COLUMNS = (
 # What a scan may change in a row whose object did not change; a row whose state is unchanged
 # is never rewritten.
 _STATE_COLUMNS = ("split", "subset", "label", "status", "reject_reason", "deleted_at")
+# A state update applies only to a row still as the scan read it: a rejection written meanwhile
+# (`mark_rejected` by training or scoring) is not overwritten with a verdict made before it.
 _UPDATE_STATE = (
     f"UPDATE images SET {', '.join(f'{c} = %s' for c in _STATE_COLUMNS)}, last_seen_at = %s"
-    " WHERE id = %s"
+    " WHERE id = %s AND status = %s AND reject_reason <=> %s"
 )
+_STATUS, _REASON = _STATE_COLUMNS.index("status"), _STATE_COLUMNS.index("reject_reason")
 
 
 @dataclass(frozen=True)
@@ -666,10 +669,11 @@ _row_state = operator.itemgetter(*_STATE_COLUMNS)
 
 @dataclass
 class RowWrites:
-    """Catalog rows to write: whole rows of objects validated now, state updates of the others."""
+    """Catalog rows to write: whole rows of objects validated now, state updates of the others
+    (each with the state the scan read, which the update requires)."""
 
     upserts: list[dict[str, Any]] = field(default_factory=list)
-    updates: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[tuple[dict[str, Any], tuple]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.updates)
@@ -692,7 +696,10 @@ def rows_to_write(
         row = rows[key]
         if stored.get(key) != _row_state(row):
             row["last_seen_at"] = now
-            (out.upserts if key in inspected else out.updates).append(row)
+            if key in inspected:
+                out.upserts.append(row)
+            else:
+                out.updates.append((row, stored[key]))
     return out
 
 
@@ -702,10 +709,19 @@ def write_rows(cur: Any, writes: RowWrites) -> None:
         rows = map(_row_values, writes.upserts[i : i + _BATCH])
         insert_rows(cur, _UPSERT_HEAD, rows, _UPSERT_TAIL)
     if writes.updates:
-        cur.executemany(
+        updated = cur.executemany(
             _UPDATE_STATE,
-            [(*_row_state(r), r["last_seen_at"], r["id"]) for r in writes.updates],
+            [
+                (*_row_state(r), r["last_seen_at"], r["id"], read[_STATUS], read[_REASON])
+                for r, read in writes.updates
+            ],
         )
+        if updated < len(writes.updates):
+            log.warning(
+                "%d catalog rows changed since this scan read them (rejected meanwhile):"
+                " left as they are; the next scan takes them as they are now",
+                len(writes.updates) - updated,
+            )
 
 
 @dataclass(frozen=True)
@@ -1242,6 +1258,11 @@ def write_scan(
                 f"UPDATE images SET deleted_at = %s WHERE id IN ({', '.join(['%s'] * len(ids))})",
                 (now, *ids),
             )
+        if _live_rejected(cur, bucket, prefix) != summary["rejected"]:
+            # Rejected under this scan (`mark_rejected` while it ran): the next scan must read
+            # the catalog again, not take this listing and catalog mark as done.
+            log.warning("images of s3://%s/%s were rejected while this scan ran", bucket, prefix)
+            summary["listing_digest"] = None
         cur.execute(
             "SELECT dataset_version FROM scans WHERE bucket = %s AND prefix = %s"
             " ORDER BY id DESC LIMIT 1",
@@ -1268,6 +1289,15 @@ def write_scan(
         }
         _insert_scan(cur, summary | result, started)
     return result
+
+
+def _live_rejected(cur: Any, bucket: str, prefix: str) -> int:
+    cur.execute(
+        "SELECT COUNT(*) FROM images WHERE bucket = %s AND prefix = %s AND deleted_at IS NULL"
+        " AND status <> 'ok'",
+        (bucket, prefix),
+    )
+    return int(cur.fetchone()[0])
 
 
 def _insert_scan(cur: Any, summary: dict[str, Any], started: datetime) -> None:
@@ -1313,9 +1343,11 @@ def _insert_dataset_version(
             now,
         ),
     )
+    # Every live row, not only accepted ones: a member rejected since the scan read it
+    # (`mark_rejected`) stays a member of the version as built; readers skip rejected images.
     cur.execute(
         "SELECT id, object_key FROM images WHERE bucket = %s AND prefix = %s"
-        " AND deleted_at IS NULL AND status = 'ok' AND subset IN ('train','val','test')",
+        " AND deleted_at IS NULL",
         (bucket, prefix),
     )
     ids = {key: image_id for image_id, key in cur.fetchall()}

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -373,10 +373,9 @@ def score_shard(
     if by_kind.get("labelled", Counter())[shard]:
         check_labels(loaded.labels, list(dataset["label_map"]), what=f"{model_name} v{version}")
     module, device, precision = scoring_model(loaded, precision, db, store, cache_dir=cache_dir)
-    projector = drift_projector(loaded, precision, device, cache_dir=cache_dir)
     cache = ImageCache(cache_dir)
-    started = last_log = time.monotonic()
-    for scored in predict_stream(
+    started = time.monotonic()
+    stream = predict_stream(
         module,
         _iter_records(db, parts, shard=shard, **select),
         lambda record: cache.get(store, record),
@@ -388,28 +387,43 @@ def score_shard(
         workers=workers,
         top_k=TOP_K,
         clock=clock,
-        embed=projector,
-    ):
-        t0 = time.perf_counter()
-        write_scored(
-            db,
-            scored,
-            stats,
-            model_name=model_name,
-            model_version=int(version),
-            dataset_version=dataset_version,
-            mlflow_run_id=loaded.run_id,
-            run_key=run_key,
-        )
-        clock.add("write", t0)
-        if time.monotonic() - last_log >= _PROGRESS_EVERY_S:
-            last_log = time.monotonic()
-            _log_progress(shard, shards, stats.done, total, last_log - started)
+        embed=drift_projector(loaded, precision, device, cache_dir=cache_dir),
+    )
+    columns = {
+        "model_name": model_name,
+        "model_version": int(version),
+        "dataset_version": dataset_version,
+        "mlflow_run_id": loaded.run_id,
+        "run_key": run_key,
+    }
+    _write_stream(db, stream, stats, clock, columns, progress=(shard, shards, total))
     summary = _shard_summary(
         where, dataset_version, precision, stats, clock, time.monotonic() - started
     )
     _log_summary(summary)
     return summary
+
+
+def _write_stream(
+    db: Database,
+    stream: Iterable[Any],
+    stats: ShardStats,
+    clock: Any,
+    columns: dict[str, Any],
+    *,
+    progress: tuple[int, int, int],
+) -> None:
+    """Write each scored batch of `stream` as it comes (`write_scored` with `columns`), timing
+    the writes on `clock` and logging progress (shard, shards, total) every few seconds."""
+    shard, shards, total = progress
+    started = last_log = time.monotonic()
+    for scored in stream:
+        t0 = time.perf_counter()
+        write_scored(db, scored, stats, **columns)
+        clock.add("write", t0)
+        if time.monotonic() - last_log >= _PROGRESS_EVERY_S:
+            last_log = time.monotonic()
+            _log_progress(shard, shards, stats.done, total, last_log - started)
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

@@ -97,12 +97,7 @@ def train_model(
     data = load_data(
         db, store, dataset_version, params, cache_dir=cache_dir, on_gpu=device.type == "cuda"
     )
-    if params.patience and len(data["val_records"]) < SMALL_VAL:
-        log.warning(
-            "early stopping on %d val images: their accuracy is mostly noise and may stop at a"
-            " chance-level epoch (bench/results/train.md); consider patience 0",
-            len(data["val_records"]),
-        )
+    _warn_of_noisy_stopping(params, len(data["val_records"]))
     training = build_training(params, device, data, store=store)
     ckpt_name = checkpoint_name(model_name, run_key)
     identity = checkpoint_identity(dataset_version, params)
@@ -145,6 +140,15 @@ def train_model(
         )
     checkpoint_store.delete(ckpt_name)
     return result
+
+
+def _warn_of_noisy_stopping(params: TrainParams, n_val: int) -> None:
+    if params.patience and n_val < SMALL_VAL:
+        log.warning(
+            "early stopping on %d val images: their accuracy is mostly noise and may stop at a"
+            " chance-level epoch (bench/results/train.md); consider patience 0",
+            n_val,
+        )
 
 
 def skip_or_reuse(

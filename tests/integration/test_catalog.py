@@ -340,6 +340,43 @@ def test_a_scan_whose_lock_connection_ended_writes_nothing_and_the_next_scan_doe
     ]
 
 
+def test_a_rejection_made_while_a_scan_runs_is_not_overwritten_by_it(db, store):
+    """Training and scoring reject images they cannot decode while a scan of their prefix is
+    validating a new upload; the scan changes one image's subset (new val_percent) from the
+    state it read before the rejection: the rejection must stand, and the next scan must read
+    the catalog again (not take the listing as done) and leave both images out."""
+    put_tree(store, base_tree())
+    first = catalog.scan(db, store, P, val_percent=0)
+    victim = catalog.dataset_images(db, first["dataset_version"], ["train"])[0]
+    untouched = catalog.dataset_images(db, first["dataset_version"], ["test"])[0]
+    store.put_bytes(f"{P}/train/Gold Fish/new.png", png(99))
+    get_bytes = store.get_bytes
+
+    def rejected_meanwhile(key: str, **options) -> bytes:
+        if key.endswith("/new.png"):
+            rejections = [(r, "decode_failed: truncated JPEG") for r in (victim, untouched)]
+            assert catalog.mark_rejected(db, rejections) == 2
+        return get_bytes(key, **options)
+
+    store.get_bytes = rejected_meanwhile
+    second = catalog.scan(db, store, P, val_percent=100)
+    del store.get_bytes
+    row = image_rows(db, object_key=victim.object_key)[0]
+    assert (row["status"], row["reject_reason"], row["reject_detail"]) == (
+        "rejected",
+        "decode_failed",
+        "truncated JPEG",
+    )
+    # The other train images did move to val, and the next scan sees the rejection.
+    moved = image_rows(db, split="train", status="ok")
+    assert moved and {r["subset"] for r in moved} == {"val"}
+    third = catalog.scan(db, store, P)
+    assert third["reasons"] == {"decode_failed": 2}
+    assert third["dataset_version"] != second["dataset_version"]
+    members = catalog.dataset_images(db, third["dataset_version"], ["train", "val", "test"])
+    assert {victim.object_key, untouched.object_key}.isdisjoint(m.object_key for m in members)
+
+
 def test_mark_rejected_survives_rescan_until_the_object_changes(db, store):
     put_tree(store, base_tree())
     first = catalog.scan(db, store, P)

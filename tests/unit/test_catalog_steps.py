@@ -147,9 +147,9 @@ def test_rows_to_write_skips_unchanged_rows_and_stamps_the_others():
     rows[f"{P}/train/a/3.png"]["subset"] = "val"
     rows[f"{P}/train/a/1.png"]["width"] = 99  # not state: only a validation writes it
     writes = catalog.rows_to_write(rows, stored, list(rows), {f"{P}/train/a/3.png"}, later)
-    assert [r["object_key"] for r in writes.updates] == [f"{P}/train/a/2.png"]
+    assert [r["object_key"] for r, _ in writes.updates] == [f"{P}/train/a/2.png"]
     assert [r["object_key"] for r in writes.upserts] == [f"{P}/train/a/3.png"]
-    assert writes.updates[0]["last_seen_at"] == later
+    assert writes.updates[0][0]["last_seen_at"] == later
     assert rows[f"{P}/train/a/1.png"]["last_seen_at"] == NOW
 
 
