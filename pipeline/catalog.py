@@ -43,6 +43,7 @@ from pipeline.db import Database, insert_rows, named_lock, utc_now
 from pipeline.errors import (
     S3_CHANGED_CODES,
     S3_MISSING_CODES,
+    S3_UNREADABLE_CODES,
     Refusal,
     is_out_of_memory,
     is_transient,
@@ -94,7 +95,10 @@ REJECT_LEAKAGE = "leakage"
 # catalogued ETag validates it again instead of keeping the rejection.
 REJECT_MISSING_OBJECT = "missing_object"
 REJECT_CHANGED_OBJECT = "changed_object"
-_OBJECT_STATE_REJECTIONS = (REJECT_MISSING_OBJECT, REJECT_CHANGED_OBJECT)
+# Found by the scan: S3 refused the GET (AccessDenied on some keys, an archived object). Also
+# about where the object is, not what it is: every later scan tries it again.
+REJECT_UNREADABLE = "unreadable"
+_OBJECT_STATE_REJECTIONS = (REJECT_MISSING_OBJECT, REJECT_CHANGED_OBJECT, REJECT_UNREADABLE)
 CROSS_REASONS = (REJECT_LABEL_CONFLICT, REJECT_LEAKAGE)
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -616,6 +620,24 @@ def check_deletions(
         )
 
 
+def check_unreadable(
+    rows: dict[str, dict[str, Any]], inspected: set[str], *, max_fraction: float, where: str
+) -> None:
+    """Refuse a scan in which S3 refused to read more than `max_fraction` of the live catalog:
+    that is credentials or a policy missing read access, not objects to quarantine. Fewer are
+    rejected `unreadable`, written with the scan's result (never chunk by chunk), and tried
+    again by every later scan."""
+    denied = sorted(k for k in inspected if rows[k]["reject_reason"] == REJECT_UNREADABLE)
+    live = sum(1 for r in rows.values() if r["deleted_at"] is None)
+    if denied and len(denied) > max_fraction * live:
+        raise Refusal(
+            f"S3 refused to read {len(denied)} of the {live} objects under {where}"
+            f" ({rows[denied[0]]['reject_detail'].split(':')[0]}, e.g. {denied[0]!r});"
+            " nothing was quarantined. Check that the pipeline's S3 credentials may read"
+            " (s3:GetObject) every object under the prefix"
+        )
+
+
 def apply_object(
     rows: dict[str, dict[str, Any]],
     parsed: ParsedKey,
@@ -780,7 +802,8 @@ def _fetch_and_inspect(
     """Inspect one object; returns (inspection or None if it vanished, GETs issued).
 
     Objects read whole are decoded too (`inspect_image`), so the scan's verdict is final. A
-    transient S3 error raises `ServiceUnavailable`: it never becomes a rejection.
+    transient S3 error raises `ServiceUnavailable`: it never becomes a rejection. An object S3
+    refuses to let these credentials read is `unreadable` (see `check_unreadable`).
     """
     if obj.size == 0:
         return inspect_image(b"", size=0, complete=True), 0
@@ -816,6 +839,9 @@ def _fetch_and_inspect(
             what = "vanished" if code in S3_MISSING_CODES else "changed"
             log.warning("object %s %s during the scan; the next scan catches up", obj.key, what)
             return None, gets
+        if code in S3_UNREADABLE_CODES:
+            detail = f"{code}: S3 refused to let the pipeline's credentials read it"
+            return Inspection("rejected", REJECT_UNREADABLE, reject_detail=detail), gets
         if is_transient(exc):
             raise s3_unavailable(exc, store.endpoint) from exc
         raise
@@ -925,7 +951,8 @@ def inspect_objects(
                 now=now,
             )
             inspected.add(key)
-            done.append(key)
+            if inspection.reject_reason != REJECT_UNREADABLE:  # held for `check_unreadable`
+                done.append(key)
         for key in done:
             rows[key]["last_seen_at"] = now
         with db.transaction() as cur:
@@ -1046,6 +1073,7 @@ def scan(
             )
         finally:  # a failed scan leaves no GETs queued behind it
             pool.shutdown(wait=True, cancel_futures=True)
+        check_unreadable(rows, inspected, max_fraction=max_delete_fraction, where=where)
         lock.ensure_held()  # a scan that started after this one's lock was lost may be writing
         summary = record_changes(
             db, bucket, prefix, listing, diff, rows, stored, inspected, gets, config, started, t0
@@ -1080,9 +1108,11 @@ def record_changes(
     )
     version = build_dataset_version(bucket, rows.values(), config)
     summary = _summary(bucket, prefix, listing, diff, rows, version, config, cross, gets)
-    if set(diff.to_fetch) - inspected:
+    unreadable = any(rows[k]["reject_reason"] == REJECT_UNREADABLE for k in inspected)
+    if set(diff.to_fetch) - inspected or unreadable:
         # Objects that vanished or changed between LIST and GET are not in the catalog as
-        # listed: the next scan must not take this listing as done, even if it sees it again.
+        # listed, unreadable ones are to be tried again: the next scan must not take this
+        # listing as done, even if it sees it again.
         summary["listing_digest"] = None
     summary["seconds"] = round(time.monotonic() - t0, 3)
     summary.update(

@@ -2,6 +2,8 @@
 
 - Permanent: the bytes were read and are not a decodable image; the object is gone or its ETag
   changed since the scan (`data.MissingObjectError`); the input is invalid (`Refusal`).
+- Access: S3 refused to let these credentials read an object (`S3_UNREADABLE_CODES`): the scan
+  quarantines it as `unreadable` (tried again by every scan) unless it refused most of them.
 - Transient: connection refused/reset, timeouts, 5xx and throttling, a killed database
   connection, a full local disk. Clients retry them with their own settings (botocore's
   `standard` retry mode and urllib3's `Retry` under the MinIO SDK, both bounded); what is left
@@ -33,6 +35,9 @@ class ServiceUnavailable(RuntimeError):
 # S3 error codes meaning "this object, as catalogued, is not there any more" (permanent).
 S3_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 S3_CHANGED_CODES = frozenset({"PreconditionFailed", "412"})
+# S3 error codes meaning "this object is there but these credentials may not read it" (an ACL or
+# bucket policy on some keys, an archived storage class): about the object's access, not its bytes.
+S3_UNREADABLE_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidObjectState", "403"})
 # S3 error codes a later retry may cure.
 S3_TRANSIENT_CODES = frozenset(
     {

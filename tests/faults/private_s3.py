@@ -71,9 +71,13 @@ def find_weed() -> str:
 
 class PrivateS3:
     """`weed server` with S3 on a free port; `kill()` is a SIGKILL, `start()` brings it back
-    on the same ports and data directory (objects survive)."""
+    on the same ports and data directory (objects survive). The shared stack's credentials are
+    its admin; `more_identities` (SeaweedFS's s3.config entries) add others, e.g. one whose
+    actions let it read only some folders."""
 
-    def __init__(self, root: Path, shared: S3Settings) -> None:
+    def __init__(
+        self, root: Path, shared: S3Settings, more_identities: list[dict] | None = None
+    ) -> None:
         self.root = root
         taken: set[int] = set()
         self.ports = {name: free_port(taken) for name in ("s3", "master", "volume", "filer")}
@@ -94,7 +98,8 @@ class PrivateS3:
                                 }
                             ],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
+                        },
+                        *(more_identities or []),
                     ]
                 }
             )

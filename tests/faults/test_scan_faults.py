@@ -1,6 +1,7 @@
 """Scan faults with real processes: S3 killed mid-scan, the scan SIGKILLed during its GETs and
-inside its final transaction, overlapping scans, an empty listing. Each ends with the catalog an
-uninterrupted scan produces, nothing wrongly rejected and no duplicate row."""
+inside its final transaction, overlapping scans, an empty listing, objects S3 refuses to read.
+Each ends with the catalog an uninterrupted scan produces, nothing wrongly rejected and no
+duplicate row."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -297,3 +299,65 @@ def test_reject_reasons_are_codes_with_a_detail_and_the_summary_groups_by_code(d
     assert "max_object_bytes" in rows["big.jpg"]["reject_detail"]
     assert rows["notes.png"]["reject_detail"] is None
     assert all(len(r["reject_reason"] or "") <= 32 for r in rows.values())
+
+
+def test_objects_s3_refuses_to_read_are_quarantined_and_a_refused_prefix_fails_the_scan(
+    settings, db, reference_db, tmp_path
+):
+    """A private SeaweedFS with a second identity (the pipeline's) that may list the bucket but
+    read only some folders: S3 answers AccessDenied for the rest, as a bucket policy or ACL on
+    some keys does."""
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    readable = [f"{P}/train/a", f"{P}/train/b", f"{P}/test"]
+    reader = {"accessKey": "pipeline-reader", "secretKey": "pipeline-reader-secret"}
+    identity = {"name": "reader", "credentials": [reader]}
+    s3 = PrivateS3(
+        tmp_path / "s3",
+        settings.s3,
+        [
+            identity | {"actions": [f"List:{bucket}", *(f"Read:{bucket}/{p}/*" for p in readable)]},
+            {
+                "name": "lister",
+                "credentials": [{"accessKey": "lister", "secretKey": "lister-secret"}],
+                "actions": [f"List:{bucket}"],
+            },
+        ],
+    )
+    s3.start(bucket)
+    try:
+        admin = ObjectStore(s3.settings, bucket)
+        put_images(admin, 30)  # labels a, b, c; c is not readable by the pipeline's identity
+        as_reader = replace(
+            s3.settings, access_key_id=reader["accessKey"], secret_access_key=reader["secretKey"]
+        )
+        store = ObjectStore(as_reader, bucket)
+
+        first = catalog.scan(db, store, P)
+        denied = db.query(
+            "SELECT object_key, status, reject_reason, reject_detail FROM images"
+            " WHERE object_key LIKE %s",
+            (f"{P}/train/c/%",),
+        )
+        assert len(denied) == 8 and first["reasons"] == {catalog.REJECT_UNREADABLE: 8}
+        assert {(r["status"], r["reject_reason"]) for r in denied} == {
+            ("rejected", catalog.REJECT_UNREADABLE)
+        }
+        assert all(r["reject_detail"].startswith("AccessDenied: ") for r in denied)
+        assert sorted(catalog.get_dataset(db, first["dataset_version"])["label_map"]) == ["a", "b"]
+
+        # Every later scan tries them again (same listing): here with the admin's credentials,
+        # as after the policy was fixed. They are accepted; nothing else is read again.
+        gets = count_gets(admin)
+        fixed = catalog.scan(db, admin, P)
+        assert sorted(gets) == sorted(r["object_key"] for r in denied)
+        assert fixed["reasons"] == {} and fixed["ok"] == 30
+
+        # Credentials that may read nothing: a refusal, not 30 quarantined images.
+        lister = replace(s3.settings, access_key_id="lister", secret_access_key="lister-secret")
+        refused = r"S3 refused to read 30 of the 30 objects .*AccessDenied"
+        with pytest.raises(Refusal, match=refused):
+            catalog.scan(reference_db, ObjectStore(lister, bucket), P)
+        assert count(reference_db, "SELECT COUNT(*) FROM images WHERE status = 'rejected'") == 0
+        assert count(reference_db, "SELECT COUNT(*) FROM scans") == 0
+    finally:
+        s3.kill()
