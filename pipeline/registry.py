@@ -725,9 +725,17 @@ def promote(
         tags = dict(mv.tags)
         _record_version(db, model_name, version, tags, mv.run_id)
         row = _version_row(db, model_name, version)
+        rolled_back = _rolled_back_from(db, model_name, version)
         # A refusal is no verdict on the model: a rerun (allowing the change, or after the
         # champion moved) decides afresh; so does a promotion over a champion that is gone.
-        if row["decision"] in (None, "refused") or _promoted_over_another(model_name, version, row):
+        # A version a person rolled back is not promoted again unless a person names it.
+        if rolled_back is not None and not explicit:
+            row = _keep_rolled_back(db, model_name, version, rolled_back)
+        elif (
+            row["decision"] in (None, "refused")
+            or rolled_back is not None
+            or _promoted_over_another(model_name, version, row)
+        ):
             row = _decide(
                 db,
                 store,
@@ -755,6 +763,44 @@ def promote(
     if result["decision"] == "refused":
         raise LabelSetMismatch(f"gate refused {model_name} v{version}: {row['decision_reason']}")
     return result
+
+
+ROLLBACK_REASON = "rollback: "
+
+
+def _rolled_back_from(db: Database, model_name: str, version: str) -> dict[str, Any] | None:
+    """The `alias_history` row of a rollback that moved `champion` off `version`, if that is
+    the last champion move to or from it (a version made champion again is no longer "rolled
+    back"); else None."""
+    rows = db.query(
+        "SELECT from_version, actor, reason, moved_at FROM alias_history"
+        " WHERE model_name = %s AND alias = %s AND (from_version = %s OR to_version = %s)"
+        " ORDER BY id DESC LIMIT 1",
+        (model_name, CHAMPION, int(version), int(version)),
+    )
+    if rows and rows[0]["from_version"] == int(version):
+        if rows[0]["reason"].startswith(ROLLBACK_REASON):
+            return rows[0]
+    return None
+
+
+def _keep_rolled_back(
+    db: Database, model_name: str, version: str, rollback_row: dict[str, Any]
+) -> dict[str, Any]:
+    """Record why the gate keeps a rolled-back version out (decision `challenger`)."""
+    reason = (
+        f"rolled back from champion by {rollback_row['actor']} at"
+        f" {rollback_row['moved_at']:%Y-%m-%d %H:%M:%S} UTC"
+        f" ({rollback_row['reason'].removeprefix(ROLLBACK_REASON)}): the gate does not promote it"
+        f" again; `promote --model-version {version}` does"
+    )
+    log.warning("%s v%s: %s", model_name, version, reason)
+    db.execute(
+        "UPDATE model_versions SET decision = %s, decision_reason = %s, decided_at = %s"
+        " WHERE model_name = %s AND model_version = %s",
+        ("challenger", reason[:512], utc_now(), model_name, int(version)),
+    )
+    return _version_row(db, model_name, version)
 
 
 def _promoted_over_another(model_name: str, version: str, row: dict[str, Any]) -> bool:
@@ -1042,7 +1088,15 @@ def review(
         else:
             row = _write_review(db, model_name, version, row, outcome, reviewer, comment)
         result = _gate_result(model_name, version, row)
-        if outcome == APPROVED:
+        undone = _rolled_back_from(db, model_name, version)
+        if outcome == APPROVED and undone is not None:
+            log.warning(
+                "the approval of v%s is not applied again: %s rolled it back since (%s)",
+                version,
+                undone["actor"],
+                undone["reason"],
+            )
+        elif outcome == APPROVED:
             _move(
                 db,
                 lock,
@@ -1148,7 +1202,7 @@ def rollback(db: Database, model_name: str, model_version: str, *, actor: str, r
         _record_version(db, model_name, version, dict(mv.tags), mv.run_id)
         _reconcile(db, model_name, CHALLENGER, actor=actor)
         moved = _move(
-            db, lock, model_name, CHAMPION, version, actor=actor, reason=f"rollback: {reason}"
+            db, lock, model_name, CHAMPION, version, actor=actor, reason=ROLLBACK_REASON + reason
         )
     return {
         "model_name": model_name,

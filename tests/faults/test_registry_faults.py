@@ -294,7 +294,8 @@ def test_ten_concurrent_promote_and_rollback_pairs_leave_sql_aliases_equal_to_ml
     assert _gate(db, store, model_name, v2, cache)["decision"] == "promoted"
 
     def promote_v2(_: int) -> str:
-        return _gate(db, store, model_name, v2, cache)["decision"]  # a retried gate: replays
+        # A person promoting v2 by name (a gate's replay would keep a rolled-back v2 out).
+        return _gate(db, store, model_name, v2, cache, explicit=True)["decision"]
 
     def rollback_v1(_: int) -> str:
         return registry.rollback(db, model_name, v1, actor="pytest", reason="race")["decision"]
@@ -309,6 +310,40 @@ def test_ten_concurrent_promote_and_rollback_pairs_leave_sql_aliases_equal_to_ml
     history = [h for h in _history(db, model_name) if h[0] == "champion"]
     assert all(a[2] == b[1] for a, b in zip(history, history[1:], strict=False)), history
     assert not any(h[3].startswith("reconcile:") for h in history), history
+
+
+def test_a_rolled_back_version_is_not_promoted_again_by_a_replayed_gate_or_approval(
+    db, store, model_name, tmp_path
+):
+    """A person rolls the champion back from v2 to v1. The run that promoted v2 is cleared and
+    its gate runs again (or an approval of v3 is replayed after v3 was rolled back): the
+    rollback stands. A person naming v2 (`promote --model-version 2`) still promotes it."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
+    cache = tmp_path / "cache"
+    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
+    assert _gate(db, store, model_name, v2, cache)["decision"] == "promoted"
+    registry.rollback(db, model_name, v1, actor="cli:alice", reason="v2 mislabels cats")
+
+    again = _gate(db, store, model_name, v2, cache)
+    assert again["decision"] == "challenger"
+    assert "rolled back from champion by cli:alice" in again["reason"]
+    assert "v2 mislabels cats" in again["reason"]
+    assert _mlflow_aliases(model_name) == {"champion": v1, "challenger": v2}
+    assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
+
+    named = _gate(db, store, model_name, v2, cache, explicit=True)
+    assert named["decision"] == "promoted" and registry.alias_version(model_name, "champion") == v2
+
+    # An approved v3, rolled back, then its approval replayed (a cleared approve task).
+    held = _gate(db, store, model_name, v3, cache, require_approval=True)
+    assert held["decision"] == registry.AWAITING_APPROVAL
+    registry.review(db, model_name, v3, registry.APPROVED, reviewer="bob", actor="pytest")
+    assert registry.alias_version(model_name, "champion") == v3
+    registry.rollback(db, model_name, v2, actor="cli:alice", reason="v3 too slow")
+    registry.review(db, model_name, v3, registry.APPROVED, reviewer="bob", actor="pytest")
+    assert registry.alias_version(model_name, "champion") == v2
+    assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
 
 
 # ----------------------------------------------------------------------------- 11

@@ -180,7 +180,7 @@ def test_a_replayed_promotion_over_a_champion_since_replaced_is_decided_again(
     promoted = _gate(db, store, mlflow_names, second, tmp_cache, promotion_margin=1.0)
     assert (promoted["decision"], promoted["champion_version"]) == ("promoted", first)
     # As if v2's alias move had failed: the champion is v1, then another run promotes v3.
-    registry.rollback(db, name, first, actor="pytest", reason="v2's move failed")
+    registry.move_alias(db, name, "champion", first, actor="pytest", reason="v2's move failed")
     third = trainer("run-3", force_retrain=True)["model_version"]
     _gate(db, store, mlflow_names, third, tmp_cache, promotion_margin=1.0)
     assert registry.resolve_model_version(name) == third
