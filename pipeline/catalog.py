@@ -41,6 +41,7 @@ from typing import Any
 
 from pipeline.db import Database, insert_rows, named_lock, utc_now
 from pipeline.errors import (
+    S3_ACCESS_DENIED_CODES,
     S3_CHANGED_CODES,
     S3_MISSING_CODES,
     S3_UNREADABLE_CODES,
@@ -623,11 +624,17 @@ def check_deletions(
 def check_unreadable(
     rows: dict[str, dict[str, Any]], inspected: set[str], *, max_fraction: float, where: str
 ) -> None:
-    """Refuse a scan in which S3 refused to read more than `max_fraction` of the live catalog:
+    """Refuse a scan in which S3 denied access to more than `max_fraction` of the live catalog:
     that is credentials or a policy missing read access, not objects to quarantine. Fewer are
     rejected `unreadable`, written with the scan's result (never chunk by chunk), and tried
-    again by every later scan."""
-    denied = sorted(k for k in inspected if rows[k]["reject_reason"] == REJECT_UNREADABLE)
+    again by every later scan. Archived objects (`InvalidObjectState`) never count: a lifecycle
+    rule archiving most of a prefix would otherwise block its scans for good."""
+    denied = sorted(
+        k
+        for k in inspected
+        if rows[k]["reject_reason"] == REJECT_UNREADABLE
+        and (rows[k]["reject_detail"] or "").split(":")[0] in S3_ACCESS_DENIED_CODES
+    )
     live = sum(1 for r in rows.values() if r["deleted_at"] is None)
     if denied and len(denied) > max_fraction * live:
         raise Refusal(
@@ -725,8 +732,9 @@ def rows_to_write(
     return out
 
 
-def write_rows(cur: Any, writes: RowWrites) -> None:
-    """Execute `writes` (upserts on the natural key (bucket, key_hash), updates by id)."""
+def write_rows(cur: Any, writes: RowWrites) -> int:
+    """Execute `writes` (upserts on the natural key (bucket, key_hash), updates by id); returns
+    how many updates were left out because their row changed since the scan read it."""
     for i in range(0, len(writes.upserts), _BATCH):
         rows = map(_row_values, writes.upserts[i : i + _BATCH])
         insert_rows(cur, _UPSERT_HEAD, rows, _UPSERT_TAIL)
@@ -744,6 +752,8 @@ def write_rows(cur: Any, writes: RowWrites) -> None:
                 " left as they are; the next scan takes them as they are now",
                 len(writes.updates) - updated,
             )
+        return len(writes.updates) - updated
+    return 0
 
 
 @dataclass(frozen=True)
@@ -1281,14 +1291,14 @@ def write_scan(
     bucket, prefix = summary["bucket"], summary["prefix"]
     config_json = json.dumps(asdict(config), sort_keys=True)
     with db.transaction() as cur:
-        write_rows(cur, writes)
+        left_out = write_rows(cur, writes)
         for i in range(0, len(deleted_ids), _BATCH):
             ids = deleted_ids[i : i + _BATCH]
             cur.execute(
                 f"UPDATE images SET deleted_at = %s WHERE id IN ({', '.join(['%s'] * len(ids))})",
                 (now, *ids),
             )
-        if _live_rejected(cur, bucket, prefix) != summary["rejected"]:
+        if left_out or _live_rejected(cur, bucket, prefix) != summary["rejected"]:
             # Rejected under this scan (`mark_rejected` while it ran): the next scan must read
             # the catalog again, not take this listing and catalog mark as done.
             log.warning("images of s3://%s/%s were rejected while this scan ran", bucket, prefix)

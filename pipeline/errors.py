@@ -37,7 +37,8 @@ S3_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 S3_CHANGED_CODES = frozenset({"PreconditionFailed", "412"})
 # S3 error codes meaning "this object is there but these credentials may not read it" (an ACL or
 # bucket policy on some keys, an archived storage class): about the object's access, not its bytes.
-S3_UNREADABLE_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidObjectState", "403"})
+S3_ACCESS_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403"})
+S3_UNREADABLE_CODES = S3_ACCESS_DENIED_CODES | {"InvalidObjectState"}
 # S3 error codes a later retry may cure.
 S3_TRANSIENT_CODES = frozenset(
     {

@@ -376,6 +376,7 @@ def settle_registration(model_name: str, run_key: str, registered: str) -> str:
         _ask(
             f"delete the duplicate {model_name} v{mv.version}",
             lambda v=mv.version: mlflow_client().delete_model_version(model_name, v),
+            missing=None,  # a retried DELETE whose first reply was lost
         )
     return str(kept.version)
 
@@ -604,13 +605,16 @@ def _append_history(
     log.info("alias %s@%s: %s -> %s (%s)", model_name, alias, from_version, to_version, reason)
 
 
-def _reconcile(db: Database, model_name: str, alias: str, *, actor: str) -> str | None:
+def _reconcile(
+    db: Database, lock: HeldLock, model_name: str, alias: str, *, actor: str
+) -> str | None:
     """Make `alias_history` agree with MLflow for `alias` (caller holds the lock); returns
     MLflow's version. A move whose history row was lost (a process killed between the two
     writes) or made outside the pipeline gets its row now."""
     current = alias_version(model_name, alias)
     recorded = _recorded_alias(db, model_name, alias)
     if current is not None and current != recorded:
+        lock.ensure_held()  # a holder whose lock was lost must not interleave rows
         log.warning(
             "alias %s@%s is v%s in MLflow but v%s in alias_history: recording the missing move",
             model_name,
@@ -640,8 +644,8 @@ def _reconcile(db: Database, model_name: str, alias: str, *, actor: str) -> str 
 
 def reconcile_aliases(db: Database, model_name: str, *, actor: str) -> dict[str, str | None]:
     """Repair `alias_history` from MLflow for every alias; returns MLflow's {alias: version}."""
-    with alias_lock(db, model_name):
-        return {alias: _reconcile(db, model_name, alias, actor=actor) for alias in ALIASES}
+    with alias_lock(db, model_name) as lock:
+        return {alias: _reconcile(db, lock, model_name, alias, actor=actor) for alias in ALIASES}
 
 
 def _move(
@@ -658,7 +662,7 @@ def _move(
     a crash between the two is repaired by the next `_reconcile`. A lock whose connection
     ended (a MySQL restart during a long gate) raises `LockLost` before anything moves:
     another gate may be moving this alias now."""
-    current = _reconcile(db, model_name, alias, actor=actor)
+    current = _reconcile(db, lock, model_name, alias, actor=actor)
     if current == version:
         return False
     _test_pause(PAUSE_BEFORE_ALIAS_MOVE_ENV)
@@ -720,7 +724,7 @@ def promote(
 
     with alias_lock(db, model_name) as lock:
         for alias in ALIASES:
-            _reconcile(db, model_name, alias, actor=actor)
+            _reconcile(db, lock, model_name, alias, actor=actor)
         version, mv, problem = _version_to_gate(model_name, model_version, explicit=explicit)
         tags = dict(mv.tags)
         _record_version(db, model_name, version, tags, mv.run_id)
@@ -729,7 +733,8 @@ def promote(
         # A refusal is no verdict on the model: a rerun (allowing the change, or after the
         # champion moved) decides afresh; so does a promotion over a champion that is gone.
         # A version a person rolled back is not promoted again unless a person names it.
-        if rolled_back is not None and not explicit:
+        kept_out = rolled_back is not None and not explicit
+        if kept_out:
             row = _keep_rolled_back(db, model_name, version, rolled_back)
         elif (
             row["decision"] in (None, "refused")
@@ -755,7 +760,7 @@ def promote(
         else:
             log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
         result = _gate_result(model_name, version, row)
-        if result["decision"] != "refused":
+        if result["decision"] != "refused" and not kept_out:  # a kept-out one takes no alias
             alias = CHAMPION if result["decision"] == "promoted" else CHALLENGER
             _move(db, lock, model_name, alias, version, actor=actor, reason=row["decision_reason"])
         _tag_gate_result(result)
@@ -766,6 +771,7 @@ def promote(
 
 
 ROLLBACK_REASON = "rollback: "
+CHALLENGER_DECISION = "challenger"
 
 
 def _rolled_back_from(db: Database, model_name: str, version: str) -> dict[str, Any] | None:
@@ -995,8 +1001,11 @@ def _decide(
     if decision == AWAITING_APPROVAL:
         reason += AWAITING_SUFFIX
     db.execute(
+        # A new decision supersedes a person's answer to an earlier one (a version re-gated by
+        # name after a rollback is asked again, not answered by a replay of the old answer).
         "UPDATE model_versions SET gate_accuracy = %s, champion_version = %s,"
-        " champion_accuracy = %s, decision = %s, decision_reason = %s, decided_at = %s"
+        " champion_accuracy = %s, decision = %s, decision_reason = %s, decided_at = %s,"
+        " review = NULL, reviewer = NULL, review_comment = NULL, reviewed_at = NULL"
         " WHERE model_name = %s AND model_version = %s",
         (
             accuracy,
@@ -1071,7 +1080,7 @@ def review(
     version = str(int(model_version))
     with alias_lock(db, model_name) as lock:
         for alias in ALIASES:
-            _reconcile(db, model_name, alias, actor=actor)
+            _reconcile(db, lock, model_name, alias, actor=actor)
         row = _version_row(db, model_name, version)
         if row["review"] is not None:
             if row["review"] != outcome:
@@ -1089,12 +1098,16 @@ def review(
             row = _write_review(db, model_name, version, row, outcome, reviewer, comment)
         result = _gate_result(model_name, version, row)
         undone = _rolled_back_from(db, model_name, version)
-        if outcome == APPROVED and undone is not None:
+        if outcome == APPROVED and undone is not None and row["reviewed_at"] <= undone["moved_at"]:
             log.warning(
                 "the approval of v%s is not applied again: %s rolled it back since (%s)",
                 version,
                 undone["actor"],
                 undone["reason"],
+            )
+            result["decision"] = CHALLENGER_DECISION
+            result["reason"] = (
+                f"approved, then rolled back by {undone['actor']}: {undone['reason']}"
             )
         elif outcome == APPROVED:
             _move(
@@ -1200,7 +1213,7 @@ def rollback(db: Database, model_name: str, model_version: str, *, actor: str, r
             lambda: mlflow_client().get_model_version(model_name, version),
         )
         _record_version(db, model_name, version, dict(mv.tags), mv.run_id)
-        _reconcile(db, model_name, CHALLENGER, actor=actor)
+        _reconcile(db, lock, model_name, CHALLENGER, actor=actor)
         moved = _move(
             db, lock, model_name, CHAMPION, version, actor=actor, reason=ROLLBACK_REASON + reason
         )

@@ -171,6 +171,8 @@ def skip_or_reuse(
     existing = registry.find_version_by_run_key(model_name, run_key)
     if not existing:
         return None
+    # A crash between registering and settling may have left a duplicate behind.
+    existing = registry.settle_registration(model_name, run_key, existing)
     mv = registry.mlflow_client().get_model_version(model_name, existing)
     log.info("run %s already registered %s v%s: nothing to train", run_key, model_name, existing)
     registry.record_version(db, model_name, existing)  # a crash may have come between
@@ -959,7 +961,7 @@ def log_and_register(
     existing = registry.find_version_by_run_key(model_name, run_key)
     if existing:
         log.info("model %s v%s already registered for run %s", model_name, existing, run_key)
-        return existing
+        return registry.settle_registration(model_name, run_key, existing)
     example = np.random.default_rng(0).random((2, 3, image_size, image_size), dtype=np.float32)
     model = model.cpu().eval()
     with torch.inference_mode():

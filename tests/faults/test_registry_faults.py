@@ -329,7 +329,7 @@ def test_a_rolled_back_version_is_not_promoted_again_by_a_replayed_gate_or_appro
     assert again["decision"] == "challenger"
     assert "rolled back from champion by cli:alice" in again["reason"]
     assert "v2 mislabels cats" in again["reason"]
-    assert _mlflow_aliases(model_name) == {"champion": v1, "challenger": v2}
+    assert _mlflow_aliases(model_name) == {"champion": v1}  # kept out: takes no alias either
     assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
 
     named = _gate(db, store, model_name, v2, cache, explicit=True)
@@ -341,8 +341,15 @@ def test_a_rolled_back_version_is_not_promoted_again_by_a_replayed_gate_or_appro
     registry.review(db, model_name, v3, registry.APPROVED, reviewer="bob", actor="pytest")
     assert registry.alias_version(model_name, "champion") == v3
     registry.rollback(db, model_name, v2, actor="cli:alice", reason="v3 too slow")
-    registry.review(db, model_name, v3, registry.APPROVED, reviewer="bob", actor="pytest")
+    replayed = registry.review(db, model_name, v3, registry.APPROVED, reviewer="bob", actor="t")
+    assert replayed["decision"] == "challenger" and "rolled back by cli:alice" in replayed["reason"]
     assert registry.alias_version(model_name, "champion") == v2
+    assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
+    # Gated again by name, v3 is asked again, and a new approval moves the champion.
+    asked = _gate(db, store, model_name, v3, cache, require_approval=True, explicit=True)
+    assert asked["decision"] == registry.AWAITING_APPROVAL
+    registry.review(db, model_name, v3, registry.APPROVED, reviewer="carol", actor="pytest")
+    assert registry.alias_version(model_name, "champion") == v3
     assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
 
 

@@ -318,3 +318,26 @@ def test_unchanged_summary_keeps_the_version_and_recounts_the_listing():
     )
     assert summary["ignored_reasons"] == {catalog.IGNORED_NO_LABEL: 1}
     assert (summary["changed"], summary["new_version"]) == (False, False)
+
+
+def test_check_unreadable_refuses_mass_access_denials_but_not_archived_objects():
+    def unreadable(rel: str, code: str) -> dict:
+        return row(
+            rel,
+            status="rejected",
+            reject_reason=catalog.REJECT_UNREADABLE,
+            reject_detail=f"{code}: S3 refused to let the pipeline's credentials read it",
+        )
+
+    ok = row("train/a/0.png")
+    archived = [unreadable(f"train/a/{i}.png", "InvalidObjectState") for i in range(1, 4)]
+    rows = rows_of(ok, *archived)
+    catalog.check_unreadable(rows, set(rows), max_fraction=0.5, where="s3://b/ds")
+
+    denied = [unreadable(f"train/b/{i}.png", "AccessDenied") for i in range(3)]
+    rows = rows_of(ok, *denied)
+    with pytest.raises(Refusal, match=r"S3 refused to read 3 of the 4 objects .*AccessDenied"):
+        catalog.check_unreadable(rows, set(rows), max_fraction=0.5, where="s3://b/ds")
+    # Under the fraction they are quarantined: no refusal.
+    rows = rows_of(ok, row("train/a/1.png"), row("train/a/2.png"), denied[0])
+    catalog.check_unreadable(rows, set(rows), max_fraction=0.5, where="s3://b/ds")
