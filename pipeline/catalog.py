@@ -39,7 +39,7 @@ from functools import cached_property
 from itertools import islice
 from typing import Any
 
-from pipeline.db import Database, insert_rows, named_lock, utc_now
+from pipeline.db import Database, HeldLock, insert_rows, named_lock, utc_now
 from pipeline.errors import (
     S3_ACCESS_DENIED_CODES,
     S3_CHANGED_CODES,
@@ -1084,9 +1084,8 @@ def scan(
         finally:  # a failed scan leaves no GETs queued behind it
             pool.shutdown(wait=True, cancel_futures=True)
         check_unreadable(rows, inspected, max_fraction=max_delete_fraction, where=where)
-        lock.ensure_held()  # a scan that started after this one's lock was lost may be writing
         summary = record_changes(
-            db, bucket, prefix, listing, diff, rows, stored, inspected, gets, config, started, t0
+            lock, bucket, prefix, listing, diff, rows, stored, inspected, gets, config, started, t0
         )
     summary["seconds"] = round(time.monotonic() - t0, 3)
     _log_scan(where, summary)
@@ -1094,7 +1093,7 @@ def scan(
 
 
 def record_changes(
-    db: Database,
+    lock: HeldLock,
     bucket: str,
     prefix: str,
     listing: Listing,
@@ -1108,7 +1107,8 @@ def record_changes(
     t0: float,
 ) -> dict[str, Any]:
     """After validation: deletions and revivals applied, cross-checks, the dataset version and
-    the rows still to write, all in one transaction (`write_scan`); returns the summary."""
+    the rows still to write, all in one transaction (`write_scan`) on the connection holding the
+    scan's `lock`; returns the summary."""
     now = utc_now()
     apply_listing(rows, listing, diff, inspected, config, bucket=bucket, prefix=prefix, now=now)
     cross = _cross_checks(
@@ -1127,7 +1127,7 @@ def record_changes(
     summary["seconds"] = round(time.monotonic() - t0, 3)
     summary.update(
         write_scan(
-            db,
+            lock,
             rows_to_write(rows, stored, [k for k in listing.objects if k in rows], inspected, now),
             [rows[k]["id"] for k in diff.deleted],
             version,
@@ -1275,7 +1275,7 @@ def _summary(
 
 
 def write_scan(
-    db: Database,
+    lock: HeldLock,
     writes: RowWrites,
     deleted_ids: Sequence[int],
     version: DatasetVersion,
@@ -1287,10 +1287,13 @@ def write_scan(
 ) -> dict[str, Any]:
     """One transaction: changed rows, deletions, the dataset version (when new) with its
     membership, the stored config and the scan's row. Returns `changed`, `new_version` and the
-    catalog mark (`is_unchanged`) the rows have once written."""
+    catalog mark (`is_unchanged`) the rows have once written.
+
+    It runs on the connection that holds the scan's lock (`HeldLock.transaction`): if that
+    connection ended, the lock went with it and nothing is written, however late it ended."""
     bucket, prefix = summary["bucket"], summary["prefix"]
     config_json = json.dumps(asdict(config), sort_keys=True)
-    with db.transaction() as cur:
+    with lock.transaction() as cur:
         left_out = write_rows(cur, writes)
         for i in range(0, len(deleted_ids), _BATCH):
             ids = deleted_ids[i : i + _BATCH]

@@ -223,6 +223,31 @@ class HeldLock:
                 " was reset); nothing was changed under it"
             )
 
+    @contextmanager
+    def transaction(self) -> Iterator[pymysql.cursors.Cursor]:
+        """A transaction on the lock's own connection: it commits only while that connection,
+        and so the lock, lives. A connection that ends on the way rolls it back (`LockLost`)."""
+        self.ensure_held()
+        conn = self.connection
+        try:
+            conn.begin()
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except pymysql.err.Error as exc:
+            with contextlib.suppress(pymysql.err.Error):
+                conn.rollback()
+            if is_transient(exc):
+                raise LockLost(
+                    f"the MySQL connection holding the lock {self.name!r} was lost ({exc}):"
+                    " its transaction was rolled back"
+                ) from exc
+            raise
+        except BaseException:
+            with contextlib.suppress(pymysql.err.Error):
+                conn.rollback()
+            raise
+
 
 @contextmanager
 def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterator[HeldLock]:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline import catalog
-from pipeline.db import create_database, drop_database, migrate
+from pipeline.db import LockLost, create_database, drop_database, migrate, mysql_lock_name
 from pipeline.errors import Refusal, ServiceUnavailable
 from pipeline.store import ObjectStore
 from tests.faults.private_s3 import PrivateS3, wait_until
@@ -198,6 +198,55 @@ def test_sigkill_inside_the_final_transaction_leaves_no_version_and_no_scan(
     assert resumed["dataset_version"] == uninterrupted["dataset_version"]
     assert catalog_state(db) == catalog_state(reference_db)
     assert count(db, "SELECT COUNT(*) FROM dataset_version_images") == 60
+
+
+def test_the_scan_lock_lost_inside_the_final_transaction_writes_nothing(db, store):
+    """The connection holding the scan's lock ends (KILL, as a failover does) while the scan is
+    inside its final transaction: another scan may hold the lock now, so that transaction must
+    not commit. It runs on the lock's own connection, which takes it down too."""
+    put_images(store, 20)
+    lock = mysql_lock_name(db, catalog.scan_lock(store.bucket, P))
+    outcome: list[BaseException | dict] = []
+    blocker = db.connect()
+    try:
+        with blocker.cursor() as cur:  # the scan's write of its config waits for this row
+            cur.execute(
+                "INSERT INTO scan_configs (bucket, prefix, prefix_hash, config, updated_at)"
+                " VALUES (%s, %s, %s, '{}', NOW(6))",
+                (store.bucket, P, catalog._key_hash(P)),
+            )
+
+        def scan() -> None:
+            try:
+                outcome.append(catalog.scan(db, store, P))
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=scan)
+        worker.start()
+        wait_until(
+            lambda: (
+                count(
+                    db,
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+                    " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
+                    (db.name,),
+                )
+                == 1
+            ),
+            what="the scan waiting inside its final transaction",
+        )
+        holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
+        db.execute(f"KILL CONNECTION {int(holder)}")
+        blocker.rollback()
+        worker.join(timeout=60)
+    finally:
+        blocker.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], LockLost), outcome
+    assert count(db, "SELECT COUNT(*) FROM images") == 20  # the chunks were committed before
+    for table in ("dataset_versions", "dataset_version_images", "scans", "scan_configs"):
+        assert count(db, f"SELECT COUNT(*) FROM {table}") == 0, table
+    assert catalog.scan(db, store, P)["gets"] == 0
 
 
 def test_overlapping_scans_with_uploads_between_their_lists_end_as_serial_scans(
