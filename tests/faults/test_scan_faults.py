@@ -54,6 +54,16 @@ def count(db, sql: str, args: tuple = ()) -> int:
     return int(next(iter(db.query(sql, args)[0].values())))
 
 
+def in_final_transaction(db) -> int:
+    """Scans waiting to write their config: inside their final transaction, after the rest."""
+    return count(
+        db,
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
+        " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
+        (db.name,),
+    )
+
+
 @pytest.fixture
 def reference_db(settings):
     """A second fresh database: where an uninterrupted scan of the same bucket runs."""
@@ -154,15 +164,7 @@ def test_sigkill_inside_the_final_transaction_leaves_no_version_and_no_scan(
         proc = scan_cli(db, store, "--chunk-size", "20")
         try:
             wait_until(
-                lambda: (
-                    count(
-                        db,
-                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-                        " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
-                        (db.name,),
-                    )
-                    == 1
-                ),
+                lambda: in_final_transaction(db) == 1,
                 what="the scan waiting inside its final transaction",
             )
             proc.send_signal(signal.SIGKILL)
@@ -174,15 +176,7 @@ def test_sigkill_inside_the_final_transaction_leaves_no_version_and_no_scan(
     assert proc.returncode == -signal.SIGKILL
     # The server rolls the dead client's transaction back once the lock it waited for is free.
     wait_until(
-        lambda: (
-            count(
-                db,
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-                " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
-                (db.name,),
-            )
-            == 0
-        ),
+        lambda: in_final_transaction(db) == 0,
         what="the killed scan's transaction to end",
     )
     assert count(db, "SELECT COUNT(*) FROM images") == 60  # the chunks were committed before
