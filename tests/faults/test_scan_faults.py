@@ -219,15 +219,7 @@ def test_the_scan_lock_lost_inside_the_final_transaction_writes_nothing(db, stor
         worker = threading.Thread(target=scan)
         worker.start()
         wait_until(
-            lambda: (
-                count(
-                    db,
-                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-                    " WHERE DB = %s AND INFO LIKE 'INSERT INTO scan_configs%%'",
-                    (db.name,),
-                )
-                == 1
-            ),
+            lambda: in_final_transaction(db) == 1,
             what="the scan waiting inside its final transaction",
         )
         holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
