@@ -532,8 +532,14 @@ class ImageCache:
             )
         except FileNotFoundError:
             pass
+        return self.refresh(store, record)
+
+    def refresh(self, store: ObjectStore, record: ImageRecord) -> bytes:
+        """The object's bytes from S3, replacing the cached copy: before an image that failed
+        to decode from its copy is rejected, since the copy on local disk may be what is
+        damaged (MissingObjectError when the object is gone or changed)."""
         data = fetch_object(store, record)
-        write_atomically(path, data)
+        write_atomically(self.path(record), data)
         return data
 
     def _cached(self, record: ImageRecord) -> bool:

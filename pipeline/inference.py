@@ -16,6 +16,7 @@ come back as (item, reason); any other error (a transient S3 or network fault) p
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +40,7 @@ from pipeline.errors import is_out_of_memory
 from pipeline.model import Prediction, resolve_precision, to_predictions, top_k_probs
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 64
 # ResNet18 at 224 px in bf16 keeps an H100/H200 busy from about 256 images on; 512 leaves room.
@@ -88,6 +90,7 @@ def predict_stream(
     gpu_decode: bool = True,
     clock: StageClock | None = None,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    refetch: Callable[[T], bytes] | None = None,
 ) -> Iterator[ScoredBatch[T]]:
     """Predictions for `items` in order, a batch at a time; see the module docstring.
 
@@ -96,11 +99,13 @@ def predict_stream(
     with many cores per GPU, or to compare). `embed` (a PyTorch `module` only) maps the
     penultimate-layer features of a batch, captured in the same forward pass, to what
     `ScoredBatch.embeddings` holds (`drift.Projector`: their projection, on the device).
+    `refetch` returns an item's bytes from the source when `fetch`'s (a local copy) did not
+    decode: the verdict is on the object, not on a copy damaged on local disk.
     """
     precision = resolve_precision(precision, device)
     batch_size = batch_size or default_batch_size(device)
     on_gpu = device.type == "cuda"
-    load = image_loader(fetch, preset, decode_on_gpu=on_gpu and gpu_decode)
+    load = image_loader(fetch, preset, decode_on_gpu=on_gpu and gpu_decode, refetch=refetch)
     with fetch_pool(workers) as pool:
         fetched = fetched_in_order(pool, load, items, depth=max(workers, 2 * batch_size // _CHUNK))
         batches = _batches(fetched, batch_size, first_size=ramp_size(batch_size))
@@ -118,16 +123,31 @@ def predict_stream(
 
 
 def image_loader(
-    fetch: Callable[[T], bytes], preset: EvalPreset, *, decode_on_gpu: bool
+    fetch: Callable[[T], bytes],
+    preset: EvalPreset,
+    *,
+    decode_on_gpu: bool,
+    refetch: Callable[[T], bytes] | None = None,
 ) -> Callable[[T], tuple[T, bytes | torch.Tensor | None, str | None]]:
     """Step 1, on a fetch thread: (item, preprocessed tensor or JPEG bytes, None) or
-    (item, None, reason) for an image that is gone, changed or not decodable."""
+    (item, None, reason) for an image that is gone, changed or not decodable (also from
+    `refetch`'s bytes, when given and they differ from `fetch`'s)."""
 
     def load(item: T) -> tuple[T, bytes | torch.Tensor | None, str | None]:
         try:
             data = fetch(item)
+            loaded = decoded(item, data)
+            if loaded[2] is not None and refetch is not None:
+                fresh = refetch(item)
+                if fresh != data:
+                    key = getattr(item, "object_key", item)
+                    log.warning("%s: its local copy did not decode and differs from S3's", key)
+                    loaded = decoded(item, fresh)
         except MissingObjectError as exc:
             return item, None, str(exc)
+        return loaded
+
+    def decoded(item: T, data: bytes) -> tuple[T, bytes | torch.Tensor | None, str | None]:
         if decode_on_gpu and gpu_decodable(data):
             return item, data, None  # decoded on the GPU with its batch
         try:

@@ -379,6 +379,7 @@ def score_shard(
         module,
         _iter_records(db, parts, shard=shard, **select),
         lambda record: cache.get(store, record),
+        refetch=lambda record: cache.refresh(store, record),
         labels=loaded.labels,
         preset=EvalPreset(loaded.image_size),
         device=device,

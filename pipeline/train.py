@@ -42,6 +42,7 @@ from pipeline.data import (
     ImageCache,
     ImageDataset,
     ImageDecodeError,
+    MissingObjectError,
     TrainPreset,
     decode_image,
     default_num_workers,
@@ -129,6 +130,7 @@ def train_model(
         run_epochs(training, progress, train_loader, val_loader, params, save=save)
         result = finish_run(
             db,
+            store,
             training,
             progress,
             data,
@@ -439,6 +441,7 @@ def load_data(
         "train_set": train_set,
         "val_set": val_set,
         "missing": len(failures),
+        "cache": cache,
     }
 
 
@@ -857,6 +860,7 @@ def log_run_params(
 
 def finish_run(
     db: Database,
+    store: ObjectStore,
     training: Training,
     progress: Progress,
     data: dict[str, Any],
@@ -885,9 +889,11 @@ def finish_run(
     )
     rejected = _reject_undecodable(
         db,
+        store,
+        data["cache"],
         [
-            (data["train_records"], data["train_set"], progress.bad_train),
-            (data["val_records"], data["val_set"], progress.bad_val | set(final["failed"])),
+            (data["train_records"], progress.bad_train),
+            (data["val_records"], progress.bad_val | set(final["failed"])),
         ],
     )
     mlflow.log_metrics(
@@ -1004,23 +1010,29 @@ def log_and_register(
     return version
 
 
-def _reject_undecodable(db, groups) -> int:
+def _reject_undecodable(db, store, cache: ImageCache, groups) -> int:
     """Mark images that failed to decode as rejected, with the decoder's reason; returns how many.
 
-    `groups`: (records, dataset, failed indices into that dataset) for train and val.
+    `groups`: (records, failed indices into them) for train and val. The
+    verdict is on the object as S3 has it, not on the local copy the loader read: a copy
+    damaged on disk (or unreadable for a moment) is replaced and the image kept.
     """
     rejections = []
-    for records, dataset, failed in groups:
+    for records, failed in groups:
         for index in sorted(failed):
+            record = records[index]
             try:
-                decode_image(dataset.paths[index].read_bytes())
-                reason = "decode_failed: preprocessing error"
+                decode_image(cache.refresh(store, record))
+            except MissingObjectError as exc:
+                rejections.append((record, str(exc)))
             except ImageDecodeError as exc:
-                reason = f"decode_failed: {exc}"
-            except OSError as exc:  # the local copy, not the image: never a rejection
-                log.warning("cached copy of %s unreadable: %s", records[index].object_key, exc)
-                continue
-            rejections.append((records[index], reason))
+                rejections.append((record, f"decode_failed: {exc}"))
+            else:
+                log.warning(
+                    "%s failed to decode from its cached copy but decodes from S3: the copy"
+                    " was replaced and the image kept (not in this run's training)",
+                    record.object_key,
+                )
     if rejections:
         log.warning("%d images failed to decode: marked rejected", len(rejections))
         catalog.mark_rejected(db, rejections)

@@ -200,6 +200,29 @@ def test_an_image_overwritten_under_its_key_is_scored_again_and_old_rows_stop_sh
     assert _plan(db, store, mlflow_names)["to_score"] == 0
 
 
+def test_a_cached_copy_damaged_on_disk_is_fetched_again_not_rejected(
+    db, store, mlflow_names, champion, tmp_cache
+):
+    """A local copy with the right size and wrong bytes (bit rot, a torn write): the image is
+    judged by the object S3 holds, the copy replaced, and it is scored like the others."""
+    from pipeline.data import ImageCache
+
+    cache = ImageCache(tmp_cache)
+    victim = catalog.inbox_images(db, store.bucket, PREFIX)[0]
+    copy = cache.path(victim)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    good = store.get_bytes(victim.object_key)
+    copy.write_bytes(bytes(len(good)))  # as many bytes as the object, all zero
+
+    plan = _plan(db, store, mlflow_names)
+    shards = _score_all(db, store, plan, tmp_cache)
+    assert not any(s["rejected"] for s in shards)
+    row = db.query("SELECT status, reject_reason FROM images WHERE id = %s", (victim.image_id,))
+    assert row == [{"status": "ok", "reject_reason": None}]
+    assert victim.image_id in {r["image_id"] for r in _predictions(db)}
+    assert copy.read_bytes() == good
+
+
 def test_forced_rescore_overwrites_the_rows_it_already_has(
     db, store, mlflow_names, champion, tmp_cache
 ):

@@ -128,6 +128,25 @@ def test_training_registers_a_version_with_its_lineage_and_a_retry_reuses_it(
     assert got["training_scan_id"] == scan["id"] is not None
 
 
+def test_a_cached_copy_damaged_on_disk_is_not_a_rejection(trainer, db, store, dataset, tmp_cache):
+    """A train image's local copy has the object's size but not its bytes (bit rot, a torn
+    write): it fails to decode in the loader, but the object in S3 decodes, so training
+    replaces the copy and keeps the image instead of rejecting it for good."""
+    from pipeline.data import ImageCache
+
+    cache = ImageCache(tmp_cache)
+    records = catalog.dataset_images(db, dataset, ["train"])
+    cache.fill(store, records)
+    victim = records[0]
+    good = cache.path(victim).read_bytes()
+    cache.path(victim).write_bytes(bytes(len(good)))
+
+    trainer("run-damaged-copy")
+    row = db.query("SELECT status, reject_reason FROM images WHERE id = %s", (victim.image_id,))
+    assert row == [{"status": "ok", "reject_reason": None}]
+    assert cache.path(victim).read_bytes() == good
+
+
 def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_one(
     trainer, db, store, mlflow_names, tmp_cache
 ):
