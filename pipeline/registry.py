@@ -24,6 +24,7 @@ between the MLflow move and its history row is repaired by the next one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -430,9 +431,9 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
 
     ResNet18 is built from this package and filled with the version's safetensors weights,
     whose SHA-256 must equal the `weights_sha256` tag written at registration: nothing is
-    unpickled, and a weights file altered in the artifact store (or the local cache) is refused.
+    unpickled, and a weights file altered in the artifact store is refused (a local copy that
+    does not match is downloaded again first).
     """
-    import mlflow
     import torch
 
     from pipeline import model_files
@@ -452,21 +453,28 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     label_map = json.loads(tags["label_map"])
     labels = tuple(sorted(label_map, key=label_map.get))
     local = Path(cache_dir) / "models" / safe_name(model_name) / version
-    if not (local / "MLmodel").exists():
-        tmp = local.with_name(f"{version}.{uuid.uuid4().hex}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        path = _ask(
-            f"download {model_name} v{version}",
-            lambda: mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
-            ),
+    downloaded = not (local / "MLmodel").exists()
+    if downloaded:
+        _download_model(model_name, version, local)
+    what = f"{model_name} v{version}"
+    try:
+        state = model_files.read_weights(
+            local, expected_sha256=tags.get("weights_sha256"), what=what
         )
-        if not local.exists():  # else another process's download won: use that one
-            os.replace(path, local)
-        shutil.rmtree(tmp, ignore_errors=True)
-    state = model_files.read_weights(
-        local, expected_sha256=tags.get("weights_sha256"), what=f"{model_name} v{version}"
-    )
+    except Refusal:
+        if downloaded:
+            raise  # as the artifact store holds it: refused
+        # The local copy may be what was damaged (a disk error, a partial write): once more
+        # from the artifact store, which must match.
+        log.warning("cached copy of %s does not match its registered weights: downloading", what)
+        stale = local.with_name(f"{version}.{uuid.uuid4().hex}.stale")
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.replace(local, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+        _download_model(model_name, version, local)
+        state = model_files.read_weights(
+            local, expected_sha256=tags.get("weights_sha256"), what=what
+        )
     module = build_model(len(labels))
     module.load_state_dict(state, strict=True)
     module = module.to(pick_device()).eval().to(memory_format=torch.channels_last)
@@ -479,6 +487,26 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
         int(tags["image_size"]),
         tags.get("dataset_version", ""),
     )
+
+
+def _download_model(model_name: str, version: str, local: Path) -> None:
+    """Download the version's MLflow model to `local` (atomically: another process's finished
+    download wins; no partial directory is left behind)."""
+    import mlflow
+
+    tmp = local.with_name(f"{version}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        path = _ask(
+            f"download {model_name} v{version}",
+            lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
+            ),
+        )
+        if not local.exists():  # else another process's download won: use that one
+            os.replace(path, local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def safe_name(name: str) -> str:

@@ -144,14 +144,18 @@ def test_weights_altered_after_registration_are_refused_naming_the_version(
     with pytest.raises(Refusal, match=f"{name} v{version}: weights.safetensors has SHA-256"):
         registry.load_model(name, version, cache_dir=tmp_path / "c2")
 
-    # The local cache is checked too: a copy altered there is refused the same way.
-    artifacts.put_bytes(key, original)
+    # The local cache is checked too: a copy altered there is never used. It is downloaded
+    # again, and refused when the artifact store's copy does not match either.
     local = model_files.find_file(
         tmp_path / "c1" / "models" / registry.safe_name(name) / version, model_files.WEIGHTS_FILE
     )
     local.write_bytes(bytes(tampered))
     with pytest.raises(Refusal, match="altered after registration"):
         registry.load_model(name, version, cache_dir=tmp_path / "c1")
+    artifacts.put_bytes(key, original)
+    local.write_bytes(bytes(tampered))
+    registry.load_model(name, version, cache_dir=tmp_path / "c1")
+    assert local.read_bytes() == original
 
 
 def test_the_pyfunc_model_loads_by_alias_and_agrees_with_the_pipelines_scorer(

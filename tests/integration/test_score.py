@@ -223,6 +223,25 @@ def test_a_cached_copy_damaged_on_disk_is_fetched_again_not_rejected(
     assert copy.read_bytes() == good
 
 
+def test_a_cached_model_copy_damaged_on_disk_is_downloaded_again(mlflow_names, champion, tmp_cache):
+    """The weights of a cached model version no longer match their registered SHA-256 (a disk
+    error): the copy is replaced from the artifact store, not refused on every run."""
+    from pipeline import model_files
+
+    name = mlflow_names["model_name"]
+    registry.load_model(name, champion, cache_dir=tmp_cache)
+    local = Path(tmp_cache) / "models" / registry.safe_name(name) / champion
+    weights = model_files.find_file(local, model_files.WEIGHTS_FILE)
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64] + bytes(64))
+
+    loaded = registry.load_model(name, champion, cache_dir=tmp_cache)
+    assert loaded.model_version == champion
+    assert weights.read_bytes() == good
+    leftovers = [p.name for p in local.parent.iterdir() if p.name != champion]
+    assert leftovers == []  # no stale or partial download directories
+
+
 def test_forced_rescore_overwrites_the_rows_it_already_has(
     db, store, mlflow_names, champion, tmp_cache
 ):
