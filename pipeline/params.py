@@ -41,7 +41,7 @@ def cli_run_key() -> str:
     ids DAG runs use, so MLflow tags, checkpoints and SQL `run_key` columns say which it was."""
     from datetime import UTC, datetime
 
-    return f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    return f"cli__{datetime.now(UTC):%Y%m%dT%H%M%S.%f}"  # two runs a second apart stay two
 
 
 @dataclass(frozen=True)

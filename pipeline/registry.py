@@ -321,29 +321,39 @@ def own_versions(model_name: str, found: Iterable[Any]) -> Iterator[Any]:
             )
 
 
-def find_version_by_run_key(model_name: str, run_key: str) -> str | None:
+def find_version_by_run_key(
+    model_name: str, run_key: str, dataset_version: str | None = None
+) -> str | None:
     """The version registered by the training run `run_key` (an Airflow run id or `cli__...`).
 
     None only when MLflow answered that there is none: an unreachable MLflow raises, so a
     retried training never takes an outage for "not registered yet" and registers twice. A
-    version tagged with `run_key` by anyone but the pipeline's training is ignored.
+    version tagged with `run_key` by anyone but the pipeline's training is ignored. With
+    `dataset_version`, only a version trained on it counts: a run cleared and run again after
+    the bucket changed trains on the new dataset version instead of reusing the old one's.
     """
-    oldest = next(_run_key_versions(model_name, run_key), None)
+    oldest = next(_run_key_versions(model_name, run_key, dataset_version), None)
     return str(oldest.version) if oldest else None
 
 
-def _run_key_versions(model_name: str, run_key: str) -> Iterator[Any]:
-    """The versions tagged `run_key` that this pipeline's training registered, oldest first."""
+def _run_key_versions(
+    model_name: str, run_key: str, dataset_version: str | None = None
+) -> Iterator[Any]:
+    """The versions tagged `run_key` (and `dataset_version`, if given) that this pipeline's
+    training registered, oldest first."""
+    conditions = {"name": model_name, "tags.run_key": run_key}
+    if dataset_version is not None:
+        conditions["tags.dataset_version"] = dataset_version
     found = _ask(
         f"search versions of {model_name!r} with run_key {run_key!r}",
-        lambda: mlflow_client().search_model_versions(
-            search_filter({"name": model_name, "tags.run_key": run_key})
-        ),
+        lambda: mlflow_client().search_model_versions(search_filter(conditions)),
     )
     return own_versions(model_name, sorted(found, key=lambda v: int(v.version)))
 
 
-def settle_registration(model_name: str, run_key: str, registered: str) -> str:
+def settle_registration(
+    model_name: str, run_key: str, registered: str, dataset_version: str | None = None
+) -> str:
     """The one version of the training run `run_key`, once `registered` was just created.
 
     MLflow's client retries a POST whose reply was lost (urllib3 `Retry(allowed_methods=None)`):
@@ -351,7 +361,7 @@ def settle_registration(model_name: str, run_key: str, registered: str) -> str:
     oldest is kept and returned; later copies of the same MLflow run are deleted before anyone
     can see them as candidates (a version of another run is left alone, with a warning).
     """
-    versions = list(_run_key_versions(model_name, run_key))
+    versions = list(_run_key_versions(model_name, run_key, dataset_version))
     if not versions:  # not searchable (yet): what the create answered
         return str(registered)
     kept, *later = versions

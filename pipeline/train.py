@@ -170,11 +170,11 @@ def skip_or_reuse(
             "dataset_version": dataset_version,
             "champion_version": champion,
         }
-    existing = registry.find_version_by_run_key(model_name, run_key)
+    existing = registry.find_version_by_run_key(model_name, run_key, dataset_version)
     if not existing:
         return None
     # A crash between registering and settling may have left a duplicate behind.
-    existing = registry.settle_registration(model_name, run_key, existing)
+    existing = registry.settle_registration(model_name, run_key, existing, dataset_version)
     mv = registry.mlflow_client().get_model_version(model_name, existing)
     log.info("run %s already registered %s v%s: nothing to train", run_key, model_name, existing)
     registry.record_version(db, model_name, existing)  # a crash may have come between
@@ -964,10 +964,10 @@ def log_and_register(
     import mlflow
     from mlflow.models import infer_signature
 
-    existing = registry.find_version_by_run_key(model_name, run_key)
+    existing = registry.find_version_by_run_key(model_name, run_key, dataset_version)
     if existing:
         log.info("model %s v%s already registered for run %s", model_name, existing, run_key)
-        return registry.settle_registration(model_name, run_key, existing)
+        return registry.settle_registration(model_name, run_key, existing, dataset_version)
     example = np.random.default_rng(0).random((2, 3, image_size, image_size), dtype=np.float32)
     model = model.cpu().eval()
     with torch.inference_mode():
@@ -1005,7 +1005,7 @@ def log_and_register(
         **(extra_tags or {}),
     }
     mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    version = registry.settle_registration(model_name, run_key, mv.version)
+    version = registry.settle_registration(model_name, run_key, mv.version, dataset_version)
     log.info("registered %s v%s (run %s)", model_name, version, run_key)
     return version
 

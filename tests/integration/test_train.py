@@ -147,6 +147,41 @@ def test_a_cached_copy_damaged_on_disk_is_not_a_rejection(trainer, db, store, da
     assert cache.path(victim).read_bytes() == good
 
 
+def test_a_run_cleared_after_the_bucket_changed_trains_on_the_new_dataset_version(
+    trainer, db, store, dataset, mlflow_names, tmp_cache, tmp_path
+):
+    """The same run key (an Airflow run cleared and run again) on another dataset version
+    trains and registers for that version instead of returning the old version's model."""
+    first = trainer("manual__cleared")
+    render_digits(tmp_path / "redrawn", size=40, per_label=6, inbox=0)
+    upload_tree(store, tmp_path / "redrawn", "ds")  # every image replaced under its key
+    changed = catalog.scan(db, store, "ds", val_percent=30)["dataset_version"]
+    assert changed != dataset
+
+    again = train.train_model(
+        db,
+        store,
+        changed,
+        TINY,
+        model_name=mlflow_names["model_name"],
+        run_key="manual__cleared",
+        cache_dir=tmp_cache,
+        checkpoint_store=train.S3CheckpointStore(store),
+        experiment=mlflow_names["experiment"],
+        force_retrain=True,
+    )
+    assert not again.get("reused") and again["model_version"] != first["model_version"]
+    tags = registry.version_tags(mlflow_names["model_name"], again["model_version"])
+    assert tags["dataset_version"] == changed
+    name = mlflow_names["model_name"]
+    assert (
+        registry.find_version_by_run_key(name, "manual__cleared", dataset) == first["model_version"]
+    )
+    assert (
+        registry.find_version_by_run_key(name, "manual__cleared", changed) == again["model_version"]
+    )
+
+
 def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_one(
     trainer, db, store, mlflow_names, tmp_cache
 ):
