@@ -629,17 +629,21 @@ def check_unreadable(
     rejected `unreadable`, written with the scan's result (never chunk by chunk), and tried
     again by every later scan. Archived objects (`InvalidObjectState`) never count: a lifecycle
     rule archiving most of a prefix would otherwise block its scans for good."""
+
+    def s3_code(row: dict[str, Any]) -> str:  # `_fetch_and_inspect` writes "<code>: ..."
+        return (row["reject_detail"] or "").split(":")[0]
+
     denied = sorted(
         k
         for k in inspected
         if rows[k]["reject_reason"] == REJECT_UNREADABLE
-        and (rows[k]["reject_detail"] or "").split(":")[0] in S3_ACCESS_DENIED_CODES
+        and s3_code(rows[k]) in S3_ACCESS_DENIED_CODES
     )
     live = sum(1 for r in rows.values() if r["deleted_at"] is None)
     if denied and len(denied) > max_fraction * live:
         raise Refusal(
             f"S3 refused to read {len(denied)} of the {live} objects under {where}"
-            f" ({rows[denied[0]]['reject_detail'].split(':')[0]}, e.g. {denied[0]!r});"
+            f" ({s3_code(rows[denied[0]])}, e.g. {denied[0]!r});"
             " nothing was quarantined. Check that the pipeline's S3 credentials may read"
             " (s3:GetObject) every object under the prefix"
         )

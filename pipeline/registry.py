@@ -467,10 +467,14 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     if downloaded:
         _download_model(model_name, version, local)
     what = f"{model_name} v{version}"
-    try:
-        state = model_files.read_weights(
+
+    def read_weights() -> dict[str, Any]:
+        return model_files.read_weights(
             local, expected_sha256=tags.get("weights_sha256"), what=what
         )
+
+    try:
+        state = read_weights()
     except Refusal:
         if downloaded:
             raise  # as the artifact store holds it: refused
@@ -482,9 +486,7 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
             os.replace(local, stale)
         shutil.rmtree(stale, ignore_errors=True)
         _download_model(model_name, version, local)
-        state = model_files.read_weights(
-            local, expected_sha256=tags.get("weights_sha256"), what=what
-        )
+        state = read_weights()
     module = build_model(len(labels))
     module.load_state_dict(state, strict=True)
     module = module.to(pick_device()).eval().to(memory_format=torch.channels_last)
@@ -809,7 +811,6 @@ def promote(
 
 
 ROLLBACK_REASON = "rollback: "
-CHALLENGER_DECISION = "challenger"
 
 
 def _rolled_back_from(db: Database, model_name: str, version: str) -> dict[str, Any] | None:
@@ -822,9 +823,9 @@ def _rolled_back_from(db: Database, model_name: str, version: str) -> dict[str, 
         " ORDER BY id DESC LIMIT 1",
         (model_name, CHAMPION, int(version), int(version)),
     )
-    if rows and rows[0]["from_version"] == int(version):
-        if rows[0]["reason"].startswith(ROLLBACK_REASON):
-            return rows[0]
+    last = rows[0] if rows else None
+    if last and last["from_version"] == int(version) and last["reason"].startswith(ROLLBACK_REASON):
+        return last
     return None
 
 
@@ -1143,7 +1144,7 @@ def review(
                 undone["actor"],
                 undone["reason"],
             )
-            result["decision"] = CHALLENGER_DECISION
+            result["decision"] = "challenger"
             result["reason"] = (
                 f"approved, then rolled back by {undone['actor']}: {undone['reason']}"
             )

@@ -390,14 +390,9 @@ def score_shard(
         clock=clock,
         embed=drift_projector(loaded, precision, device, cache_dir=cache_dir),
     )
-    columns = {
-        "model_name": model_name,
-        "model_version": int(version),
-        "dataset_version": dataset_version,
-        "mlflow_run_id": loaded.run_id,
-        "run_key": run_key,
-    }
-    _write_stream(db, stream, stats, clock, columns, progress=(shard, shards, total))
+    _write_stream(
+        db, stream, stats, clock, loaded, dataset_version, run_key, progress=(shard, shards, total)
+    )
     summary = _shard_summary(
         where, dataset_version, precision, stats, clock, time.monotonic() - started
     )
@@ -410,12 +405,22 @@ def _write_stream(
     stream: Iterable[Any],
     stats: ShardStats,
     clock: Any,
-    columns: dict[str, Any],
+    loaded: Any,
+    dataset_version: str,
+    run_key: str | None,
     *,
     progress: tuple[int, int, int],
 ) -> None:
-    """Write each scored batch of `stream` as it comes (`write_scored` with `columns`), timing
-    the writes on `clock` and logging progress (shard, shards, total) every few seconds."""
+    """Write each scored batch of `stream` as it comes (`write_scored`, rows naming `loaded`'s
+    version and run), timing the writes on `clock` and logging progress (shard, shards, total)
+    every few seconds."""
+    columns = {
+        "model_name": loaded.model_name,
+        "model_version": int(loaded.model_version),
+        "dataset_version": dataset_version,
+        "mlflow_run_id": loaded.run_id,
+        "run_key": run_key,
+    }
     shard, shards, total = progress
     started = last_log = time.monotonic()
     for scored in stream:

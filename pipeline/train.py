@@ -877,16 +877,7 @@ def finish_run(
     import mlflow
 
     model = training.model
-    weights = kept_weights(progress.best, params.patience)
-    if weights is not None:
-        model.load_state_dict(weights)
-    final = evaluate(
-        model,
-        training.criterion,
-        val_loader,
-        training.device,
-        autocast_dtype=training.autocast_dtype,
-    )
+    final = evaluate_kept(training, progress, val_loader, params)
     rejected = _reject_undecodable(
         db,
         store,
@@ -940,6 +931,23 @@ def finish_run(
         "decode_failures": rejected,
         "missing_objects": data["missing"],
     }
+
+
+def evaluate_kept(
+    training: Training, progress: Progress, val_loader: Iterable, params: TrainParams
+) -> dict[str, Any]:
+    """Load the weights training keeps (the best epoch's, with early stopping) into the model
+    and evaluate them on val."""
+    weights = kept_weights(progress.best, params.patience)
+    if weights is not None:
+        training.model.load_state_dict(weights)
+    return evaluate(
+        training.model,
+        training.criterion,
+        val_loader,
+        training.device,
+        autocast_dtype=training.autocast_dtype,
+    )
 
 
 def log_and_register(
