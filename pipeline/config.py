@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,3 +239,12 @@ def load_settings(env_file: str | Path | None = None) -> Settings:
     """Load the env file into the process environment, then validate it into Settings."""
     load_env_file(env_file)
     return Settings.from_env()
+
+
+def pause_point(env: str) -> None:
+    """Sleep the seconds the variable `env` names: a fault test's pause point, where it kills a
+    real process or ends its connection (unset in every deployment)."""
+    pause = float(os.environ.get(env) or 0)
+    if pause > 0:
+        logging.getLogger(__name__).warning("%s=%s: pausing", env, pause)
+        time.sleep(pause)

@@ -24,6 +24,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MIGRATION_LOCK = "imgpipe_schema_migrations"
+# `wait_timeout` of a `named_lock` connection: a day, so the server keeps an idle holder's lock.
+LOCK_IDLE_TIMEOUT_S = 86_400
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -263,12 +265,10 @@ def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterato
     conn = db.connect(autocommit=True)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
-            if cur.fetchone()[0] != 1:
-                raise LockTimeout(
-                    f"another {what} held the MySQL lock {name!r} for more than {timeout_s}s;"
-                    " wait for it to finish (a killed holder releases it at once)"
-                )
+            # The connection idles while its holder works (hours, for a training): the server
+            # must not end it for idleness (`wait_timeout`, often minutes on managed MySQL).
+            cur.execute("SET SESSION wait_timeout = %s", (LOCK_IDLE_TIMEOUT_S,))
+            _get_lock(cur, lock, name=name, timeout_s=timeout_s, what=what)
         try:
             yield HeldLock(name, lock, conn)
         finally:
@@ -279,6 +279,28 @@ def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterato
                 log.warning("releasing the MySQL lock %r: %s", name, exc)
     finally:
         conn.close()
+
+
+def _get_lock(cur: Any, lock: str, *, name: str, timeout_s: int, what: str) -> None:
+    """GET_LOCK on `cur`'s connection; says who holds it before waiting for it."""
+    cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
+    if cur.fetchone()[0] == 1:
+        return
+    cur.execute("SELECT IS_USED_LOCK(%s)", (lock,))
+    holder = cur.fetchone()[0]
+    log.info(
+        "waiting up to %ss for another %s to finish (MySQL connection %s holds the lock %r)",
+        timeout_s,
+        what,
+        holder,
+        name,
+    )
+    cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
+    if cur.fetchone()[0] != 1:
+        raise LockTimeout(
+            f"another {what} held the MySQL lock {name!r} for more than {timeout_s}s;"
+            " wait for it to finish (a killed holder releases it at once)"
+        )
 
 
 def create_database(settings: MySQLSettings, name: str) -> Database:
@@ -349,9 +371,7 @@ def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
     try:
         with conn.cursor() as cur:
             lock = mysql_lock_name(db, MIGRATION_LOCK)  # within MySQL's 64 characters
-            cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
-            if cur.fetchone()[0] != 1:
-                raise TimeoutError(f"could not take the migration lock within {timeout_s}s")
+            _get_lock(cur, lock, name=MIGRATION_LOCK, timeout_s=timeout_s, what="migration")
             try:
                 cur.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.config import pause_point
 from pipeline.db import Database, HeldLock, named_lock, utc_now
 from pipeline.errors import Refusal, ServiceUnavailable, is_transient
 from pipeline.preflight import without_credentials
@@ -705,23 +705,15 @@ def _move(
     current = _reconcile(db, lock, model_name, alias, actor=actor)
     if current == version:
         return False
-    _test_pause(PAUSE_BEFORE_ALIAS_MOVE_ENV)
+    pause_point(PAUSE_BEFORE_ALIAS_MOVE_ENV)
     lock.ensure_held()
     _ask(
         f"set alias @{alias} of {model_name!r} to v{version}",
         lambda: mlflow_client().set_registered_model_alias(model_name, alias, version),
     )
-    _test_pause(PAUSE_AFTER_ALIAS_MOVE_ENV)
+    pause_point(PAUSE_AFTER_ALIAS_MOVE_ENV)
     _append_history(db, model_name, alias, current, version, actor=actor, reason=reason)
     return True
-
-
-def _test_pause(env: str) -> None:
-    """Sleep the seconds `env` names (a fault test's pause point; unset in deployments)."""
-    pause = float(os.environ.get(env) or 0)
-    if pause > 0:
-        log.warning("%s=%s: pausing", env, pause)
-        time.sleep(pause)
 
 
 def move_alias(

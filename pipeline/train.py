@@ -10,7 +10,8 @@ Retries: a checkpoint (model, optimizer, scheduler, RNG states, history, MLflow 
 after every epoch under `<model_name>/<run_key>/last.pt` in durable storage; a retried or killed
 task with the same `run_key` (the Airflow run id) resumes after the last finished epoch and
 keeps logging to the same MLflow run. Registration is keyed by `run_key` too, so a retry after
-registration returns the version it already made.
+registration returns the version it already made. One attempt of a `run_key` trains at a time
+(a MySQL named lock): one started while another still runs waits for it, then reuses or resumes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torchvision
 from torch import nn
 
 from pipeline import catalog, drift, model_files, registry
+from pipeline.config import pause_point
 from pipeline.data import (
     DeviceBatches,
     EvalPreset,
@@ -49,9 +51,10 @@ from pipeline.data import (
     make_loader,
     to_model_input,
 )
-from pipeline.db import Database
+from pipeline.db import Database, HeldLock, named_lock
 from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
 from pipeline.params import cli_run_key
+from pipeline.records import ImageRecord
 from pipeline.score import compute_metrics
 from pipeline.store import ObjectStore, location_from_args
 from pipeline.train_plan import TrainParams, training_decision
@@ -62,6 +65,11 @@ _LOG_EVERY_S = 10.0
 # Below this many val images, early stopping picks epochs by noise (bench/results/train.md: on 33
 # images, patience 3 stopped every seed at a chance-level epoch).
 SMALL_VAL = 200
+# How long an attempt waits for another attempt of its run key: the DAG task's execution_timeout.
+TRAIN_LOCK_TIMEOUT_S = 6 * 3600
+# Test-only pause point (seconds) after each epoch's checkpoint: a fault test stalls an attempt
+# there, as a lost worker would. Unset in every deployment.
+PAUSE_AFTER_CHECKPOINT_ENV = "PIPELINE_TEST_PAUSE_AFTER_CHECKPOINT_S"
 
 
 def train_model(
@@ -84,14 +92,60 @@ def train_model(
     The run goes to the experiment named like the model; another `experiment` (benchmarks)
     registers versions the gate will not take (`registry.provenance_problem`).
     """
-    import mlflow
-
     catalog.get_dataset(db, dataset_version)  # LookupError for an unknown version
-    done = skip_or_reuse(
-        db, dataset_version, model_name=model_name, run_key=run_key, force_retrain=force_retrain
-    )
-    if done is not None:
-        return done
+    # One attempt of a run key trains at a time: a retry (or `airflow tasks test`) started while
+    # another attempt still trains (a zombie, a lost worker) waits for it, then reuses the
+    # version it registered or resumes from its checkpoint.
+    with named_lock(
+        db,
+        training_lock_name(model_name, run_key),
+        timeout_s=TRAIN_LOCK_TIMEOUT_S,
+        what=f"attempt of training run {run_key!r} of {model_name!r}",
+    ) as lock:
+        done = skip_or_reuse(
+            db,
+            dataset_version,
+            model_name=model_name,
+            run_key=run_key,
+            force_retrain=force_retrain,
+        )
+        if done is not None:
+            return done
+        return train_and_register(
+            db,
+            store,
+            dataset_version,
+            params,
+            model_name=model_name,
+            run_key=run_key,
+            cache_dir=cache_dir,
+            checkpoint_store=checkpoint_store,
+            experiment=experiment,
+            lock=lock,
+        )
+
+
+def training_lock_name(model_name: str, run_key: str) -> str:
+    """The `named_lock` an attempt of `run_key` holds while it trains and registers."""
+    return f"train/{model_name}/{run_key}"
+
+
+def train_and_register(
+    db: Database,
+    store: ObjectStore,
+    dataset_version: str,
+    params: TrainParams,
+    *,
+    model_name: str,
+    run_key: str,
+    cache_dir: str | Path,
+    checkpoint_store,
+    experiment: str | None,
+    lock: HeldLock,
+) -> dict[str, Any]:
+    """`train_model`'s work under its lock: load the data, resume or start, run the epochs in
+    the MLflow run, register. Checkpoints and the registration happen only while `lock` holds."""
+    import mlflow
 
     seed_everything(params.seed)
     device = pick_device()
@@ -102,15 +156,20 @@ def train_model(
     training = build_training(params, device, data, store=store)
     ckpt_name = checkpoint_name(model_name, run_key)
     identity = checkpoint_identity(dataset_version, params)
-    progress = resume_state(training, checkpoint_store, ckpt_name, identity)
+    records = (data["train_records"], data["val_records"])
+    progress = resume_state(training, checkpoint_store, ckpt_name, identity, records=records)
     num_workers = default_num_workers() if params.num_workers is None else params.num_workers
     train_loader, val_loader = build_loaders(
         data, params, device, num_workers=num_workers, epoch=progress.epoch + 1
     )
 
     def save() -> None:
-        state = checkpoint_state(training, progress, identity, label_map=data["label_map"])
+        state = checkpoint_state(
+            training, progress, identity, label_map=data["label_map"], records=records
+        )
+        lock.ensure_held()
         save_checkpoint(checkpoint_store, ckpt_name, state)
+        pause_point(PAUSE_AFTER_CHECKPOINT_ENV)
 
     mlflow.set_experiment(experiment or model_name)
     with mlflow.start_run(
@@ -128,6 +187,7 @@ def train_model(
             )
         progress.run_id = run.info.run_id
         run_epochs(training, progress, train_loader, val_loader, params, save=save)
+        lock.ensure_held()
         result = finish_run(
             db,
             store,
@@ -329,12 +389,19 @@ def resumable(state: dict[str, Any] | None, identity: dict[str, Any]) -> bool:
 
 
 def resume_state(
-    training: Training, checkpoint_store, ckpt_name: str, identity: dict[str, Any]
+    training: Training,
+    checkpoint_store,
+    ckpt_name: str,
+    identity: dict[str, Any],
+    *,
+    records: tuple[Sequence[ImageRecord], Sequence[ImageRecord]],
 ) -> Progress:
     """The run's progress: from its checkpoint when there is one for `identity`, else fresh.
 
     Resuming restores the model, optimizer, schedule and RNG into `training`; a checkpoint for
-    other data or params is ignored (and overwritten after the first epoch).
+    other data or params is ignored (and overwritten after the first epoch). `records` are this
+    attempt's (train, val) images: the ones that failed to decode before are found among them
+    by image id (an image left out since, gone or rejected, is no longer one of them).
     """
     state = load_checkpoint(checkpoint_store, ckpt_name)
     if not resumable(state, identity):
@@ -349,14 +416,32 @@ def resume_state(
         "resuming from %s after epoch %d", checkpoint_store.describe(ckpt_name), state["epoch"]
     )
     return Progress(
-        epoch=state["epoch"], history=state["history"], best=state["best"], run_id=state["run_id"]
+        epoch=state["epoch"],
+        history=state["history"],
+        best=state["best"],
+        run_id=state["run_id"],
+        stopped_early=state.get("stopped_early", False),
+        bad_train=_indices_of(state.get("bad_train_ids", ()), records[0]),
+        bad_val=_indices_of(state.get("bad_val_ids", ()), records[1]),
     )
 
 
+def _indices_of(image_ids: Iterable[int], records: Sequence[ImageRecord]) -> set[int]:
+    wanted = set(image_ids)
+    return {i for i, record in enumerate(records) if record.image_id in wanted}
+
+
 def checkpoint_state(
-    training: Training, progress: Progress, identity: dict[str, Any], *, label_map: dict[str, int]
+    training: Training,
+    progress: Progress,
+    identity: dict[str, Any],
+    *,
+    label_map: dict[str, int],
+    records: tuple[Sequence[ImageRecord], Sequence[ImageRecord]],
 ) -> dict[str, Any]:
-    """What a checkpoint holds after `progress.epoch`: all `resume_state` restores, and more."""
+    """What a checkpoint holds after `progress.epoch`: all `resume_state` restores, and more.
+    Images that failed to decode are saved by image id (`records`: the (train, val) images the
+    loaders' indices point into), since a retry may load fewer of them."""
     return {
         "identity": identity,
         "epoch": progress.epoch,
@@ -367,6 +452,9 @@ def checkpoint_state(
         "history": progress.history,
         "best": progress.best,
         "run_id": progress.run_id,
+        "stopped_early": progress.stopped_early,
+        "bad_train_ids": sorted(records[0][i].image_id for i in progress.bad_train),
+        "bad_val_ids": sorted(records[1][i].image_id for i in progress.bad_val),
         "label_map": label_map,
     }
 
@@ -677,7 +765,7 @@ class Progress:
     """Where a run stands: the last finished epoch, its history, the best epoch, the MLflow run.
 
     `best` is {"accuracy", "epoch", "state": the weights on the CPU, or None}. Indices of images
-    that failed to decode are gathered for the rejection at the end (not checkpointed).
+    that failed to decode are gathered for the rejection at the end. All of it is checkpointed.
     """
 
     epoch: int = 0
@@ -706,7 +794,8 @@ def run_epochs(
     """
     import mlflow
 
-    for epoch in range(progress.epoch + 1, params.epochs + 1):
+    last = progress.epoch if progress.stopped_early else params.epochs  # resumed after a stop
+    for epoch in range(progress.epoch + 1, last + 1):
         train_stats = train_one_epoch(
             training.step_model,
             training.criterion,
@@ -750,10 +839,10 @@ def run_epochs(
             (lambda: cpu_copy(training.model)) if params.patience else (lambda: None),
         )
         progress.epoch = epoch
+        progress.stopped_early = patience_exhausted(epoch, progress.best["epoch"], params.patience)
         save()
-        if patience_exhausted(epoch, progress.best["epoch"], params.patience):
+        if progress.stopped_early:
             log.info("early stop: no val improvement for %d epochs", params.patience)
-            progress.stopped_early = True
             break
 
 

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from pipeline import catalog, registry, score, train
@@ -506,3 +507,137 @@ def test_a_stray_label_refuses_training_or_is_excluded_with_a_warning_in_mlflow(
     )
     run = MlflowClient().get_run(result["run_id"])
     assert json.loads(run.data.tags["excluded_labels"]) == {"stray folder": 1}
+
+
+def _tiny_training(lr: float) -> train.Training:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return train.Training(
+        model=model,
+        step_model=model,
+        criterion=torch.nn.CrossEntropyLoss(ignore_index=-1),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1),
+        device=torch.device("cpu"),
+        autocast_dtype=None,
+        scaler=None,
+        transform=None,
+    )
+
+
+class _NotToBeRead:
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        raise AssertionError("a run resumed after its early stop trained another epoch")
+
+
+def test_a_run_resumed_after_its_early_stop_trains_no_more_and_still_rejects_its_bad_images(
+    mlflow_names, tmp_path
+):
+    """The crash comes after the early stop's checkpoint, before registration: the retry goes
+    straight to registration, with the images that failed to decode before."""
+    import mlflow
+
+    from pipeline.records import ImageRecord
+
+    images = torch.randint(0, 255, (4, 3, 2, 2), dtype=torch.uint8)
+    batch = (images, torch.tensor([0, 1, -1, 0]), torch.arange(4))  # image 2 did not decode
+    records = (
+        [ImageRecord(100 + i, "b", f"train/a/{i}.png", "e", "train", "a") for i in range(4)],
+        [ImageRecord(200 + i, "b", f"val/a/{i}.png", "e", "val", "a") for i in range(4)],
+    )
+    params = TrainParams(epochs=6, patience=1, num_workers=0)
+    identity = train.checkpoint_identity("dv", params)
+    store = train.LocalCheckpointStore(tmp_path)
+    training, progress = _tiny_training(lr=0.0), train.Progress()  # lr 0: val never improves
+
+    def save():
+        state = train.checkpoint_state(
+            training, progress, identity, label_map={"a": 0, "b": 1}, records=records
+        )
+        train.save_checkpoint(store, "m/run/last.pt", state)
+
+    mlflow.set_experiment(mlflow_names["experiment"])
+    with mlflow.start_run():
+        train.run_epochs(training, progress, [batch], [batch], params, save=save)
+    assert progress.stopped_early and progress.epoch == 2  # best epoch 1, patience 1
+
+    retry = _tiny_training(lr=0.0)
+    resumed = train.resume_state(retry, store, "m/run/last.pt", identity, records=records)
+    assert (resumed.epoch, resumed.stopped_early) == (2, True)
+    assert (resumed.bad_train, resumed.bad_val) == ({2}, {2})
+    train.run_epochs(retry, resumed, _NotToBeRead(), _NotToBeRead(), params, save=save)
+    assert resumed.epoch == 2 and len(resumed.history) == 2
+
+
+def test_a_second_attempt_of_a_run_key_waits_for_the_first_and_takes_over_when_it_dies(
+    db, store, dataset, mlflow_names, tmp_path, settings
+):
+    """Two real `python -m pipeline train` processes with one run key (a retry started while a
+    lost attempt still trains): the second waits on the run key's lock instead of training
+    beside it; SIGKILL of the first releases the lock, and the second resumes its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    epochs, run_key = 3, "manual__overlap"
+    env = {
+        **os.environ,
+        "MYSQL_DATABASE": db.name,
+        "S3_BUCKET": store.bucket,
+        "MODEL_NAME": mlflow_names["model_name"],
+        "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    argv = [
+        *(sys.executable, "-m", "pipeline", "train", "--prefix", "ds"),
+        *("--dataset-version", dataset, "--run-key", run_key, "--epochs", str(epochs)),
+        *("--batch-size", "4", "--image-size", "32", "--num-workers", "0"),
+        *("--min-images-per-label", "1"),
+    ]
+    ckpt = train.checkpoint_name(mlflow_names["model_name"], run_key)
+    checkpoints = train.S3CheckpointStore(store.with_bucket(settings.work_bucket))
+    # The first attempt stalls after its first epoch's checkpoint, as a lost worker would.
+    first = subprocess.Popen(
+        argv,
+        env={**env, train.PAUSE_AFTER_CHECKPOINT_ENV: "600"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    second = None
+    try:
+        deadline = time.monotonic() + 300
+        saved = None
+        while saved is None and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+            saved = train.load_checkpoint(checkpoints, ckpt)
+        assert saved is not None and saved["epoch"] == 1, first.communicate()[0][-3000:]
+
+        log_path = tmp_path / "second.log"
+        with open(log_path, "wb") as out:
+            second = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while "waiting up to" not in log_path.read_text() and time.monotonic() < deadline:
+            assert second.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "waiting up to" in log_path.read_text()
+        time.sleep(2)  # the second attempt must still be waiting: no epoch of its own
+        assert train.load_checkpoint(checkpoints, ckpt)["epoch"] == 1
+        assert "resuming from" not in log_path.read_text()
+
+        first.send_signal(signal.SIGKILL)  # its MySQL connection ends: the lock is released
+        first.wait(timeout=30)
+        assert second.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+    output = log_path.read_text()
+    assert "resuming from" in output and "after epoch 1" in output
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name='{mlflow_names['model_name']}'")
+    assert len(versions) == 1 and versions[0].run_id == saved["run_id"]
+    history = client.get_metric_history(saved["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # each epoch once

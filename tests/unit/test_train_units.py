@@ -18,6 +18,7 @@ from pipeline.data import (
     decode_image,
     make_loader,
 )
+from pipeline.records import ImageRecord
 from pipeline.registry import gate_decision
 from pipeline.train import (
     LocalCheckpointStore,
@@ -213,6 +214,10 @@ def _tiny_training() -> train.Training:
     )
 
 
+def _records(*image_ids: int) -> list[ImageRecord]:
+    return [ImageRecord(i, "b", f"train/a/{i}.png", "e", "train", "a") for i in image_ids]
+
+
 def test_resume_state_restores_this_runs_checkpoint_and_ignores_another(tmp_path, caplog):
     store = LocalCheckpointStore(tmp_path)
     saved = _tiny_training()
@@ -222,24 +227,34 @@ def test_resume_state_restores_this_runs_checkpoint_and_ignores_another(tmp_path
         epoch=1, history=[{"epoch": 1}], best={"accuracy": 0.5, "epoch": 1, "state": None}
     )
     progress.run_id = "r1"
-    state = train.checkpoint_state(saved, progress, _IDENTITY, label_map={"a": 0, "b": 1})
+    progress.stopped_early = True
+    train_records, val_records = _records(10, 11, 12, 13), _records(20, 21)
+    progress.bad_train, progress.bad_val = {1, 3}, {0}  # images 11, 13 and 20
+    state = train.checkpoint_state(
+        saved, progress, _IDENTITY, label_map={"a": 0, "b": 1}, records=(train_records, val_records)
+    )
     train.save_checkpoint(store, "m/run/last.pt", state)
 
     resumed = _tiny_training()
-    got = train.resume_state(resumed, store, "m/run/last.pt", _IDENTITY)
-    assert (got.epoch, got.history, got.best, got.run_id) == (
+    # This attempt loads one train image fewer (image 10 went missing): indices shift.
+    records = (_records(11, 12, 13), val_records)
+    got = train.resume_state(resumed, store, "m/run/last.pt", _IDENTITY, records=records)
+    assert (got.epoch, got.history, got.best, got.run_id, got.stopped_early) == (
         1,
         [{"epoch": 1}],
         progress.best,
         "r1",
+        True,
     )
+    assert (got.bad_train, got.bad_val) == ({0, 2}, {0})  # still images 11, 13 and 20
     assert torch.equal(resumed.model.weight, saved.model.weight)
     assert resumed.scheduler.last_epoch == 1
 
     fresh = _tiny_training()
     other = train.checkpoint_identity("dv2", TrainParams(epochs=2))
-    got = train.resume_state(fresh, store, "m/run/last.pt", other)
+    got = train.resume_state(fresh, store, "m/run/last.pt", other, records=records)
     assert (got.epoch, got.history, got.run_id, got.best["state"]) == (0, [], None, None)
+    assert (got.stopped_early, got.bad_train, got.bad_val) == (False, set(), set())
     assert not torch.equal(fresh.model.weight, saved.model.weight)
     assert "for other data/params: starting over" in caplog.text
 
