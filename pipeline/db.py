@@ -371,7 +371,7 @@ def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
     try:
         with conn.cursor() as cur:
             lock = mysql_lock_name(db, MIGRATION_LOCK)  # within MySQL's 64 characters
-            _get_lock(cur, lock, name=MIGRATION_LOCK, timeout_s=timeout_s, what="migration")
+            _get_lock(cur, lock, name=MIGRATION_LOCK, timeout_s=timeout_s, what="schema migration")
             try:
                 cur.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("

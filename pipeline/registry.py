@@ -620,7 +620,7 @@ def _recorded_alias(db: Database, model_name: str, alias: str) -> str | None:
 
 
 def _append_history(
-    db: Database,
+    lock: HeldLock,
     model_name: str,
     alias: str,
     from_version: str | None,
@@ -629,20 +629,61 @@ def _append_history(
     actor: str,
     reason: str,
 ) -> None:
-    db.execute(
-        "INSERT INTO alias_history (model_name, alias, from_version, to_version, actor, reason,"
-        " moved_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (
-            model_name,
-            alias,
-            int(from_version) if from_version else None,
-            int(to_version),
-            actor[:255],
-            reason[:512],
-            utc_now(),
-        ),
-    )
+    """The move's history row, and the end of its intent, in one transaction under `lock`."""
+    with lock.transaction() as cur:
+        cur.execute(
+            "INSERT INTO alias_history (model_name, alias, from_version, to_version, actor,"
+            " reason, moved_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                model_name,
+                alias,
+                int(from_version) if from_version else None,
+                int(to_version),
+                actor[:255],
+                reason[:512],
+                utc_now(),
+            ),
+        )
+        cur.execute(
+            "DELETE FROM alias_intents WHERE model_name = %s AND alias = %s", (model_name, alias)
+        )
     log.info("alias %s@%s: %s -> %s (%s)", model_name, alias, from_version, to_version, reason)
+
+
+def _record_intent(
+    lock: HeldLock,
+    model_name: str,
+    alias: str,
+    from_version: str | None,
+    to_version: str,
+    *,
+    actor: str,
+    reason: str,
+) -> None:
+    """Say which move is about to be made in MLflow, by whom and why (before the call)."""
+    with lock.transaction() as cur:
+        cur.execute(
+            "REPLACE INTO alias_intents (model_name, alias, from_version, to_version, actor,"
+            " reason, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                model_name,
+                alias,
+                int(from_version) if from_version else None,
+                int(to_version),
+                actor[:255],
+                reason[:512],
+                utc_now(),
+            ),
+        )
+
+
+def _intent(db: Database, model_name: str, alias: str) -> dict[str, Any] | None:
+    rows = db.query(
+        "SELECT from_version, to_version, actor, reason FROM alias_intents"
+        " WHERE model_name = %s AND alias = %s",
+        (model_name, alias),
+    )
+    return rows[0] if rows else None
 
 
 def _reconcile(
@@ -653,8 +694,8 @@ def _reconcile(
     writes) or made outside the pipeline gets its row now."""
     current = alias_version(model_name, alias)
     recorded = _recorded_alias(db, model_name, alias)
+    intent = _intent(db, model_name, alias)
     if current is not None and current != recorded:
-        lock.ensure_held()  # a holder whose lock was lost must not interleave rows
         log.warning(
             "alias %s@%s is v%s in MLflow but v%s in alias_history: recording the missing move",
             model_name,
@@ -662,17 +703,23 @@ def _reconcile(
             current,
             recorded,
         )
-        _append_history(
-            db,
-            model_name,
-            alias,
-            recorded,
-            current,
-            actor=f"reconcile:{actor}",
-            reason=f"reconciled with MLflow: @{alias} was at v{current} while alias_history"
-            f" said {'v' + recorded if recorded else 'nothing'} (a move whose history row was lost)",
-        )
-    elif current is None and recorded is not None:
+        if _intended(intent, recorded, current):  # the pipeline's own move: its actor and reason
+            mover, reason = intent["actor"], intent["reason"]
+        else:  # a move made outside the pipeline, or one from before alias_intents
+            mover = f"reconcile:{actor}"
+            reason = (
+                f"reconciled with MLflow: @{alias} was at v{current} while alias_history said"
+                f" {'v' + recorded if recorded else 'nothing'} (a move whose history row was lost)"
+            )
+        # Under the lock (a holder whose lock was lost must not interleave rows).
+        _append_history(lock, model_name, alias, recorded, current, actor=mover, reason=reason)
+    elif intent is not None:  # a move that never reached MLflow (or was recorded already)
+        with lock.transaction() as cur:
+            cur.execute(
+                "DELETE FROM alias_intents WHERE model_name = %s AND alias = %s",
+                (model_name, alias),
+            )
+    if current is None and recorded is not None:
         log.warning(
             "alias %s@%s is gone from MLflow but alias_history says v%s",
             model_name,
@@ -680,6 +727,14 @@ def _reconcile(
             recorded,
         )
     return current
+
+
+def _intended(intent: dict[str, Any] | None, recorded: str | None, current: str) -> bool:
+    """Whether `intent` is the move from `recorded` to `current` that MLflow shows."""
+    if intent is None:
+        return False
+    from_version = str(intent["from_version"]) if intent["from_version"] is not None else None
+    return from_version == recorded and str(intent["to_version"]) == current
 
 
 def reconcile_aliases(db: Database, model_name: str, *, actor: str) -> dict[str, str | None]:
@@ -698,13 +753,15 @@ def _move(
     actor: str,
     reason: str,
 ) -> bool:
-    """The move itself, under `lock` (`alias_lock`). MLflow first, then the history row:
-    a crash between the two is repaired by the next `_reconcile`. A lock whose connection
-    ended (a MySQL restart during a long gate) raises `LockLost` before anything moves:
-    another gate may be moving this alias now."""
+    """The move itself, under `lock` (`alias_lock`): its intent (who moves it where, and why),
+    MLflow, then the history row. A crash after MLflow's move is repaired by the next
+    `_reconcile` from the intent; one before it leaves an intent that `_reconcile` drops. A lock
+    whose connection ended (a MySQL restart during a long gate) raises `LockLost` before
+    anything moves: another gate may be moving this alias now."""
     current = _reconcile(db, lock, model_name, alias, actor=actor)
     if current == version:
         return False
+    _record_intent(lock, model_name, alias, current, version, actor=actor, reason=reason)
     pause_point(PAUSE_BEFORE_ALIAS_MOVE_ENV)
     lock.ensure_held()
     _ask(
@@ -712,7 +769,7 @@ def _move(
         lambda: mlflow_client().set_registered_model_alias(model_name, alias, version),
     )
     pause_point(PAUSE_AFTER_ALIAS_MOVE_ENV)
-    _append_history(db, model_name, alias, current, version, actor=actor, reason=reason)
+    _append_history(lock, model_name, alias, current, version, actor=actor, reason=reason)
     return True
 
 

@@ -227,11 +227,22 @@ def test_promote_sigkilled_between_alias_move_and_history_row_is_repaired_by_the
     decision = _gate(db, store, model_name, v3, tmp_path / "cache")
     assert decision["decision"] == "promoted" and decision["champion_version"] == v2
     assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name) == {"champion": v3}
+    # The lost row is recorded as the move it was (its intent was written before MLflow's move):
+    # the rollback's own actor and reason, not an anonymous reconciliation.
+    rollback_actor = f"cli:{os.environ.get('USER', 'unknown')}"
     assert _history(db, model_name) == [
         ("champion", None, int(v1), "pytest"),
-        ("champion", int(v1), int(v2), "reconcile:pytest"),
+        ("champion", int(v1), int(v2), rollback_actor),
         ("champion", int(v2), int(v3), "pytest"),
     ]
+    assert db.query("SELECT reason FROM alias_history WHERE to_version = %s", (int(v2),))[0][
+        "reason"
+    ].startswith(registry.ROLLBACK_REASON)
+    assert db.query("SELECT * FROM alias_intents WHERE model_name = %s", (model_name,)) == []
+    # ... so v1 stays rolled back: its gate run again (a cleared run) keeps it out.
+    again = _gate(db, store, model_name, v1, tmp_path / "cache")
+    assert again["decision"] == "challenger" and "rolled back" in again["reason"]
+    assert _mlflow_aliases(model_name) == {"champion": v3}
 
     # A CLI rollback after it takes the model's lock at once: the killed holder left none.
     done = subprocess.run(
@@ -282,6 +293,44 @@ def test_a_move_whose_alias_lock_connection_ended_moves_nothing(db, store, model
     assert "error: the MySQL connection holding the lock" in output, output[-3000:]
     assert _mlflow_aliases(model_name) == _sql_aliases(db, model_name) == {"champion": v3}
     assert [h[2] for h in _history(db, model_name)] == [int(v1), int(v3)]
+
+
+def test_a_move_killed_before_mlflow_moved_leaves_no_history_row(db, store, model_name, tmp_path):
+    """SIGKILL after the move's intent is written, before MLflow's alias moves: the next gate
+    records no move that never happened and drops the intent."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
+    assert _gate(db, store, model_name, v1, tmp_path / "cache")["decision"] == "promoted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--model-name", model_name, "promote"]
+        + ["--model-version", v2, "--rollback"],
+        env={
+            **os.environ,
+            "MYSQL_DATABASE": db.name,
+            "S3_BUCKET": store.bucket,
+            registry.PAUSE_BEFORE_ALIAS_MOVE_ENV: "120",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    intents = "SELECT to_version FROM alias_intents WHERE model_name = %s"
+    while not db.query(intents, (model_name,)):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the rollback never wrote its intent"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _mlflow_aliases(model_name) == {"champion": v1}
+
+    decision = _gate(db, store, model_name, v3, tmp_path / "cache")
+    assert decision["decision"] == "promoted" and decision["champion_version"] == v1
+    assert _history(db, model_name) == [
+        ("champion", None, int(v1), "pytest"),
+        ("champion", int(v1), int(v3), "pytest"),
+    ]
+    assert db.query(intents, (model_name,)) == []
 
 
 def test_ten_concurrent_promote_and_rollback_pairs_leave_sql_aliases_equal_to_mlflow(

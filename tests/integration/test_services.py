@@ -51,7 +51,7 @@ def test_migrations_of_a_database_with_the_longest_name_take_a_lock_mysql_accept
         with holder.cursor() as cur:  # while another process migrates, this one waits for it
             cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
             assert cur.fetchone()[0] == 1
-            with pytest.raises(TimeoutError, match="migration lock"):
+            with pytest.raises(TimeoutError, match="another schema migration held the MySQL lock"):
                 migrate(db, timeout_s=1)
         holder.close()
         assert migrate(db) == [v for v, _, _ in available_migrations()]
