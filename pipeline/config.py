@@ -241,6 +241,25 @@ def load_settings(env_file: str | Path | None = None) -> Settings:
     return Settings.from_env()
 
 
+CACHE_MAX_GB_ENV = "PIPELINE_CACHE_MAX_GB"
+
+
+def cache_max_bytes(env: dict[str, str] | None = None) -> int | None:
+    """The image cache's budget in bytes from `PIPELINE_CACHE_MAX_GB` (unset or empty: none)."""
+    raw = (os.environ if env is None else env).get(CACHE_MAX_GB_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        gigabytes = float(raw)
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes >= 0 or gigabytes == float("inf"):
+        raise ConfigError(
+            f"{CACHE_MAX_GB_ENV} must be a number of gigabytes >= 0 (empty: no limit), got {raw!r}"
+        )
+    return int(gigabytes * 1e9)
+
+
 def pause_point(env: str) -> None:
     """Sleep the seconds the variable `env` names: a fault test's pause point, where it kills a
     real process or ends its connection (unset in every deployment)."""

@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.catalog import REJECT_CHANGED_OBJECT, REJECT_MISSING_OBJECT
+from pipeline.config import CACHE_MAX_GB_ENV, cache_max_bytes
 from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, is_out_of_memory, s3_error_code
 from pipeline.files import write_atomically
 from pipeline.records import ImageRecord
@@ -61,6 +63,11 @@ _CROP_SCALE = (0.7, 1.0)
 _CROP_RATIO = (0.85, 1.18)
 _JITTER = 0.2  # brightness and contrast factors drawn from [1 - _JITTER, 1 + _JITTER]
 MAX_AUTO_WORKERS = 16
+# A cached copy used within this long is never trimmed: a run may still read it (the longest
+# task's execution_timeout, training's).
+CACHE_MIN_AGE_S = 6 * 3600
+_TOUCH_EVERY_S = 600
+_STALE_TMP_S = 3600
 
 
 class ImageDecodeError(ValueError):
@@ -502,10 +509,16 @@ def make_loader(
 
 
 class ImageCache:
-    """Local copies of objects, keyed by (bucket, key, ETag); shared by training, scoring and reruns."""
+    """Local copies of objects, keyed by (bucket, key, ETag); shared by training, scoring and reruns.
 
-    def __init__(self, root: str | Path) -> None:
+    With a budget (`max_bytes`, default `PIPELINE_CACHE_MAX_GB`), `trim` deletes the copies
+    used longest ago until the cache fits, never one used in the last `CACHE_MIN_AGE_S` (another
+    run may be reading it). A copy's modification time is its last use: reads touch it.
+    """
+
+    def __init__(self, root: str | Path, *, max_bytes: int | None = None) -> None:
         self.root = Path(root) / "images"
+        self.max_bytes = cache_max_bytes() if max_bytes is None else max_bytes
 
     def path(self, record: ImageRecord) -> Path:
         digest = hashlib.sha256(
@@ -521,8 +534,11 @@ class ImageCache:
         """
         path = self.path(record)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as file:
+                data = file.read()
+                used = os.fstat(file.fileno()).st_mtime
             if record.size is None or len(data) == record.size:
+                _mark_used(path, used)
                 return data
             log.warning(
                 "cached copy of %s has %d bytes, the object %d: fetching it again",
@@ -543,19 +559,69 @@ class ImageCache:
         return data
 
     def _cached(self, record: ImageRecord) -> bool:
+        path = self.path(record)
         try:
-            size = self.path(record).stat().st_size
+            stat = path.stat()
         except FileNotFoundError:
             return False
-        return record.size is None or size == record.size
+        if record.size is not None and stat.st_size != record.size:
+            return False
+        _mark_used(path, stat.st_mtime)
+        return True
+
+    def trim(self) -> dict[str, int]:
+        """Fit the cache in its budget: delete the copies used longest ago (none used in the last
+        `CACHE_MIN_AGE_S`), and temporary files a killed writer left (older than an hour).
+        Returns counts and bytes; does nothing without a budget."""
+        done = {"deleted": 0, "deleted_bytes": 0, "kept_bytes": 0, "stale_tmp": 0}
+        if self.max_bytes is None:
+            return done
+        now = time.time()
+        copies, total = [], 0
+        for entry in _cache_files(self.root):
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:  # trimmed or replaced by another process meanwhile
+                continue
+            if entry.name.endswith(".tmp"):
+                if now - stat.st_mtime > _STALE_TMP_S:
+                    Path(entry.path).unlink(missing_ok=True)
+                    done["stale_tmp"] += 1
+                continue
+            copies.append((stat.st_mtime, stat.st_size, entry.path))
+            total += stat.st_size
+        copies.sort()
+        for used, size, path in copies:
+            if total <= self.max_bytes or now - used < CACHE_MIN_AGE_S:
+                break
+            Path(path).unlink(missing_ok=True)
+            total -= size
+            done["deleted"] += 1
+            done["deleted_bytes"] += size
+        done["kept_bytes"] = total
+        if done["deleted"] or done["stale_tmp"]:
+            log.info("cache %s trimmed: %s", self.root, done)
+        if total > self.max_bytes:
+            log.warning(
+                "cache %s holds %.2f GB, over its budget of %.2f GB (%s): the rest was used in the"
+                " last %d h",
+                self.root,
+                total / 1e9,
+                self.max_bytes / 1e9,
+                CACHE_MAX_GB_ENV,
+                CACHE_MIN_AGE_S // 3600,
+            )
+        return done
 
     def fill(
         self, store: ObjectStore, records: Sequence[ImageRecord], *, workers: int = 16
     ) -> dict[int, str]:
-        """Fetch every record not cached yet, in parallel; returns {image_id: reason} of failures."""
+        """Fetch every record not cached yet, in parallel, then `trim` the cache; returns
+        {image_id: reason} of failures."""
         missing = [r for r in records if not self._cached(r)]
         failures: dict[int, str] = {}
         if not missing:
+            self.trim()
             return failures
 
         def one(record: ImageRecord) -> tuple[int, str | None]:
@@ -572,7 +638,25 @@ class ImageCache:
         log.info(
             "cache: fetched %d objects, %d missing", len(missing) - len(failures), len(failures)
         )
+        self.trim()
         return failures
+
+
+def _mark_used(path: Path, last_used: float) -> None:
+    """Touch a cached copy as used now (at most every `_TOUCH_EVERY_S`: reads stay cheap)."""
+    if time.time() - last_used > _TOUCH_EVERY_S:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
+
+def _cache_files(root: Path) -> Iterator[os.DirEntry]:
+    try:
+        shards = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for shard in shards:
+        with contextlib.suppress(FileNotFoundError), os.scandir(shard.path) as entries:
+            yield from (e for e in entries if e.is_file(follow_symlinks=False))
 
 
 def fetch_object(store: ObjectStore, record: ImageRecord) -> bytes:

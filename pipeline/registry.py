@@ -1049,24 +1049,21 @@ def _decide(
     catalog,
     note="",
 ) -> dict[str, Any]:
-    split = tags.get("gate_split", "val")  # "test" for a model trained on val (train_on_val)
-    records = catalog.dataset_images(db, tags["dataset_version"], [split])
-    if not records:
-        raise Refusal(
-            f"dataset {tags['dataset_version']} has no {split} images: the gate cannot compare"
-            + (" (raise val_percent, or add a val/ split)" if split == "val" else "")
-        )
     champion_version = alias_version(model_name, CHAMPION)
     if champion_version == version:
         champion_version = None  # promoted earlier by hand: compare with nothing
-    label_change = None
+    label_change = champion_tags = None
     if champion_version is not None:
+        champion_tags = version_tags(model_name, champion_version)
         label_change = label_change_refusal(
             labels_of(tags),
-            labels_of(version_tags(model_name, champion_version)),
+            labels_of(champion_tags),
             model_name=model_name,
             champion_version=champion_version,
         )
+    records, split, left_out = gate_images(
+        db, catalog, tags, None if label_change else champion_tags, champion_version
+    )
     candidate = load_model(model_name, version, cache_dir=cache_dir)
     accuracy, n = accuracy_on(candidate, store, records, cache_dir=cache_dir)
     champion_accuracy = None
@@ -1085,7 +1082,7 @@ def _decide(
         allow_label_change=allow_label_change,
         require_approval=require_approval,
     )
-    reason = f"{note}{reason} on {n} {split} images"
+    reason = f"{note}{reason} on {n} {split} images{left_out}"
     if decision == AWAITING_APPROVAL:
         reason += AWAITING_SUFFIX
     db.execute(
@@ -1107,6 +1104,58 @@ def _decide(
         ),
     )
     return _version_row(db, model_name, version)
+
+
+def gate_images(
+    db: Database,
+    catalog,
+    tags: dict[str, str],
+    champion_tags: dict[str, str] | None,
+    champion_version: str | None,
+) -> tuple[list, str, str]:
+    """The labelled images the gate compares on, their split, and what was left out (a note).
+
+    The candidate's gate split (its `gate_split` tag: val, or test for a model trained on val),
+    less the images the champion was trained on: a model scored on its own training images
+    looks better than it is. Where that leaves none (the champion trained on this very split,
+    `train_on_val`), the test split less the same images.
+    """
+    dataset = tags["dataset_version"]
+    split = tags.get("gate_split", "val")
+    records = catalog.dataset_images(db, dataset, [split])
+    if not records:
+        raise Refusal(
+            f"dataset {dataset} has no {split} images: the gate cannot compare"
+            + (" (raise val_percent, or add a val/ split)" if split == "val" else "")
+        )
+    seen = _trained_on(db, catalog, champion_tags)
+    kept = [r for r in records if r.image_id not in seen]
+    if len(kept) == len(records):
+        return records, split, ""
+    left = len(records) - len(kept)
+    note = f" ({left} {split} image{'s' * (left != 1)} left out: champion v{champion_version}"
+    if not kept and split != "test":
+        split = "test"
+        kept = [r for r in catalog.dataset_images(db, dataset, [split]) if r.image_id not in seen]
+        note = f" (val left out: champion v{champion_version}"
+    if not kept:
+        raise Refusal(
+            f"champion v{champion_version} was trained on every val and test image of dataset"
+            f" {dataset}: the gate cannot compare the two fairly; add images the champion has"
+            " not seen, or promote by hand (`promote --model-version N`)"
+        )
+    return kept, split, f"{note} trained on them)"
+
+
+def _trained_on(db: Database, catalog, champion_tags: dict[str, str] | None) -> set[int]:
+    """Image ids the champion was trained on: its dataset version's train split (and val, for
+    a model trained on val)."""
+    if not champion_tags or not champion_tags.get("dataset_version"):
+        return set()
+    subsets = ["train", "val"] if champion_tags.get("gate_split") == "test" else ["train"]
+    return {
+        r.image_id for r in catalog.dataset_images(db, champion_tags["dataset_version"], subsets)
+    }
 
 
 def _version_row(db: Database, model_name: str, version: str) -> dict[str, Any]:

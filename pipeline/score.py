@@ -393,6 +393,7 @@ def score_shard(
     _write_stream(
         db, stream, stats, clock, loaded, dataset_version, run_key, progress=(shard, shards, total)
     )
+    cache.trim()
     summary = _shard_summary(
         where, dataset_version, precision, stats, clock, time.monotonic() - started
     )

@@ -223,6 +223,31 @@ def test_a_cached_copy_damaged_on_disk_is_fetched_again_not_rejected(
     assert copy.read_bytes() == good
 
 
+def test_scoring_keeps_the_image_cache_in_its_budget_without_evicting_what_it_just_read(
+    db, store, mlflow_names, champion, tmp_cache, monkeypatch
+):
+    """`PIPELINE_CACHE_MAX_GB=0`: copies last used long ago (another dataset's) are deleted
+    after the shard; the copies this shard read stay (another run may be reading them)."""
+    import os
+    import time
+
+    from pipeline.data import ImageCache
+    from pipeline.records import ImageRecord
+
+    monkeypatch.setenv("PIPELINE_CACHE_MAX_GB", "0")
+    cache = ImageCache(tmp_cache)
+    stale = cache.path(ImageRecord(10**9, store.bucket, "old/a/1.png", "e", "test", "a"))
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"x" * 5000)
+    long_ago = time.time() - 7 * 24 * 3600
+    os.utime(stale, (long_ago, long_ago))
+
+    _score_all(db, store, _plan(db, store, mlflow_names), tmp_cache)
+    assert not stale.exists()
+    scored = catalog.inbox_images(db, store.bucket, PREFIX)
+    assert scored and all(cache.path(r).exists() for r in scored)
+
+
 def test_a_cached_model_copy_damaged_on_disk_is_downloaded_again(mlflow_names, champion, tmp_cache):
     """The weights of a cached model version no longer match their registered SHA-256 (a disk
     error): the copy is replaced from the artifact store, not refused on every run."""

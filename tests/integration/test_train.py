@@ -355,6 +355,16 @@ def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(
     assert decision["decision"] == "promoted"
     assert decision["reason"].endswith(f"on {n['test']} test images")
 
+    # The next challenger (trained on train only) is gated on val, which the champion trained
+    # on: it would look better there than it is. Both are compared on test instead.
+    challenger = trainer("run-after-tov")
+    decision = _gate(db, store, mlflow_names, challenger["model_version"], tmp_cache)
+    assert decision["champion_version"] == result["model_version"]
+    assert decision["reason"].endswith(
+        f"on {n['test']} test images (val left out: champion v{result['model_version']}"
+        " trained on them)"
+    )
+
     with pytest.raises(ValueError, match="early stopping"):
         TrainParams.from_dict({"train_on_val": True, "patience": 2})
 

@@ -167,3 +167,62 @@ def test_review_reason_names_the_reviewer_and_keeps_the_gate_reason(
 ):
     reason = registry.review_reason(outcome, reviewer, comment, "acc 0.9 vs 0.8; awaiting approval")
     assert says in reason and lacks not in reason
+
+
+class _Memberships:
+    """`catalog.dataset_images` over an in-memory {(dataset, subset): [image ids]}."""
+
+    def __init__(self, members: dict[tuple[str, str], list[int]]) -> None:
+        self.members = members
+
+    def dataset_images(self, db, dataset_version, subsets):
+        from pipeline.records import ImageRecord
+
+        return [
+            ImageRecord(i, "b", f"{subset}/a/{i}.png", "e", subset, "a")
+            for subset in subsets
+            for i in self.members.get((dataset_version, subset), [])
+        ]
+
+
+@pytest.mark.parametrize(
+    ("champion_tags", "split", "ids", "note"),
+    [
+        pytest.param(None, "val", [5, 6, 7], "", id="no-champion"),
+        pytest.param(
+            {"dataset_version": "d1", "gate_split": "val"},
+            "val",
+            [6, 7],
+            " (1 val image left out: champion v3 trained on them)",
+            id="champion-trained-on-one-of-them",
+        ),
+        pytest.param(
+            {"dataset_version": "d2", "gate_split": "test"},
+            "test",
+            [8, 9],
+            " (val left out: champion v3 trained on them)",
+            id="champion-trained-on-val",
+        ),
+        pytest.param({"gate_split": "val"}, "val", [5, 6, 7], "", id="champion-without-lineage"),
+    ],
+)
+def test_the_gate_leaves_out_the_images_the_champion_trained_on(champion_tags, split, ids, note):
+    catalog = _Memberships(
+        {
+            ("d2", "train"): [1, 2],
+            ("d2", "val"): [5, 6, 7],
+            ("d2", "test"): [8, 9],
+            ("d1", "train"): [1, 5],  # val_percent changed: image 5 was train in d1
+        }
+    )
+    tags = {"dataset_version": "d2", "gate_split": "val"}
+    records, got_split, got_note = registry.gate_images(None, catalog, tags, champion_tags, "3")
+    assert ([r.image_id for r in records], got_split, got_note) == (ids, split, note)
+
+
+def test_the_gate_refuses_when_the_champion_trained_on_every_image_it_could_compare_on():
+    catalog = _Memberships({("d", "train"): [1], ("d", "val"): [2], ("d", "test"): [3]})
+    champion = {"dataset_version": "d", "gate_split": "test"}
+    catalog.members[("d", "train")] = [1, 3]  # test images trained on too (another prefix layout)
+    with pytest.raises(registry.Refusal, match="champion v4 was trained on every val and test"):
+        registry.gate_images(None, catalog, {"dataset_version": "d"}, champion, "4")
