@@ -63,9 +63,10 @@ _CROP_SCALE = (0.7, 1.0)
 _CROP_RATIO = (0.85, 1.18)
 _JITTER = 0.2  # brightness and contrast factors drawn from [1 - _JITTER, 1 + _JITTER]
 MAX_AUTO_WORKERS = 16
-# A cached copy used within this long is never trimmed: a run may still read it (the longest
-# task's execution_timeout, training's).
-CACHE_MIN_AGE_S = 6 * 3600
+# A cached copy used within this long is never trimmed: a run may still read it. Training marks
+# its copies used when it starts and reads them for up to its execution_timeout (6 h); reads
+# mark a copy at most every `_TOUCH_EVERY_S`.
+CACHE_MIN_AGE_S = 7 * 3600
 _TOUCH_EVERY_S = 600
 _STALE_TMP_S = 3600
 
@@ -594,6 +595,8 @@ class ImageCache:
         for used, size, path in copies:
             if total <= self.max_bytes or now - used < CACHE_MIN_AGE_S:
                 break
+            if _used_since(path, used):  # read by another process since the walk: keep it
+                continue
             Path(path).unlink(missing_ok=True)
             total -= size
             done["deleted"] += 1
@@ -643,10 +646,18 @@ class ImageCache:
 
 
 def _mark_used(path: Path, last_used: float) -> None:
-    """Touch a cached copy as used now (at most every `_TOUCH_EVERY_S`: reads stay cheap)."""
+    """Touch a cached copy as used now (at most every `_TOUCH_EVERY_S`: reads stay cheap). A
+    copy that cannot be touched (another owner, a read-only mount) is still read."""
     if time.time() - last_used > _TOUCH_EVERY_S:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.utime(path)
+
+
+def _used_since(path: str, used: float) -> bool:
+    try:
+        return os.stat(path).st_mtime != used
+    except FileNotFoundError:
+        return True  # gone already
 
 
 def _cache_files(root: Path) -> Iterator[os.DirEntry]:

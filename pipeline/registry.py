@@ -703,7 +703,7 @@ def _reconcile(
             current,
             recorded,
         )
-        if _intended(intent, recorded, current):  # the pipeline's own move: its actor and reason
+        if _intended(intent, current):  # the pipeline's own move: its actor and reason
             mover, reason = intent["actor"], intent["reason"]
         else:  # a move made outside the pipeline, or one from before alias_intents
             mover = f"reconcile:{actor}"
@@ -729,12 +729,10 @@ def _reconcile(
     return current
 
 
-def _intended(intent: dict[str, Any] | None, recorded: str | None, current: str) -> bool:
-    """Whether `intent` is the move from `recorded` to `current` that MLflow shows."""
-    if intent is None:
-        return False
-    from_version = str(intent["from_version"]) if intent["from_version"] is not None else None
-    return from_version == recorded and str(intent["to_version"]) == current
+def _intended(intent: dict[str, Any] | None, current: str) -> bool:
+    """Whether `intent` is the move to `current` that MLflow shows (its `from_version` is what
+    MLflow said before, which history may not: an alias deleted with its version)."""
+    return intent is not None and str(intent["to_version"]) == current
 
 
 def reconcile_aliases(db: Database, model_name: str, *, actor: str) -> dict[str, str | None]:
@@ -966,6 +964,13 @@ def _tag_gate_result(result: dict[str, Any]) -> None:
                 name, version, f"gate_{key}", str(result[key])
             ),
         )
+    # A new decision has no answer yet: an earlier decision's review tags would misattribute it.
+    unanswered = {f"gate_{key}" for key in ("review", "reviewer") if not result.get(key)}
+    for tag in unanswered & set(version_tags(name, version)):
+        _ask(
+            f"untag {name} v{version}",
+            lambda tag=tag: mlflow_client().delete_model_version_tag(name, version, tag),
+        )
 
 
 def gate_decision(
@@ -1153,9 +1158,16 @@ def _trained_on(db: Database, catalog, champion_tags: dict[str, str] | None) -> 
     if not champion_tags or not champion_tags.get("dataset_version"):
         return set()
     subsets = ["train", "val"] if champion_tags.get("gate_split") == "test" else ["train"]
-    return {
-        r.image_id for r in catalog.dataset_images(db, champion_tags["dataset_version"], subsets)
-    }
+    try:
+        trained = catalog.dataset_images(db, champion_tags["dataset_version"], subsets)
+    except LookupError:  # a champion from outside this catalog (promoted by name)
+        log.warning(
+            "the champion's dataset version %s is not in this catalog: the gate cannot leave out"
+            " the images it was trained on",
+            champion_tags["dataset_version"],
+        )
+        return set()
+    return {r.image_id for r in trained}
 
 
 def _version_row(db: Database, model_name: str, version: str) -> dict[str, Any]:

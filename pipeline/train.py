@@ -420,7 +420,12 @@ def resume_state(
         history=state["history"],
         best=state["best"],
         run_id=state["run_id"],
-        stopped_early=state.get("stopped_early", False),
+        stopped_early=state.get(
+            "stopped_early",  # a checkpoint from before it was saved: the same rule
+            patience_exhausted(
+                state["epoch"], state["best"]["epoch"], identity["params"]["patience"]
+            ),
+        ),
         bad_train=_indices_of(state.get("bad_train_ids", ()), records[0]),
         bad_val=_indices_of(state.get("bad_val_ids", ()), records[1]),
     )

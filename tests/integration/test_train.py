@@ -56,6 +56,7 @@ def _gate(db, store, names, version, tmp_cache, **kwargs):
         actor="pytest",
         cache_dir=tmp_cache,
         require_approval=kwargs.get("require_approval", False),
+        explicit=kwargs.get("explicit", False),
     )
 
 
@@ -336,6 +337,15 @@ def test_approval_holds_a_promotion_until_a_person_answers(
     assert (row(fifth)["review"], row(fifth)["reviewer"]) == ("rejected", "cli:carol")
     assert main([*cli, fourth, "--approve"]) == 1  # not awaiting approval
     assert registry.resolve_model_version(name) == first
+
+    # Rolled back, then named by a person: decided again, and alice's answer is no longer its
+    # answer, in MySQL or in MLflow's tags.
+    registry.rollback(db, name, second, actor="pytest", reason="test")
+    again = _gate(db, store, mlflow_names, first, tmp_cache, explicit=True)
+    assert again["decision"] in ("promoted", "challenger") and row(first)["review"] is None
+    tags = registry.version_tags(name, first)
+    assert tags["gate_decision"] == again["decision"]
+    assert "gate_review" not in tags and "gate_reviewer" not in tags
 
 
 def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(

@@ -178,6 +178,9 @@ class _Memberships:
     def dataset_images(self, db, dataset_version, subsets):
         from pipeline.records import ImageRecord
 
+        if not any(dataset == dataset_version for dataset, _ in self.members):
+            raise LookupError(f"unknown dataset version {dataset_version}")
+
         return [
             ImageRecord(i, "b", f"{subset}/a/{i}.png", "e", subset, "a")
             for subset in subsets
@@ -204,6 +207,13 @@ class _Memberships:
             id="champion-trained-on-val",
         ),
         pytest.param({"gate_split": "val"}, "val", [5, 6, 7], "", id="champion-without-lineage"),
+        pytest.param(
+            {"dataset_version": "elsewhere", "gate_split": "val"},
+            "val",
+            [5, 6, 7],
+            "",
+            id="champion-from-another-catalog",
+        ),
     ],
 )
 def test_the_gate_leaves_out_the_images_the_champion_trained_on(champion_tags, split, ids, note):
