@@ -367,7 +367,7 @@ def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(
 
     # The next challenger (trained on train only) is gated on val, which the champion trained
     # on: it would look better there than it is. Both are compared on test instead.
-    challenger = trainer("run-after-tov")
+    challenger = trainer("run-after-tov", force_retrain=True)
     decision = _gate(db, store, mlflow_names, challenger["model_version"], tmp_cache)
     assert decision["champion_version"] == result["model_version"]
     assert decision["reason"].endswith(
