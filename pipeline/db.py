@@ -6,9 +6,10 @@ import contextlib
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeVar
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK = "imgpipe_schema_migrations"
 # `wait_timeout` of a `named_lock` connection: a day, so the server keeps an idle holder's lock.
 LOCK_IDLE_TIMEOUT_S = 86_400
+# How often a held lock's connection is used while its holder works: below the idle timeouts of
+# the proxies and load balancers in front of managed MySQL (minutes).
+LOCK_KEEPALIVE_S = 60.0
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -201,17 +205,25 @@ def mysql_lock_name(db: Database, name: str) -> str:
 
 @dataclass
 class HeldLock:
-    """A named lock held by `connection` (see `named_lock`)."""
+    """A named lock held by `connection` (see `named_lock`). Its methods may be called from
+    any thread: they take turns on the connection."""
 
     name: str
     server_name: str
     connection: Any
+    _turn: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def ping(self) -> None:
+        """Use the idle connection, so that nothing between here and the server (a proxy, a
+        load balancer) ends it for idleness. A failure is for `ensure_held` to report."""
+        with self._turn, contextlib.suppress(pymysql.err.Error, OSError):
+            self.connection.ping(reconnect=False)
 
     def ensure_held(self) -> None:
         """Raise `LockLost` unless this connection still holds the lock: call it right before
         the write the lock protects, since the server drops a lock with its connection."""
         try:
-            with self.connection.cursor() as cur:
+            with self._turn, self.connection.cursor() as cur:
                 cur.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self.server_name,))
                 held = cur.fetchone()[0] == 1
         except pymysql.err.Error as exc:
@@ -229,35 +241,45 @@ class HeldLock:
     def transaction(self) -> Iterator[pymysql.cursors.Cursor]:
         """A transaction on the lock's own connection: it commits only while that connection,
         and so the lock, lives. A connection that ends on the way rolls it back (`LockLost`)."""
-        self.ensure_held()
-        conn = self.connection
-        try:
-            conn.begin()
-            with conn.cursor() as cur:
-                yield cur
-            conn.commit()
-        except pymysql.err.Error as exc:
-            with contextlib.suppress(pymysql.err.Error):
-                conn.rollback()
-            if is_transient(exc):
-                raise LockLost(
-                    f"the MySQL connection holding the lock {self.name!r} was lost ({exc}):"
-                    " its transaction was rolled back"
-                ) from exc
-            raise
-        except BaseException:
-            with contextlib.suppress(pymysql.err.Error):
-                conn.rollback()
-            raise
+        with self._turn:  # the keep-alive ping waits until it ends
+            self.ensure_held()
+            conn = self.connection
+            try:
+                conn.begin()
+                with conn.cursor() as cur:
+                    yield cur
+                conn.commit()
+            except pymysql.err.Error as exc:
+                with contextlib.suppress(pymysql.err.Error):
+                    conn.rollback()
+                if is_transient(exc):
+                    raise LockLost(
+                        f"the MySQL connection holding the lock {self.name!r} was lost ({exc}):"
+                        " its transaction was rolled back"
+                    ) from exc
+                raise
+            except BaseException:
+                with contextlib.suppress(pymysql.err.Error):
+                    conn.rollback()
+                raise
 
 
 @contextmanager
-def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterator[HeldLock]:
+def named_lock(
+    db: Database,
+    name: str,
+    *,
+    timeout_s: int,
+    what: str,
+    keepalive_s: float | None = LOCK_KEEPALIVE_S,
+) -> Iterator[HeldLock]:
     """Hold the MySQL named lock `name` (GET_LOCK) for the `with` block, on its own connection.
 
     The server releases the lock when that connection ends, so a holder that is killed never
     leaves it behind; the other side of that coin is a holder whose connection ends while it
     works on: it must call `HeldLock.ensure_held()` before each write the lock protects.
+    While the block runs, a thread pings the connection every `keepalive_s` seconds (None: never)
+    so that no proxy or load balancer on the way ends it as idle during hours of work.
     Names are scoped to `db` and hashed (MySQL allows 64 characters). `what` names the work
     the lock serialises, for the timeout's message.
     """
@@ -269,8 +291,10 @@ def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterato
             # must not end it for idleness (`wait_timeout`, often minutes on managed MySQL).
             cur.execute("SET SESSION wait_timeout = %s", (LOCK_IDLE_TIMEOUT_S,))
             _get_lock(cur, lock, name=name, timeout_s=timeout_s, what=what)
+        held = HeldLock(name, lock, conn)
         try:
-            yield HeldLock(name, lock, conn)
+            with _kept_alive(held, keepalive_s):
+                yield held
         finally:
             try:
                 with conn.cursor() as cur:
@@ -279,6 +303,27 @@ def named_lock(db: Database, name: str, *, timeout_s: int, what: str) -> Iterato
                 log.warning("releasing the MySQL lock %r: %s", name, exc)
     finally:
         conn.close()
+
+
+@contextmanager
+def _kept_alive(held: HeldLock, every_s: float | None) -> Iterator[None]:
+    """`held.ping()` every `every_s` seconds on a daemon thread while the block runs."""
+    if every_s is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def ping() -> None:
+        while not stop.wait(every_s):
+            held.ping()
+
+    thread = threading.Thread(target=ping, name=f"lock-keepalive {held.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _get_lock(cur: Any, lock: str, *, name: str, timeout_s: int, what: str) -> None:
