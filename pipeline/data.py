@@ -18,6 +18,7 @@ Choices:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -69,6 +70,8 @@ MAX_AUTO_WORKERS = 16
 CACHE_MIN_AGE_S = 7 * 3600
 _TOUCH_EVERY_S = 600
 _STALE_TMP_S = 3600
+# A disk that cannot take a copy: full, over quota, a file size limit, read-only.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class ImageDecodeError(ValueError):
@@ -520,6 +523,7 @@ class ImageCache:
     def __init__(self, root: str | Path, *, max_bytes: int | None = None) -> None:
         self.root = Path(root) / "images"
         self.max_bytes = cache_max_bytes() if max_bytes is None else max_bytes
+        self._warned_full = False
 
     def path(self, record: ImageRecord) -> Path:
         digest = hashlib.sha256(
@@ -527,11 +531,12 @@ class ImageCache:
         ).hexdigest()
         return self.root / digest[:2] / digest
 
-    def get(self, store: ObjectStore, record: ImageRecord) -> bytes:
+    def get(self, store: ObjectStore, record: ImageRecord, *, copy_required: bool = False) -> bytes:
         """The object's bytes, from the cache or S3 (then cached); MissingObjectError when gone.
 
         A cached copy whose size differs from the catalogued one (cut short by a crash or a
-        full disk) is fetched again.
+        full disk) is fetched again. A copy that cannot be written (a full disk) only costs the
+        next reader a GET, unless `copy_required` (the reader opens the file: training).
         """
         path = self.path(record)
         try:
@@ -549,15 +554,37 @@ class ImageCache:
             )
         except FileNotFoundError:
             pass
-        return self.refresh(store, record)
+        return self.refresh(store, record, copy_required=copy_required)
 
-    def refresh(self, store: ObjectStore, record: ImageRecord) -> bytes:
+    def refresh(
+        self, store: ObjectStore, record: ImageRecord, *, copy_required: bool = False
+    ) -> bytes:
         """The object's bytes from S3, replacing the cached copy: before an image that failed
         to decode from its copy is rejected, since the copy on local disk may be what is
         damaged (MissingObjectError when the object is gone or changed)."""
         data = fetch_object(store, record)
-        write_atomically(self.path(record), data)
+        self._keep(record, data, required=copy_required)
         return data
+
+    def _keep(self, record: ImageRecord, data: bytes, *, required: bool) -> None:
+        try:
+            write_atomically(self.path(record), data)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            if required:
+                raise OSError(
+                    exc.errno,
+                    f"the image cache {self.root} cannot keep a copy of {record.object_key}"
+                    f" ({exc.strerror}): free space there or lower {CACHE_MAX_GB_ENV}",
+                ) from exc
+            if not self._warned_full:
+                self._warned_full = True
+                log.warning(
+                    "the image cache %s cannot keep copies (%s): reading from S3 without them",
+                    self.root,
+                    exc.strerror,
+                )
 
     def _cached(self, record: ImageRecord) -> bool:
         path = self.path(record)
@@ -629,7 +656,7 @@ class ImageCache:
 
         def one(record: ImageRecord) -> tuple[int, str | None]:
             try:
-                self.get(store, record)
+                self.get(store, record, copy_required=True)
                 return record.image_id, None
             except MissingObjectError as exc:
                 return record.image_id, str(exc)

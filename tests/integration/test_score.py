@@ -248,6 +248,63 @@ def test_scoring_keeps_the_image_cache_in_its_budget_without_evicting_what_it_ju
     assert scored and all(cache.path(r).exists() for r in scored)
 
 
+_DISK_FULL = textwrap.dedent(
+    """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # no file past 64 bytes: EFBIG
+    from pipeline.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_cache_disk_that_takes_no_more_copies_slows_scoring_but_fails_training(
+    db, store, digits, mlflow_names, champion, tmp_cache
+):
+    """A full cache disk (the kernel's file size limit refuses every write past 64 bytes):
+    scoring has the bytes in memory and goes on without copies, with one warning; training,
+    whose loader opens the copies, fails at once naming the cache."""
+    registry.load_model(mlflow_names["model_name"], champion, cache_dir=tmp_cache)
+    env = {
+        **os.environ,
+        "MYSQL_DATABASE": db.name,
+        "S3_BUCKET": store.bucket,
+        "S3_PREFIX": PREFIX,
+        "MODEL_NAME": mlflow_names["model_name"],
+        "PIPELINE_CACHE_DIR": str(tmp_cache),
+    }
+    run = [sys.executable, "-c", _DISK_FULL]
+    scored = subprocess.run(
+        [*run, "score", "--batch-size", "4", "--shards", "1"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = scored.stdout + scored.stderr
+    assert scored.returncode == 0, output[-3000:]
+    assert output.count("cannot keep copies (File too large): reading from S3 without") == 1
+    rows = db.query("SELECT image_id, COUNT(*) AS n FROM predictions GROUP BY image_id")
+    assert {r["image_id"] for r in rows} == set(_expected(db)) and {r["n"] for r in rows} == {1}
+    assert not [p for p in (tmp_cache / "images").rglob("*") if p.is_file()]
+
+    trained = subprocess.run(
+        [*run, "train", "--dataset-version", digits["dataset_version"], "--epochs", "1"]
+        + ["--min-images-per-label", "1", "--force-retrain"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = trained.stdout + trained.stderr
+    assert trained.returncode != 0
+    assert f"the image cache {tmp_cache / 'images'} cannot keep a copy of" in output, output[-3000:]
+    assert "free space there or lower PIPELINE_CACHE_MAX_GB" in output
+
+
 def test_a_cached_model_copy_damaged_on_disk_is_downloaded_again(mlflow_names, champion, tmp_cache):
     """The weights of a cached model version no longer match their registered SHA-256 (a disk
     error): the copy is replaced from the artifact store, not refused on every run."""
