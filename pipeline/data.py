@@ -386,7 +386,7 @@ class ImageDataset:
 
     def __getitem__(self, index: int):
         try:
-            data = self.paths[index].read_bytes()
+            data = read_cached(self.paths[index])
             if self.encoded and gpu_decodable(data):
                 return data, self.targets[index], index
             return self.preset.from_bytes(data), self.targets[index], index
@@ -540,11 +540,8 @@ class ImageCache:
         """
         path = self.path(record)
         try:
-            with open(path, "rb") as file:
-                data = file.read()
-                used = os.fstat(file.fileno()).st_mtime
+            data = read_cached(path)
             if record.size is None or len(data) == record.size:
-                _mark_used(path, used)
                 return data
             log.warning(
                 "cached copy of %s has %d bytes, the object %d: fetching it again",
@@ -567,11 +564,13 @@ class ImageCache:
         return data
 
     def _keep(self, record: ImageRecord, data: bytes, *, required: bool) -> None:
+        path = self.path(record)
         try:
-            write_atomically(self.path(record), data)
+            write_atomically(path, data)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
+            path.unlink(missing_ok=True)  # an old copy it was to replace may be damaged
             if required:
                 raise OSError(
                     exc.errno,
@@ -644,19 +643,25 @@ class ImageCache:
         return done
 
     def fill(
-        self, store: ObjectStore, records: Sequence[ImageRecord], *, workers: int = 16
+        self,
+        store: ObjectStore,
+        records: Sequence[ImageRecord],
+        *,
+        workers: int = 16,
+        copy_required: bool = False,
     ) -> dict[int, str]:
-        """Fetch every record not cached yet, in parallel, then `trim` the cache; returns
-        {image_id: reason} of failures."""
+        """`trim` the cache, then fetch every record not cached yet, in parallel; returns
+        {image_id: reason} of failures. `copy_required`: the caller opens the copies (training's
+        loader), so one that cannot be written fails the fill (see `get`)."""
+        self.trim()
         missing = [r for r in records if not self._cached(r)]
         failures: dict[int, str] = {}
         if not missing:
-            self.trim()
             return failures
 
         def one(record: ImageRecord) -> tuple[int, str | None]:
             try:
-                self.get(store, record, copy_required=True)
+                self.get(store, record, copy_required=copy_required)
                 return record.image_id, None
             except MissingObjectError as exc:
                 return record.image_id, str(exc)
@@ -668,8 +673,16 @@ class ImageCache:
         log.info(
             "cache: fetched %d objects, %d missing", len(missing) - len(failures), len(failures)
         )
-        self.trim()
         return failures
+
+
+def read_cached(path: Path) -> bytes:
+    """A cached copy's bytes, marking it used (so `ImageCache.trim` keeps it while it is read)."""
+    with open(path, "rb") as file:
+        data = file.read()
+        used = os.fstat(file.fileno()).st_mtime
+    _mark_used(path, used)
+    return data
 
 
 def _mark_used(path: Path, last_used: float) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,9 @@ LOCK_IDLE_TIMEOUT_S = 86_400
 # How often a held lock's connection is used while its holder works: below the idle timeouts of
 # the proxies and load balancers in front of managed MySQL (minutes).
 LOCK_KEEPALIVE_S = 60.0
+# Longest a read on a lock's connection waits for the server; lock waits are sliced below it.
+LOCK_READ_TIMEOUT_S = 120
+_LOCK_WAIT_SLICE_S = 60
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -48,8 +52,11 @@ class Database:
     def name(self) -> str:
         return self.settings.database
 
-    def connect(self, *, autocommit: bool = False) -> pymysql.connections.Connection:
-        """A new connection (utf8mb4, UTC session time zone, dict rows off)."""
+    def connect(
+        self, *, autocommit: bool = False, read_timeout: float | None = None
+    ) -> pymysql.connections.Connection:
+        """A new connection (utf8mb4, UTC session time zone, dict rows off); `read_timeout`:
+        seconds a read may wait for the server (None: no limit)."""
         s = self.settings
         try:
             return pymysql.connect(
@@ -61,6 +68,7 @@ class Database:
                 charset="utf8mb4",
                 autocommit=autocommit,
                 connect_timeout=10,
+                read_timeout=read_timeout,
                 init_command="SET time_zone = '+00:00'",
                 ssl=s.ssl,
                 unix_socket=s.unix_socket,
@@ -212,12 +220,19 @@ class HeldLock:
     server_name: str
     connection: Any
     _turn: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _ping_failure: BaseException | None = field(default=None, repr=False)
 
     def ping(self) -> None:
         """Use the idle connection, so that nothing between here and the server (a proxy, a
         load balancer) ends it for idleness. A failure is for `ensure_held` to report."""
-        with self._turn, contextlib.suppress(pymysql.err.Error, OSError):
-            self.connection.ping(reconnect=False)
+        with self._turn:
+            if self._ping_failure is not None:
+                return
+            try:
+                self.connection.ping(reconnect=False)
+            except (pymysql.err.Error, OSError) as exc:
+                self._ping_failure = exc
+                log.warning("the MySQL connection holding the lock %r was lost: %s", self.name, exc)
 
     def ensure_held(self) -> None:
         """Raise `LockLost` unless this connection still holds the lock: call it right before
@@ -227,8 +242,9 @@ class HeldLock:
                 cur.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self.server_name,))
                 held = cur.fetchone()[0] == 1
         except pymysql.err.Error as exc:
+            cause = self._ping_failure or exc  # a failed ping closed it: the real cause
             raise LockLost(
-                f"the MySQL connection holding the lock {self.name!r} was lost ({exc});"
+                f"the MySQL connection holding the lock {self.name!r} was lost ({cause});"
                 " another process may hold it now: nothing was changed under it"
             ) from exc
         if not held:
@@ -284,7 +300,9 @@ def named_lock(
     the lock serialises, for the timeout's message.
     """
     lock = mysql_lock_name(db, name)
-    conn = db.connect(autocommit=True)
+    # No read on it waits past LOCK_READ_TIMEOUT_S: a connection cut without a reset (a
+    # black-holed network, a stalled proxy) fails the ping instead of hanging the holder.
+    conn = db.connect(autocommit=True, read_timeout=LOCK_READ_TIMEOUT_S)
     try:
         with conn.cursor() as cur:
             # The connection idles while its holder works (hours, for a training): the server
@@ -297,7 +315,7 @@ def named_lock(
                 yield held
         finally:
             try:
-                with conn.cursor() as cur:
+                with held._turn, conn.cursor() as cur:  # after a ping still under way
                     cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
             except pymysql.err.Error as exc:  # a lost connection has released it already
                 log.warning("releasing the MySQL lock %r: %s", name, exc)
@@ -323,7 +341,7 @@ def _kept_alive(held: HeldLock, every_s: float | None) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=LOCK_READ_TIMEOUT_S + 5)  # a ping under way ends by then
 
 
 def _get_lock(cur: Any, lock: str, *, name: str, timeout_s: int, what: str) -> None:
@@ -340,12 +358,16 @@ def _get_lock(cur: Any, lock: str, *, name: str, timeout_s: int, what: str) -> N
         holder,
         name,
     )
-    cur.execute("SELECT GET_LOCK(%s, %s)", (lock, timeout_s))
-    if cur.fetchone()[0] != 1:
-        raise LockTimeout(
-            f"another {what} held the MySQL lock {name!r} for more than {timeout_s}s;"
-            " wait for it to finish (a killed holder releases it at once)"
-        )
+    # In slices shorter than the connection's read timeout (`named_lock`).
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        cur.execute("SELECT GET_LOCK(%s, %s)", (lock, max(1, min(int(left), _LOCK_WAIT_SLICE_S))))
+        if cur.fetchone()[0] == 1:
+            return
+    raise LockTimeout(
+        f"another {what} held the MySQL lock {name!r} for more than {timeout_s}s;"
+        " wait for it to finish (a killed holder releases it at once)"
+    )
 
 
 def create_database(settings: MySQLSettings, name: str) -> Database:

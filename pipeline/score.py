@@ -401,6 +401,7 @@ def score_shard(
         check_labels(loaded.labels, list(dataset["label_map"]), what=f"{model_name} v{version}")
     module, device, precision = scoring_model(loaded, precision, db, store, cache_dir=cache_dir)
     cache = ImageCache(cache_dir)
+    cache.trim()  # room for this shard's copies
     started = time.monotonic()
     stream = predict_stream(
         module,
@@ -420,7 +421,6 @@ def score_shard(
     _write_stream(
         db, stream, stats, clock, loaded, dataset_version, run_key, progress=(shard, shards, total)
     )
-    cache.trim()
     summary = _shard_summary(
         where, dataset_version, precision, stats, clock, time.monotonic() - started
     )

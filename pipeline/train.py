@@ -500,7 +500,7 @@ def load_data(
         )
     cache = ImageCache(cache_dir)
     started = time.monotonic()
-    failures = cache.fill(store, train_records + val_records)
+    failures = cache.fill(store, train_records + val_records, copy_required=True)
     log.info(
         "data: %d train, %d val images cached in %.1fs",
         len(train_records),
@@ -1132,7 +1132,8 @@ def _reject_undecodable(db, store, cache: ImageCache, groups) -> int:
             else:
                 log.warning(
                     "%s failed to decode from its cached copy but decodes from S3: the copy"
-                    " was replaced and the image kept (not in this run's training)",
+                    " was replaced (removed, on a full cache disk) and the image kept (not in this"
+                    " run's training)",
                     record.object_key,
                 )
     if rejections:

@@ -1,5 +1,5 @@
-"""Named locks held for hours behind a proxy that ends idle connections (a real TCP proxy in
-front of the real MySQL server)."""
+"""Named locks held for hours behind a network that ends idle connections or swallows packets
+(a real TCP proxy in front of the real MySQL server)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from dataclasses import replace
 
 import pytest
 
+from pipeline import db as db_module
 from pipeline.db import Database, LockLost, named_lock
-from tests.faults.idle_cutting_proxy import IdleCuttingProxy
+from tests.faults.tcp_fault_proxy import TcpFaultProxy
 
 
 @pytest.fixture
 def proxied_db(db):
-    """`db` reached through a proxy that ends a connection after 1.5 s without traffic."""
-    proxy = IdleCuttingProxy(db.settings.host, db.settings.port, idle_s=1.5)
+    """`db` reached through a proxy that ends a connection after 3 s without traffic."""
+    proxy = TcpFaultProxy(db.settings.host, db.settings.port, idle_s=3)
     try:
         yield Database(replace(db.settings, host="127.0.0.1", port=proxy.port)), proxy
     finally:
@@ -27,7 +28,7 @@ def test_a_held_lock_outlives_a_proxys_idle_timeout_while_its_holder_works(proxi
     keep-alive pings keep the lock's connection, and the lock, through the idle time."""
     db, proxy = proxied_db
     with named_lock(db, "work", timeout_s=5, what="test", keepalive_s=0.3) as held:
-        time.sleep(4)  # work elsewhere: nothing on the lock's connection but the pings
+        time.sleep(7)  # work elsewhere: nothing on the lock's connection but the pings
         held.ensure_held()
         with held.transaction() as cur:
             cur.execute("SELECT 1")
@@ -39,7 +40,27 @@ def test_without_keep_alive_the_proxy_ends_the_idle_lock_connection(proxied_db):
     the lock, and the holder finds out before its next protected write."""
     db, proxy = proxied_db
     with named_lock(db, "work", timeout_s=5, what="test", keepalive_s=None) as held:
-        time.sleep(4)
+        time.sleep(7)
         with pytest.raises(LockLost, match="was lost"):
             held.ensure_held()
     assert proxy.cut == 1
+
+
+def test_a_lock_connection_that_goes_silent_fails_the_holder_instead_of_hanging_it(db, monkeypatch):
+    """The network swallows everything (no reset): the keep-alive ping's read times out, the
+    holder's next check raises `LockLost` naming the timeout, and leaving the block (which
+    releases the lock) does not hang either."""
+    monkeypatch.setattr(db_module, "LOCK_READ_TIMEOUT_S", 2)
+    proxy = TcpFaultProxy(db.settings.host, db.settings.port)
+    proxied = Database(replace(db.settings, host="127.0.0.1", port=proxy.port))
+    try:
+        started = time.monotonic()
+        with named_lock(proxied, "work", timeout_s=5, what="test", keepalive_s=0.3) as held:
+            proxy.black_hole()
+            time.sleep(3)  # a ping went out and waited its 2 s for the answer
+            with pytest.raises(LockLost, match="timed out"):
+                held.ensure_held()
+        assert time.monotonic() - started < 30
+        assert proxy.swallowed >= 1
+    finally:
+        proxy.close()

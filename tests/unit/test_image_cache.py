@@ -49,15 +49,18 @@ def test_trim_never_deletes_a_copy_used_recently_even_over_budget(tmp_path, capl
 
 def test_reading_a_copy_marks_it_used_so_it_outlives_older_ones(tmp_path):
     cache = ImageCache(tmp_path, max_bytes=1000)
-    old_but_read = _put(cache, 1, used_hours_ago=40)
-    other = _put(cache, 2, used_hours_ago=20)
+    read = _put(cache, 1, used_hours_ago=40)
+    unread = _put(cache, 2, used_hours_ago=20)
     assert cache.get(store=None, record=_record(1)) == bytes([1]) * 1000  # a hit: no S3 call
-    assert cache.fill(None, [_record(2)]) == {}  # cached: no GET, trimmed after
-    assert os.path.exists(old_but_read) and os.path.exists(other)  # both used just now
-    cache = ImageCache(tmp_path, max_bytes=1000)
-    os.utime(other, (time.time() - 30 * HOUR,) * 2)
     cache.trim()
-    assert os.path.exists(old_but_read) and not os.path.exists(other)
+    assert os.path.exists(read) and not os.path.exists(unread)
+
+    # A fill makes room first, then finds its copies cached (no GET) and marks them used.
+    os.utime(read, (time.time() - 40 * HOUR,) * 2)
+    listed = _put(cache, 3, used_hours_ago=30)
+    assert cache.fill(None, [_record(3)]) == {}
+    assert not os.path.exists(read)
+    assert time.time() - os.stat(listed).st_mtime < 60
 
 
 def test_trim_removes_temporary_files_of_killed_writers_but_not_of_live_ones(tmp_path):
@@ -95,3 +98,25 @@ def test_cache_budget_from_the_environment(raw, expected):
 def test_a_bad_cache_budget_is_refused_naming_the_variable(raw):
     with pytest.raises(ConfigError, match="PIPELINE_CACHE_MAX_GB must be a number"):
         cache_max_bytes({"PIPELINE_CACHE_MAX_GB": raw})
+
+
+def test_training_reads_mark_copies_used_so_a_long_training_keeps_them(tmp_path):
+    """Training's loader opens the copies itself: each read marks the copy used."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data import EvalPreset, ImageDataset
+
+    cache = ImageCache(tmp_path, max_bytes=0)
+    path = cache.path(_record(1))
+    path.parent.mkdir(parents=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    long_ago = time.time() - 30 * HOUR
+    os.utime(path, (long_ago, long_ago))
+    image, target, _ = ImageDataset([path], [0], EvalPreset(8))[0]
+    assert target == 0 and image.shape == (3, 8, 8)
+    cache.trim()
+    assert path.exists()

@@ -1,7 +1,11 @@
-"""A TCP proxy that ends connections idle for longer than `idle_s`, in both directions at once:
-what the load balancers and connection proxies in front of managed MySQL do (an AWS NLB after
-350 s, RDS Proxy after its client idle timeout). Forwarded bytes in either direction count as
-activity; TCP keep-alive probes do not reach it."""
+"""A TCP proxy in front of a real server that faults the connections through it, as the network
+and the proxies in front of managed MySQL do:
+
+- `idle_s`: connections idle for longer are ended, both sides at once (an AWS NLB after 350 s,
+  RDS Proxy after its client idle timeout). Bytes in either direction count as activity.
+- `black_hole()`: from then on nothing is forwarded and nothing is closed (a network cut without
+  a reset, a proxy whose backend stalled): a client waiting for an answer waits forever.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ import time
 from contextlib import suppress
 
 
-class IdleCuttingProxy:
+class TcpFaultProxy:
     """Listens on 127.0.0.1 (a free port: `port`) and forwards to (`host`, `upstream_port`)."""
 
-    def __init__(self, host: str, upstream_port: int, *, idle_s: float) -> None:
+    def __init__(self, host: str, upstream_port: int, *, idle_s: float | None = None) -> None:
         self.upstream = (host, upstream_port)
         self.idle_s = idle_s
         self.cut = 0  # connections ended for idleness
+        self.swallowed = 0  # chunks of bytes dropped by the black hole
+        self._black_hole = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closed = False
@@ -26,6 +32,9 @@ class IdleCuttingProxy:
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+
+    def black_hole(self) -> None:
+        self._black_hole.set()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -39,12 +48,17 @@ class IdleCuttingProxy:
                 threading.Thread(
                     target=self._forward, args=(source, target, last), daemon=True
                 ).start()
-            threading.Thread(target=self._watch, args=(client, upstream, last), daemon=True).start()
+            if self.idle_s is not None:
+                threading.Thread(
+                    target=self._watch, args=(client, upstream, last), daemon=True
+                ).start()
 
-    @staticmethod
-    def _forward(source: socket.socket, target: socket.socket, last: list[float]) -> None:
+    def _forward(self, source: socket.socket, target: socket.socket, last: list[float]) -> None:
         with suppress(OSError):
             while data := source.recv(65536):
+                if self._black_hole.is_set():
+                    self.swallowed += 1
+                    continue
                 last[0] = time.monotonic()
                 target.sendall(data)
         _close(target)
