@@ -296,7 +296,6 @@ def image_classification():
             model_ref=params["model_ref"],
             shards=params["shards"],
             force=params["force_rescore"],
-            run_key=context["run_id"],  # a forced rescore retried or cleared resumes
         )
         rt.log.info("scoring plan: %s", plan)
         # One kwargs dict per shard task; nothing to score gives an empty (skipped) expansion.

@@ -315,11 +315,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         section="Scoring",
     ),
     "force_rescore": ParamSpec(
-        "boolean",
-        False,
-        "Rescore images already scored by this model version (a retry or a cleared run goes on"
-        " with the images this run has not rescored yet).",
-        section="Scoring",
+        "boolean", False, "Rescore images already scored by this model version.", section="Scoring"
     ),
     "precision": ParamSpec(
         "string",

@@ -113,21 +113,8 @@ def _selection(
 # Scored means scored in its current content: an object overwritten under its key keeps its id.
 _NOT_SCORED = (
     " AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.image_id = i.id AND p.etag = i.etag"
-    " AND p.model_name = %s AND p.model_version = %s{})"
+    " AND p.model_name = %s AND p.model_version = %s)"
 )
-
-
-def _not_done(
-    model_name: str, model_version: str, *, force: bool, run_key: str | None
-) -> tuple[str, tuple]:
-    """The clause (and args) that leaves out images already done: scored by this version in
-    their current content; with `force`, rescored by this run (`run_key`) already, so a retried
-    or rerun shard of a forced rescore resumes instead of starting over."""
-    if not force:
-        return _NOT_SCORED.format(""), (model_name, int(model_version))
-    if run_key is None:
-        return "", ()
-    return _NOT_SCORED.format(" AND p.run_key = %s"), (model_name, int(model_version), run_key)
 
 
 def _count_by_shard(
@@ -138,13 +125,13 @@ def _count_by_shard(
     model_version: str,
     shards: int,
     force: bool,
-    run_key: str | None = None,
 ) -> dict[str, Counter]:
     """{part kind ("labelled"/"inbox"): Counter(shard -> images to score)}."""
     counts: dict[str, Counter] = {}
-    extra, extra_args = _not_done(model_name, model_version, force=force, run_key=run_key)
     for kind, sql, args in parts:
         per_shard = counts.setdefault(kind, Counter())
+        extra = "" if force else _NOT_SCORED
+        extra_args = () if force else (model_name, int(model_version))
         rows = db.query(
             f"SELECT s.id %% %s AS shard, COUNT(*) AS n FROM ({sql}{extra}) s GROUP BY 1",
             (shards, *args, *extra_args),
@@ -163,14 +150,14 @@ def _iter_records(
     shard: int,
     shards: int,
     force: bool,
-    run_key: str | None = None,
     page_size: int = PAGE_SIZE,
 ) -> Iterator[ImageRecord]:
     """Images of one shard still to score, streamed in id-ordered pages (keyset pagination)."""
-    extra, extra_args = _not_done(model_name, model_version, force=force, run_key=run_key)
     for _, sql, args in parts:
         last_id = 0
         while True:
+            extra = "" if force else _NOT_SCORED
+            extra_args = () if force else (model_name, int(model_version))
             rows = db.query(
                 f"{sql} AND i.id > %s AND i.id %% %s = %s{extra} ORDER BY i.id LIMIT %s",
                 (*args, last_id, shards, shard, *extra_args, page_size),
@@ -193,11 +180,9 @@ def plan_scoring(
     model_ref: str | int = "champion",
     shards: int = 2,
     force: bool = False,
-    run_key: str | None = None,
     subsets: Sequence[str] = DEFAULT_SUBSETS,
 ) -> dict[str, Any]:
-    """Resolve the model once and count the work per shard (with `force`: what the run
-    `run_key` has not rescored yet).
+    """Resolve the model once and count the work per shard.
 
     Returns {model_name, model_version, dataset_version, to_score (also split into
     to_score_labelled and to_score_inbox), shards (numbers with work), n_shards, counts}. NoModelError without the requested alias/version; ValueError when the
@@ -213,13 +198,7 @@ def plan_scoring(
     dataset_version = dataset["dataset_version"]
     parts = _selection(bucket, prefix, dataset_version, subsets)
     by_kind = _count_by_shard(
-        db,
-        parts,
-        model_name=model_name,
-        model_version=version,
-        shards=shards,
-        force=force,
-        run_key=run_key,
+        db, parts, model_name=model_name, model_version=version, shards=shards, force=force
     )
     counts = sum(by_kind.values(), Counter())
     if sum(by_kind.get("labelled", Counter()).values()):
@@ -381,13 +360,7 @@ def score_shard(
     dataset = catalog.resolve_dataset(db, store.bucket, prefix, dataset_version)
     dataset_version = dataset["dataset_version"]
     parts = _selection(store.bucket, prefix, dataset_version, subsets)
-    select = {
-        "model_name": model_name,
-        "model_version": version,
-        "shards": shards,
-        "force": force,
-        "run_key": run_key,
-    }
+    select = {"model_name": model_name, "model_version": version, "shards": shards, "force": force}
     by_kind = _count_by_shard(db, parts, **select)
     total = sum(c[shard] for c in by_kind.values())
     stats, clock = ShardStats(), StageClock()
@@ -819,7 +792,6 @@ def cli_score(args: argparse.Namespace, settings: Any) -> int:
         model_ref=args.model_version or args.model_ref,
         shards=args.shards,
         force=args.force_rescore,
-        run_key=run_key,
     )
     print(
         f"{plan['model_name']} v{plan['model_version']}: {plan['to_score']} images to score"
