@@ -619,6 +619,18 @@ def _recorded_alias(db: Database, model_name: str, alias: str) -> str | None:
     return str(last[0]["to_version"]) if last else None
 
 
+_MOVE_COLUMNS = "(model_name, alias, from_version, to_version, actor, reason, {when})"
+_MOVE_VALUES = "VALUES (%s, %s, %s, %s, %s, %s, %s)"
+
+
+def _move_values(
+    model_name: str, alias: str, from_version: str | None, to_version: str, actor: str, reason: str
+) -> tuple:
+    """One alias move as `_MOVE_COLUMNS` values (history row or intent), stamped now."""
+    from_ = int(from_version) if from_version else None
+    return (model_name, alias, from_, int(to_version), actor[:255], reason[:512], utc_now())
+
+
 def _append_history(
     lock: HeldLock,
     model_name: str,
@@ -632,17 +644,8 @@ def _append_history(
     """The move's history row, and the end of its intent, in one transaction under `lock`."""
     with lock.transaction() as cur:
         cur.execute(
-            "INSERT INTO alias_history (model_name, alias, from_version, to_version, actor,"
-            " reason, moved_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (
-                model_name,
-                alias,
-                int(from_version) if from_version else None,
-                int(to_version),
-                actor[:255],
-                reason[:512],
-                utc_now(),
-            ),
+            f"INSERT INTO alias_history {_MOVE_COLUMNS.format(when='moved_at')} {_MOVE_VALUES}",
+            _move_values(model_name, alias, from_version, to_version, actor, reason),
         )
         cur.execute(
             "DELETE FROM alias_intents WHERE model_name = %s AND alias = %s", (model_name, alias)
@@ -663,17 +666,8 @@ def _record_intent(
     """Say which move is about to be made in MLflow, by whom and why (before the call)."""
     with lock.transaction() as cur:
         cur.execute(
-            "REPLACE INTO alias_intents (model_name, alias, from_version, to_version, actor,"
-            " reason, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (
-                model_name,
-                alias,
-                int(from_version) if from_version else None,
-                int(to_version),
-                actor[:255],
-                reason[:512],
-                utc_now(),
-            ),
+            f"REPLACE INTO alias_intents {_MOVE_COLUMNS.format(when='created_at')} {_MOVE_VALUES}",
+            _move_values(model_name, alias, from_version, to_version, actor, reason),
         )
 
 
