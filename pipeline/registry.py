@@ -647,9 +647,7 @@ def _append_history(
             f"INSERT INTO alias_history {_MOVE_COLUMNS.format(when='moved_at')} {_MOVE_VALUES}",
             _move_values(model_name, alias, from_version, to_version, actor, reason),
         )
-        cur.execute(
-            "DELETE FROM alias_intents WHERE model_name = %s AND alias = %s", (model_name, alias)
-        )
+        _drop_intent(cur, model_name, alias)
     log.info("alias %s@%s: %s -> %s (%s)", model_name, alias, from_version, to_version, reason)
 
 
@@ -669,6 +667,12 @@ def _record_intent(
             f"REPLACE INTO alias_intents {_MOVE_COLUMNS.format(when='created_at')} {_MOVE_VALUES}",
             _move_values(model_name, alias, from_version, to_version, actor, reason),
         )
+
+
+def _drop_intent(cur: Any, model_name: str, alias: str) -> None:
+    cur.execute(
+        "DELETE FROM alias_intents WHERE model_name = %s AND alias = %s", (model_name, alias)
+    )
 
 
 def _intent(db: Database, model_name: str, alias: str) -> dict[str, Any] | None:
@@ -709,10 +713,7 @@ def _reconcile(
         _append_history(lock, model_name, alias, recorded, current, actor=mover, reason=reason)
     elif intent is not None:  # a move that never reached MLflow (or was recorded already)
         with lock.transaction() as cur:
-            cur.execute(
-                "DELETE FROM alias_intents WHERE model_name = %s AND alias = %s",
-                (model_name, alias),
-            )
+            _drop_intent(cur, model_name, alias)
     if current is None and recorded is not None:
         log.warning(
             "alias %s@%s is gone from MLflow but alias_history says v%s",

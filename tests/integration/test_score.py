@@ -122,6 +122,18 @@ def _plan(db, store, mlflow_names, **kwargs):
     )
 
 
+def _cli_env(db, store, mlflow_names, tmp_cache) -> dict[str, str]:
+    """The environment of a `python -m pipeline ...` process on this test's services."""
+    return {
+        **os.environ,
+        "MYSQL_DATABASE": db.name,
+        "S3_BUCKET": store.bucket,
+        "S3_PREFIX": PREFIX,
+        "MODEL_NAME": mlflow_names["model_name"],
+        "PIPELINE_CACHE_DIR": str(tmp_cache),
+    }
+
+
 def _predictions(db) -> list[dict]:
     return db.query("SELECT * FROM predictions ORDER BY image_id")
 
@@ -266,14 +278,7 @@ def test_a_cache_disk_that_takes_no_more_copies_slows_scoring_but_fails_training
     scoring has the bytes in memory and goes on without copies, with one warning; training,
     whose loader opens the copies, fails at once naming the cache."""
     registry.load_model(mlflow_names["model_name"], champion, cache_dir=tmp_cache)
-    env = {
-        **os.environ,
-        "MYSQL_DATABASE": db.name,
-        "S3_BUCKET": store.bucket,
-        "S3_PREFIX": PREFIX,
-        "MODEL_NAME": mlflow_names["model_name"],
-        "PIPELINE_CACHE_DIR": str(tmp_cache),
-    }
+    env = _cli_env(db, store, mlflow_names, tmp_cache)
     run = [sys.executable, "-c", _DISK_FULL]
     scored = subprocess.run(
         [*run, "score", "--batch-size", "4", "--shards", "1"],
@@ -421,14 +426,7 @@ _DIES_MID_SHARD = textwrap.dedent(
 def test_a_shard_killed_mid_way_then_rerun_leaves_exactly_one_row_per_image(
     db, store, mlflow_names, champion, tmp_cache
 ):
-    env = {
-        **os.environ,
-        "MYSQL_DATABASE": db.name,
-        "S3_BUCKET": store.bucket,
-        "S3_PREFIX": PREFIX,
-        "MODEL_NAME": mlflow_names["model_name"],
-        "PIPELINE_CACHE_DIR": str(tmp_cache),
-    }
+    env = _cli_env(db, store, mlflow_names, tmp_cache)
     killed = subprocess.run(
         [sys.executable, "-c", _DIES_MID_SHARD], env=env, cwd=REPO, capture_output=True
     )

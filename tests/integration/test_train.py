@@ -417,17 +417,11 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(trainer, sto
     assert sorted(m.step for m in history) == [1, 2]
 
 
-def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
-    db, store, dataset, mlflow_names, tmp_path, settings
-):
-    """A real SIGKILL of `python -m pipeline train`, then the same run key again."""
+def _train_cli(db, store, mlflow_names, tmp_path, dataset, run_key, epochs):
+    """(environment, argv) of a `python -m pipeline train` process on this test's services."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
-    epochs = 4
     env = {
         **os.environ,
         "MYSQL_DATABASE": db.name,
@@ -436,37 +430,41 @@ def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
         "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
     }
     argv = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "train",
-        "--prefix",
-        "ds",
-        "--dataset-version",
-        dataset,
-        "--run-key",
-        "manual__killed",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "1",
-        "--image-size",
-        "64",
-        "--num-workers",
-        "0",
-        "--min-images-per-label",
-        "1",
+        *(sys.executable, "-m", "pipeline", "train", "--prefix", "ds"),
+        *("--dataset-version", dataset, "--run-key", run_key, "--epochs", str(epochs)),
+        *("--num-workers", "0", "--min-images-per-label", "1"),
     ]
+    return env, argv
+
+
+def _first_checkpoint(process, checkpoints, ckpt: str) -> dict:
+    """The checkpoint `ckpt`, once the training `process` has saved one (within 300 s)."""
+    import time
+
+    deadline = time.monotonic() + 300
+    saved = None
+    while saved is None and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        saved = train.load_checkpoint(checkpoints, ckpt)
+    assert saved is not None, process.communicate()[0].decode(errors="replace")[-3000:]
+    return saved
+
+
+def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
+    db, store, dataset, mlflow_names, tmp_path, settings
+):
+    """A real SIGKILL of `python -m pipeline train`, then the same run key again."""
+    import signal
+    import subprocess
+
+    epochs = 4
+    env, argv = _train_cli(db, store, mlflow_names, tmp_path, dataset, "manual__killed", epochs)
+    argv += ["--batch-size", "1", "--image-size", "64"]
     ckpt = train.checkpoint_name(mlflow_names["model_name"], "manual__killed")
     # The CLI keeps checkpoints in the work bucket (PIPELINE_WORK_BUCKET), not the image bucket.
     checkpoints = train.S3CheckpointStore(store.with_bucket(settings.work_bucket))
     first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    saved = None
-    while saved is None and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
-        saved = train.load_checkpoint(checkpoints, ckpt)
-    assert saved is not None, first.communicate()[0].decode(errors="replace")[-3000:]
+    _first_checkpoint(first, checkpoints, ckpt)  # one epoch saved, more to come
     first.send_signal(signal.SIGKILL)  # mid-epoch: no handler, no cleanup
     first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL
@@ -598,26 +596,13 @@ def test_a_second_attempt_of_a_run_key_waits_for_the_first_and_takes_over_when_i
     """Two real `python -m pipeline train` processes with one run key (a retry started while a
     lost attempt still trains): the second waits on the run key's lock instead of training
     beside it; SIGKILL of the first releases the lock, and the second resumes its checkpoint."""
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
     epochs, run_key = 3, "manual__overlap"
-    env = {
-        **os.environ,
-        "MYSQL_DATABASE": db.name,
-        "S3_BUCKET": store.bucket,
-        "MODEL_NAME": mlflow_names["model_name"],
-        "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    argv = [
-        *(sys.executable, "-m", "pipeline", "train", "--prefix", "ds"),
-        *("--dataset-version", dataset, "--run-key", run_key, "--epochs", str(epochs)),
-        *("--batch-size", "4", "--image-size", "32", "--num-workers", "0"),
-        *("--min-images-per-label", "1"),
-    ]
+    env, argv = _train_cli(db, store, mlflow_names, tmp_path, dataset, run_key, epochs)
+    argv += ["--batch-size", "4", "--image-size", "32"]
     ckpt = train.checkpoint_name(mlflow_names["model_name"], run_key)
     checkpoints = train.S3CheckpointStore(store.with_bucket(settings.work_bucket))
     # The first attempt stalls after its first epoch's checkpoint, as a lost worker would.
@@ -629,12 +614,9 @@ def test_a_second_attempt_of_a_run_key_waits_for_the_first_and_takes_over_when_i
     )
     second = None
     try:
+        saved = _first_checkpoint(first, checkpoints, ckpt)
+        assert saved["epoch"] == 1
         deadline = time.monotonic() + 300
-        saved = None
-        while saved is None and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.2)
-            saved = train.load_checkpoint(checkpoints, ckpt)
-        assert saved is not None and saved["epoch"] == 1, first.communicate()[0][-3000:]
 
         log_path = tmp_path / "second.log"
         with open(log_path, "wb") as out:
