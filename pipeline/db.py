@@ -253,6 +253,14 @@ class HeldLock:
                 " was reset); nothing was changed under it"
             )
 
+    def release(self) -> None:
+        """RELEASE_LOCK (after a ping still under way); a lost connection released it already."""
+        try:
+            with self._turn, self.connection.cursor() as cur:
+                cur.execute("SELECT RELEASE_LOCK(%s)", (self.server_name,))
+        except pymysql.err.Error as exc:
+            log.warning("releasing the MySQL lock %r: %s", self.name, exc)
+
     @contextmanager
     def transaction(self) -> Iterator[pymysql.cursors.Cursor]:
         """A transaction on the lock's own connection: it commits only while that connection,
@@ -314,11 +322,7 @@ def named_lock(
             with _kept_alive(held, keepalive_s):
                 yield held
         finally:
-            try:
-                with held._turn, conn.cursor() as cur:  # after a ping still under way
-                    cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
-            except pymysql.err.Error as exc:  # a lost connection has released it already
-                log.warning("releasing the MySQL lock %r: %s", name, exc)
+            held.release()
     finally:
         conn.close()
 
