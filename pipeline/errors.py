@@ -11,7 +11,10 @@
   Airflow's retry takes over.
 
 Both S3 clients are classified here: botocore's `ClientError` and the MinIO SDK's `S3Error`
-carry the same S3 error codes; a MinIO `ServerError` or non-XML answer carries its HTTP status.
+carry the same S3 error codes; a MinIO `ServerError` (no body) carries its HTTP status. An answer
+that is not S3's (the MinIO SDK's `InvalidResponseError`: a body that is no S3 error document,
+such as an ingress's "404 page not found" while the server behind it restarts) carries no code
+and is transient: it says nothing about the object, so it never rejects one.
 """
 
 from __future__ import annotations
@@ -60,22 +63,21 @@ MYSQL_TRANSIENT_ERRNOS = frozenset({1040, 1053, 1205, 1213, 1927, 2003, 2006, 20
 
 
 def s3_error_code(exc: BaseException) -> str | None:
-    """The S3 error code of a botocore `ClientError` or a MinIO SDK error (an HTTP status where
-    the answer had no S3 error document), or None for any other exception."""
+    """The S3 error code of a botocore `ClientError` or a MinIO SDK error (the HTTP status of an
+    S3 answer without a body), or None for any other exception and for an answer that is not
+    S3's (a body that is no S3 error document: whatever sent it, it is not about the object)."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
         return str(code) if code is not None else None
     try:
-        from minio.error import InvalidResponseError, S3Error, ServerError
+        from minio.error import S3Error, ServerError
     except ImportError:  # pragma: no cover - minio is a dependency
         return None
     if isinstance(exc, S3Error):
         return exc.code
     if isinstance(exc, ServerError):
         return str(exc.status_code)
-    if isinstance(exc, InvalidResponseError):
-        return str(exc._code)  # noqa: SLF001 - the HTTP status; the SDK has no public accessor
     return None
 
 
@@ -105,6 +107,13 @@ def is_transient(exc: BaseException) -> bool:
         ):
             return True
     except ImportError:  # pragma: no cover - urllib3 comes with both clients
+        pass
+    try:
+        from minio.error import InvalidResponseError
+
+        if isinstance(exc, InvalidResponseError):
+            return True  # not S3's answer: a proxy or load balancer in front of it (see above)
+    except ImportError:  # pragma: no cover - minio is a dependency
         pass
     code = s3_error_code(exc)
     if code is not None:

@@ -8,12 +8,16 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
+
+import pytest
 
 from pipeline import catalog, registry, score
 from pipeline.demo_data import render_digits
 from pipeline.errors import ServiceUnavailable
 from pipeline.store import ObjectStore
 from pipeline.upload import upload_tree
+from tests.faults.not_s3_server import NotS3Server
 from tests.faults.private_s3 import PrivateS3, wait_until
 from tests.faults.test_scan_faults import count
 from tests.integration.test_score import (
@@ -85,6 +89,30 @@ def test_s3_killed_while_scoring_rejects_nothing_and_the_retry_scores_every_imag
         _one_prediction_each(db, expected)
     finally:
         s3.kill()
+
+
+def test_an_ingress_answering_404_for_s3_rejects_nothing(
+    settings, db, store, mlflow_names, tmp_path
+):
+    """S3 behind an ingress whose backend is gone (restarting, a wrong route): every GET gets
+    "404 page not found" as text/plain. That is no S3 answer about the objects: the shard fails
+    as an outage naming the endpoint, and no image is rejected as missing."""
+    plan = _champion(db, store, mlflow_names, tmp_path, per_label=2)
+    expected = _expected(db)
+    ingress = NotS3Server(404)
+    try:
+        behind = ObjectStore(replace(settings.s3, endpoint_url=ingress.uri), store.bucket)
+        with pytest.raises(ServiceUnavailable, match=f"S3 at {ingress.uri}: .*404 page not found"):
+            _score(db, behind, plan, tmp_path / "cache")
+        assert ingress.requests > 0
+    finally:
+        ingress.close()
+    assert count(db, "SELECT COUNT(*) FROM images WHERE status <> 'ok'") == 0
+    assert count(db, "SELECT COUNT(*) FROM predictions") == 0
+
+    retry = _score(db, store, plan, tmp_path / "cache")  # the route is back
+    assert retry["scored"] == len(expected) and retry["rejected"] == {}
+    _one_prediction_each(db, expected)
 
 
 def test_mysql_connection_killed_inside_an_upsert_is_retried_with_one_row_per_image(

@@ -62,6 +62,10 @@ def retries_exhausted(reason: Exception) -> MaxRetryError:
         pytest.param(Urllib3ReadTimeout(None, "/k", "read timed out"), True, id="minio-timeout"),
         pytest.param(ServerError("server failed with 503", 503), True, id="minio-503"),
         pytest.param(InvalidResponseError(502, "text/html", "proxy"), True, id="minio-html-502"),
+        pytest.param(
+            InvalidResponseError(404, "text/plain", "404 page not found"), True, id="ingress-404"
+        ),
+        pytest.param(InvalidResponseError(403, "text/html", "<html>"), True, id="waf-403"),
         pytest.param(minio_error("SlowDown"), True, id="minio-throttled"),
         pytest.param(minio_error("NoSuchKey"), False, id="minio-missing"),
         pytest.param(minio_error("PreconditionFailed"), False, id="minio-changed"),
@@ -97,7 +101,7 @@ def test_an_outage_names_the_service_and_the_endpoint():
         pytest.param(minio_error("NoSuchKey"), "NoSuchKey", id="minio"),
         pytest.param(minio_error("PreconditionFailed"), "PreconditionFailed", id="minio-412"),
         pytest.param(ServerError("server failed", 412), "412", id="minio-status"),
-        pytest.param(InvalidResponseError(503, "text/html", None), "503", id="minio-non-xml"),
+        pytest.param(InvalidResponseError(404, "text/plain", "no"), None, id="minio-non-xml"),
         pytest.param(ProtocolError("cut"), None, id="no-code"),
     ],
 )
