@@ -109,7 +109,7 @@ def predict_stream(
     with fetch_pool(workers) as pool:
         fetched = fetched_in_order(pool, load, items, depth=max(workers, 2 * batch_size // _CHUNK))
         batches = _batches(fetched, batch_size, first_size=ramp_size(batch_size))
-        stage = device_stager(preset, device)
+        stage = device_stager(preset, device, recheck=source_check(preset, refetch))
         staged = staged_on_device(batches, stage, device) if on_gpu else map(stage, batches)
         yield from scored_batches(
             module,
@@ -131,35 +131,57 @@ def image_loader(
 ) -> Callable[[T], tuple[T, bytes | torch.Tensor | None, str | None]]:
     """Step 1, on a fetch thread: (item, preprocessed tensor or JPEG bytes, None) or
     (item, None, reason) for an image that is gone, changed or not decodable (also from
-    `refetch`'s bytes, when given and they differ from `fetch`'s)."""
+    `refetch`'s bytes, when given and they differ from `fetch`'s: `source_check`)."""
+    recheck = source_check(preset, refetch)
 
     def load(item: T) -> tuple[T, bytes | torch.Tensor | None, str | None]:
         try:
             data = fetch(item)
-            loaded = decoded(item, data)
-            if loaded[2] is not None and refetch is not None:
-                fresh = refetch(item)
-                if fresh != data:
-                    key = getattr(item, "object_key", item)
-                    log.warning("%s: its local copy did not decode and differs from S3's", key)
-                    loaded = decoded(item, fresh)
         except MissingObjectError as exc:
             return item, None, str(exc)
-        return loaded
-
-    def decoded(item: T, data: bytes) -> tuple[T, bytes | torch.Tensor | None, str | None]:
         if decode_on_gpu and gpu_decodable(data):
             return item, data, None  # decoded on the GPU with its batch
-        try:
-            return item, preset.from_bytes(data), None
-        except ImageDecodeError as exc:
-            return item, None, f"decode_failed: {exc}"
-        except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
-            if is_out_of_memory(exc):
-                raise
-            return item, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
+        loaded = decoded_on_cpu(preset, item, data)
+        if loaded[2] is not None and recheck is not None:
+            return recheck(item, data, loaded[2])
+        return loaded
 
     return load
+
+
+def decoded_on_cpu(
+    preset: EvalPreset, item: T, data: bytes
+) -> tuple[T, torch.Tensor | None, str | None]:
+    """(item, `preset`'s tensor, None), or (item, None, a `decode_failed` reason)."""
+    try:
+        return item, preset.from_bytes(data), None
+    except ImageDecodeError as exc:
+        return item, None, f"decode_failed: {exc}"
+    except Exception as exc:  # noqa: BLE001 - e.g. a preprocessing error on a weird image
+        if is_out_of_memory(exc):
+            raise
+        return item, None, f"decode_failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def source_check(preset: EvalPreset, refetch: Callable[[T], bytes] | None):
+    """Before an image whose bytes from `fetch` (a local copy) did not decode is rejected, its
+    bytes from the source (`refetch`): decoded on the CPU when they differ, so the verdict is
+    on the object and not on a copy damaged on local disk. None without `refetch`."""
+    if refetch is None:
+        return None
+
+    def recheck(item: T, data: bytes, reason: str) -> tuple[T, torch.Tensor | None, str | None]:
+        try:
+            fresh = refetch(item)
+        except MissingObjectError as exc:
+            return item, None, str(exc)
+        if fresh == data:
+            return item, None, reason
+        key = getattr(item, "object_key", item)
+        log.warning("%s: its local copy did not decode and differs from S3's", key)
+        return decoded_on_cpu(preset, item, fresh)
+
+    return recheck
 
 
 def fetch_pool(workers: int) -> ThreadPoolExecutor:
@@ -186,18 +208,26 @@ def ramp_size(batch_size: int) -> int:
     return min(batch_size, max(_CHUNK, batch_size // 4))
 
 
-def device_stager(preset: EvalPreset, device: torch.device):
+def device_stager(preset: EvalPreset, device: torch.device, *, recheck=None):
     """Step 2: a (loaded, failures) group as (images on `device` or None, kept items, failures);
-    on a GPU, JPEG bytes are decoded and resized there (`preprocess_on_device`)."""
+    JPEG bytes (on a GPU) are decoded and resized on `device` (`preprocess_on_device`). An
+    image that fails there goes through `recheck` (`source_check`) before it is a failure."""
 
     def stage(batch: tuple[list, list]) -> tuple[torch.Tensor | None, list, list]:
         loaded, failures = batch
         if not loaded:
             return None, [], failures
         payloads = [payload for _, payload in loaded]
-        if device.type != "cuda":
+        if all(isinstance(p, torch.Tensor) for p in payloads) and device.type != "cuda":
             return torch.stack(payloads), [item for item, _ in loaded], failures
         images, failed = preprocess_on_device(payloads, preset.image_size, device)
+        for i, reason in list(failed.items()):
+            if recheck is None:
+                break
+            _, image, failed[i] = recheck(loaded[i][0], payloads[i], reason)
+            if image is not None:
+                images[i] = image.to(device)
+                del failed[i]
         if failed:
             images = images[[i for i in range(len(loaded)) if i not in failed]]
         kept = [item for i, (item, _) in enumerate(loaded) if i not in failed]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.data import EvalPreset, MissingObjectError
 from pipeline.errors import ServiceUnavailable
-from pipeline.inference import _batches, image_loader, ramp_size
+from pipeline.inference import _batches, device_stager, image_loader, ramp_size, source_check
 
 
 def jpeg() -> bytes:
@@ -77,3 +77,34 @@ def test_the_loader_keeps_jpeg_bytes_for_the_gpu_and_raises_outages():
     assert load("ok") == ("ok", data, None)
     with pytest.raises(ServiceUnavailable):
         load("down")
+
+
+def damaged(data: bytes) -> bytes:
+    """A copy as a torn write on local disk leaves it: same size, a valid JPEG header, zeros."""
+    return data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
+
+
+@pytest.mark.parametrize("decode_on_gpu", [False, True], ids=["cpu-decode", "device-decode"])
+def test_a_damaged_local_copy_is_judged_by_the_source_bytes_on_both_decode_paths(decode_on_gpu):
+    """The loader (CPU decode) and the device stager (JPEGs decoded with their batch, here on
+    the CPU device through the same `preprocess_on_device`) ask the source before rejecting."""
+    good, preset = jpeg(), EvalPreset(16)
+    copies = {"ok": jpeg(), "torn": damaged(good), "broken": damaged(good)}
+    source = {"ok": copies["ok"], "torn": good, "broken": copies["broken"]}
+    asked: list[str] = []
+
+    def refetch(item):
+        asked.append(item)
+        return source[item]
+
+    load = image_loader(fetch_of(copies), preset, decode_on_gpu=decode_on_gpu, refetch=refetch)
+    loaded = [load(item) for item in copies]
+    stage = device_stager(preset, torch.device("cpu"), recheck=source_check(preset, refetch))
+    images, kept, failures = stage(
+        ([(i, p) for i, p, r in loaded if r is None], [(i, r) for i, _, r in loaded if r])
+    )
+    assert kept == ["ok", "torn"] and images.shape == (2, 3, 16, 16)
+    assert torch.equal(images[1], preset.from_bytes(good))
+    assert [item for item, _ in failures] == ["broken"]
+    assert failures[0][1].startswith("decode_failed: ")
+    assert sorted(asked) == ["broken", "torn"]  # only images whose copy failed
