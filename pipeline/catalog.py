@@ -399,9 +399,18 @@ def unseen_labels(counts: dict[str, dict[str, int]]) -> list[str]:
 
 
 def check_dataset(
-    info: dict[str, Any], *, min_images_per_label: int = 5, allow_unseen_labels: bool = False
+    info: dict[str, Any],
+    *,
+    min_images_per_label: int | None = None,
+    allow_unseen_labels: bool = False,
 ) -> list[str]:
-    """Problems that make a dataset version untrainable (empty list: fine)."""
+    """Problems that make a dataset version untrainable (empty list: fine).
+
+    `min_images_per_label` defaults to the one the scan that made the version used."""
+    if min_images_per_label is None:
+        min_images_per_label = ScanConfig.from_dict(
+            info.get("scan_config") or {}
+        ).min_images_per_label
     counts = info.get("counts") or {}
     train = counts.get("train", {})
     problems = []
@@ -1447,6 +1456,7 @@ def _dataset_row(row: dict[str, Any]) -> dict[str, Any]:
         "counts": json.loads(row["counts"]),
         "label_map": json.loads(row["label_map"]),
         "excluded_labels": json.loads(row.get("excluded_labels") or "{}"),
+        "scan_config": json.loads(row.get("scan_config") or "{}"),
         "created_at": created.isoformat() if hasattr(created, "isoformat") else str(created),
     }
 

@@ -503,7 +503,10 @@ def make_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
-        drop_last=False,
+        # Training never gets a batch of one image: BatchNorm cannot normalise one image whose
+        # feature map is 1x1 (ResNet18 at 32 px or less). The one left out is another image each
+        # epoch (shuffled).
+        drop_last=shuffle and len(dataset) % batch_size == 1,
         collate_fn=collate_encoded if getattr(dataset, "encoded", False) else None,
         **extra,
     )

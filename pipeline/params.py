@@ -72,6 +72,11 @@ class ParamSpec:
         return schema
 
 
+# The scan settings (val_percent, leakage_policy, min_images_per_label, small_label_policy) are
+# kept per bucket/prefix by its scans: empty keeps them, so a scheduled run (no conf) never
+# re-carves val or drops an exclusion a person set.
+SAVED_SCAN_DEFAULTS = "first scan"
+
 # Names are the words the form, `airflow dags trigger -c` and the REST API share.
 RUN_PARAMS: dict[str, ParamSpec] = {
     "model_name": ParamSpec(
@@ -99,17 +104,21 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     ),
     "val_percent": ParamSpec(
         "integer",
-        10,
-        "Percent of train carved into validation when there is no val/ split.",
+        None,
+        "Percent of train carved into validation when there is no val/ split; empty: the"
+        f" one this bucket/prefix's last scan used ({SAVED_SCAN_DEFAULTS}: 10).",
         minimum=1,
         maximum=50,
+        nullable=True,
         section="Data",
     ),
     "leakage_policy": ParamSpec(
         "string",
-        "reject",
-        "Identical content in train and test: reject the test copy, or keep and report.",
+        None,
+        "Identical content in train and test: reject the test copy, or keep and report;"
+        f" empty: the last scan's ({SAVED_SCAN_DEFAULTS}: reject).",
         enum=("reject", "keep"),
+        nullable=True,
         section="Data",
     ),
     "allow_unseen_labels": ParamSpec(
@@ -121,18 +130,22 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     ),
     "min_images_per_label": ParamSpec(
         "integer",
-        5,
-        "A label with fewer train images refuses training, or is left out (small_label_policy).",
+        None,
+        "A label with fewer train images refuses training, or is left out (small_label_policy);"
+        f" empty: the last scan's ({SAVED_SCAN_DEFAULTS}: 5).",
         minimum=1,
         maximum=100000,
+        nullable=True,
         section="Data",
     ),
     "small_label_policy": ParamSpec(
         "string",
-        "refuse",
+        None,
         "A label below min_images_per_label: refuse training (fix the bucket), or exclude the"
-        " label from this dataset version with a warning.",
+        f" label from this dataset version with a warning; empty: the last scan's"
+        f" ({SAVED_SCAN_DEFAULTS}: refuse).",
         enum=SMALL_LABEL_POLICIES,
+        nullable=True,
         section="Data",
     ),
     "force_delete": ParamSpec(
@@ -146,7 +159,12 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "integer", 8, "Training epochs.", minimum=1, maximum=500, section="Training"
     ),
     "batch_size": ParamSpec(
-        "integer", 64, "Training batch size.", minimum=1, maximum=4096, section="Training"
+        "integer",
+        64,
+        "Training batch size (at least 2: BatchNorm normalises over the batch).",
+        minimum=2,
+        maximum=4096,
+        section="Training",
     ),
     "learning_rate": ParamSpec(
         "number", 0.001, "Initial learning rate.", minimum=1e-7, maximum=10, section="Training"

@@ -58,7 +58,7 @@ class TrainParams:
                 raise ValueError(
                     f"unknown {name} {getattr(params, name)!r}; expected one of: {', '.join(allowed)}"
                 )
-        for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 16), ("num_workers", 0)):
+        for name, low in (("epochs", 1), ("batch_size", 2), ("image_size", 16), ("num_workers", 0)):
             value = getattr(params, name)
             if name == "num_workers" and value is None:
                 continue
@@ -96,7 +96,7 @@ def training_decision(
     dataset: dict[str, Any],
     *,
     champion_dataset_version: str | None,
-    min_images_per_label: int = 5,
+    min_images_per_label: int | None = None,
     allow_unseen_labels: bool = False,
     score_only: bool = False,
     rollback_to: int | None = None,
@@ -144,7 +144,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-key", help="retry key: the same key resumes/reuses (default: new)")
     parser.add_argument("--force-retrain", action="store_true")
     parser.add_argument(
-        "--min-images-per-label", type=int, default=5, help="refuse labels with fewer train images"
+        "--min-images-per-label",
+        type=int,
+        help="refuse labels with fewer train images (default: the one the version's scan used)",
     )
     parser.add_argument(
         "--allow-unseen-labels",

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from pipeline import catalog
 from pipeline.config import REPO_ROOT
 from tests.airflow_env import mysql_connection_env
 
@@ -100,9 +101,12 @@ def airflow(
     return result
 
 
-def dags_test(world) -> str:
-    """One `airflow dags test` run (fails the test unless the run succeeds); returns its run id."""
-    result = airflow(world, "dags", "test", DAG_ID, "-c", json.dumps(world["conf"]))
+def dags_test(world, conf: dict | None = None) -> str:
+    """One `airflow dags test` run (fails the test unless the run succeeds); returns its run id.
+
+    `conf` defaults to the module's; a scheduled run's is only where the data is."""
+    conf = world["conf"] if conf is None else conf
+    result = airflow(world, "dags", "test", DAG_ID, "-c", json.dumps(conf))
     output = result.stdout + result.stderr
     world["last_output"] = output
     finished = re.search(r"DagRun Finished: .*?run_id=([^,\s]+),.*?state=success", output)
@@ -147,9 +151,17 @@ def test_dag_runs_end_to_end_then_skips_an_unchanged_bucket(world, settings):
         )[0]["n"]
     )
     versions_before = len(client.search_model_versions(f"name='{world['model_name']}'"))
+    dataset = catalog.latest_dataset(world["db"], world["conf"]["bucket"], world["prefix"])
 
-    world["run_ids"].append(dags_test(world))
+    # As the nightly schedule runs it: no conf but where the data is (S3_BUCKET/S3_PREFIX of
+    # the deployment). The scan keeps the prefix's saved settings (val_percent 20): same
+    # dataset version, no training (before: val re-carved at 10 %, a new version trained).
+    where = {k: world["conf"][k] for k in ("bucket", "prefix")}
+    world["run_ids"].append(dags_test(world, where))
     assert "skipping training" in world["last_output"]
+    after = catalog.latest_dataset(world["db"], world["conf"]["bucket"], world["prefix"])
+    assert after["dataset_version"] == dataset["dataset_version"]
+    assert after["scan_config"]["val_percent"] == 20
     assert prediction_count(world) == n_scorable
     assert len(client.search_model_versions(f"name='{world['model_name']}'")) == versions_before
 

@@ -301,3 +301,23 @@ def test_cli_takes_an_explicit_worker_count_and_defaults_to_automatic():
     assert explicit.num_workers == 3 and explicit.compile is True
     automatic = parser.parse_args(["train"])
     assert automatic.num_workers is None and automatic.compile is False
+
+
+def test_training_never_gets_a_batch_of_one_image_that_batchnorm_cannot_take():
+    """ResNet18 at 32 px ends in a 1x1 feature map: a training batch of one image fails in
+    BatchNorm. 5 images in batches of 4 leave one out of each (shuffled) epoch instead."""
+    from pipeline.model import build_model
+
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    dataset = [(images[i], i % 2, i) for i in range(5)]
+    loader = make_loader(dataset, batch_size=4, shuffle=True, num_workers=0, seed=0)
+    model = build_model(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    stats = train_one_epoch(
+        model, nn.CrossEntropyLoss(ignore_index=-1), optimizer, loader, CPU, epoch=1, epochs=1
+    )
+    assert stats["failed"] == [] and len(loader) == 1
+    evaluation = make_loader(dataset, batch_size=4, shuffle=False, num_workers=0, seed=0)
+    assert [len(batch[1]) for batch in evaluation] == [4, 1]  # validation keeps every image
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+        TrainParams.from_dict({"batch_size": 1})
