@@ -36,6 +36,18 @@ def env_flag(name: str, default: bool = False) -> bool:
     raise ValueError(f"{name}={raw!r}: expected true or false")
 
 
+def deployment_default(name: str, fallback: str) -> str:
+    """Where scheduled runs look: S3_BUCKET / S3_PREFIX of the deployment's environment (the
+    compose file passes `.env`'s to every Airflow process, as the CLI reads them), else
+    `fallback`. An empty S3_PREFIX is the bucket's root, as for the CLI."""
+    import os
+
+    value = os.environ.get(name)
+    if value is None or (not value.strip("/") and name != "S3_PREFIX"):
+        return fallback
+    return value.strip("/")
+
+
 def cli_run_key() -> str:
     """The run key of a `python -m pipeline ...` run: `cli__<UTC time>`, beside the Airflow run
     ids DAG runs use, so MLflow tags, checkpoints and SQL `run_key` columns say which it was."""
@@ -90,15 +102,15 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     ),
     "bucket": ParamSpec(
         "string",
-        "images",
-        "S3 bucket holding <prefix>/<split>/<label>/<file>.",
+        deployment_default("S3_BUCKET", "images"),
+        "S3 bucket holding <prefix>/<split>/<label>/<file> (default: S3_BUCKET of the deployment).",
         pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
         section="Data",
     ),
     "prefix": ParamSpec(
         "string",
-        "datasets/demo",
-        "Key prefix inside the bucket ('' for the root).",
+        deployment_default("S3_PREFIX", "datasets/demo"),
+        "Key prefix inside the bucket ('' for the root; default: S3_PREFIX of the deployment).",
         pattern=r"^[^\s].*[^/]$|^$",
         section="Data",
     ),

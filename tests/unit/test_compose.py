@@ -259,6 +259,9 @@ def test_airflow_services_share_the_local_stacks_connection_ids(
             conn = json.loads(environment[f"AIRFLOW_CONN_{conn_id.upper()}"])
             assert conn["conn_type"] == conn_type and conn["login"] and conn["password"]
             assert conn["extra"][extra_key] == extra_value
+        # What the DAG files read when parsed and run: where scheduled runs look, when they run.
+        for setting in ("S3_BUCKET", "S3_PREFIX", "PIPELINE_SCHEDULE", "PIPELINE_SCHEDULE_ON"):
+            assert setting in environment and setting in env_example, (name, setting)
     mysql_conn = json.loads(
         services["airflow-scheduler"]["environment"]["AIRFLOW_CONN_IMGPIPE_MYSQL"]
     )

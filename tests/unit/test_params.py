@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 import pytest
 
@@ -31,6 +33,35 @@ def test_defaults_validate_and_fill_everything():
     values = validate_params({})
     assert set(values) == set(RUN_PARAMS)
     assert values["epochs"] == RUN_PARAMS["epochs"].default
+
+
+@pytest.mark.parametrize(
+    ("env", "bucket", "prefix"),
+    [
+        pytest.param(
+            {"S3_BUCKET": "photos", "S3_PREFIX": "/team/a/"}, "photos", "team/a", id="set"
+        ),
+        pytest.param({"S3_PREFIX": ""}, "images", "", id="root"),
+        pytest.param({}, "images", "datasets/demo", id="unset"),
+    ],
+)
+def test_scheduled_runs_look_where_the_deployment_keeps_its_images(env, bucket, prefix):
+    """No conf (the nightly schedule): bucket and prefix are S3_BUCKET / S3_PREFIX of the
+    environment the DAG is parsed and run in, as for the CLI (a fresh interpreter: the
+    defaults are read once, when the DAG file imports the params)."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("S3_BUCKET", "S3_PREFIX")}
+    code = (
+        "import json; from pipeline.params import validate_params as v;"
+        " p = v({}); print(json.dumps([p['bucket'], p['prefix']]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=base | env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == [bucket, prefix]
 
 
 def test_integral_float_is_accepted_for_integers():
