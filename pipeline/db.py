@@ -420,15 +420,40 @@ def split_statements(sql: str) -> list[str]:
 # "Duplicate column name" / "Duplicate key name": an ALTER that an interrupted run of the same
 # migration already applied (MySQL 8.4 has no ADD COLUMN IF NOT EXISTS; DDL is not transactional).
 _ALREADY_APPLIED = (1060, 1061)
+_UNKNOWN_COLUMN = 1054
+_RENAME = re.compile(r"ALTER\s+TABLE\s+`?(\w+)`?\s+CHANGE\s+COLUMN\s+`?(\w+)`?\s+`?(\w+)`?", re.I)
+
+
+def apply_migration(cur, sql: str) -> None:
+    """Run one migration's statements; each may have run before (a run killed before the
+    migration was recorded): such a statement is skipped, anything else raises."""
+    for statement in split_statements(sql):
+        _execute_ddl(cur, statement)
 
 
 def _execute_ddl(cur, statement: str) -> None:
     try:
         cur.execute(statement)
     except pymysql.err.OperationalError as exc:
-        if not (exc.args and exc.args[0] in _ALREADY_APPLIED):
+        code = exc.args[0] if exc.args else None
+        if not (code in _ALREADY_APPLIED or code == _UNKNOWN_COLUMN and _renamed(cur, statement)):
             raise
         log.info("already applied (%s): %s", exc.args[1], statement.splitlines()[0][:120])
+
+
+def _renamed(cur, statement: str) -> bool:
+    """True when `statement` renames a column (CHANGE COLUMN old new) that already has its new
+    name: the rename ran before."""
+    found = _RENAME.search(statement)
+    if not found:
+        return False
+    table, _, new = found.groups()
+    cur.execute(
+        "SELECT COUNT(*) FROM information_schema.columns"
+        " WHERE table_schema = DATABASE() AND table_name = %s AND column_name = %s",
+        (table, new),
+    )
+    return cur.fetchone()[0] == 1
 
 
 def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
@@ -456,8 +481,7 @@ def migrate(db: Database, *, timeout_s: int = 60) -> list[int]:
                     if version in done:
                         continue
                     log.info("applying migration %04d_%s to %s", version, name, db.name)
-                    for statement in split_statements(sql):
-                        _execute_ddl(cur, statement)
+                    apply_migration(cur, sql)
                     cur.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                         (version, name),

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.db import (
     MIGRATION_LOCK,
+    apply_migration,
     available_migrations,
     create_database,
     drop_database,
@@ -39,6 +40,27 @@ def test_migrations_are_recorded_and_idempotent(db):
     recorded = [r["version"] for r in db.query("SELECT version FROM schema_migrations ORDER BY 1")]
     assert recorded == expected
     assert migrate(db) == []
+
+
+def test_every_migration_runs_again_after_a_kill_before_it_was_recorded(settings):
+    """DDL is not transactional: a migration killed after some or all of its statements, before
+    its `schema_migrations` row, runs again from its first statement on the next migrate."""
+    name = f"{settings.mysql.database}_test_{uuid.uuid4().hex[:12]}"
+    db = create_database(settings.mysql, name)
+    conn = db.connect(autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            for version, _, sql in available_migrations():
+                apply_migration(cur, sql)
+                apply_migration(cur, sql)  # as after the kill
+                cur.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INT PRIMARY KEY)"
+                )
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        assert db.query("SHOW COLUMNS FROM predictions LIKE 'run_key'")
+    finally:
+        conn.close()
+        drop_database(settings.mysql, name)
 
 
 def test_migrations_of_a_database_with_the_longest_name_take_a_lock_mysql_accepts(settings):
