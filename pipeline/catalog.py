@@ -308,7 +308,8 @@ def inspect_image(
     except Exception as exc:  # noqa: BLE001 - a header no plugin can parse is corrupt, whatever
         if is_out_of_memory(exc):  # the error, but for running out of memory
             raise
-        return Inspection("rejected", REJECT_CORRUPT, sha, format=kind)
+        detail = f"{kind} header does not parse: {type(exc).__name__}: {exc}"[:1024]
+        return Inspection("rejected", REJECT_CORRUPT, sha, format=kind, reject_detail=detail)
     with im:
         (width, height), mode, fmt = im.size, im.mode, im.format or kind
         if width * height > min(max_pixels, _decoder_pixel_limit()):

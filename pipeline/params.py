@@ -111,7 +111,7 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "string",
         deployment_default("S3_PREFIX", "datasets/demo"),
         "Key prefix inside the bucket ('' for the root; default: S3_PREFIX of the deployment).",
-        pattern=r"^[^\s].*[^/]$|^$",
+        pattern=r"^([^\s/]|\S.*[^/])?$",
         section="Data",
     ),
     "val_percent": ParamSpec(
@@ -416,6 +416,8 @@ def validate_params(conf: dict[str, Any] | None) -> dict[str, Any]:
     errors: list[str] = []
     for name, spec in RUN_PARAMS.items():
         value = conf.get(name, spec.default)
+        if value == "" and spec.nullable:
+            value = None  # an emptied form field, or "" in conf: the param's "empty" meaning
         if value is None:
             if not spec.nullable:
                 errors.append(f"{name} must not be empty")
@@ -438,7 +440,8 @@ def validate_params(conf: dict[str, Any] | None) -> dict[str, Any]:
             errors.append(f"{name}={value!r} is below the minimum {spec.minimum}")
         if spec.maximum is not None and value > spec.maximum:
             errors.append(f"{name}={value!r} is above the maximum {spec.maximum}")
-        if spec.pattern is not None and not re.search(spec.pattern, value):
+        # As JSON Schema (the form) reads it: `$` is the end of the string, not before a "\n".
+        if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
             errors.append(f"{name}={value!r} does not match {spec.pattern}")
         values[name] = value
     if errors:

@@ -166,6 +166,8 @@ def test_inspect_image_rejects_with_reason(data, complete, reason):
     result = catalog.inspect_image(data, size=len(data), complete=complete, max_pixels=50_000_000)
     assert result.status == "rejected"
     assert result.reject_reason == reason
+    if reason == catalog.REJECT_CORRUPT:  # says what is wrong with it
+        assert result.reject_detail and len(result.reject_detail) <= 1024
 
 
 def test_inspect_image_accepts_a_png_and_fingerprints_it():

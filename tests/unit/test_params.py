@@ -82,6 +82,10 @@ def test_integral_float_is_accepted_for_integers():
         pytest.param({"shards": 0}, "shards=0 is below", id="shards-zero"),
         pytest.param({"force_retrain": "yes"}, "force_retrain must be a boolean", id="bool"),
         pytest.param({"epohcs": 3}, "unknown parameter(s) ['epohcs']", id="typo"),
+        pytest.param({"bucket": "images\n"}, "bucket='images\\n'", id="bucket-newline"),
+        pytest.param({"model_name": "m\n"}, "model_name='m\\n'", id="name-newline"),
+        pytest.param({"prefix": "data/"}, "prefix='data/'", id="prefix-slash"),
+        pytest.param({"prefix": "/"}, "prefix='/'", id="prefix-only-slash"),
     ],
 )
 def test_bad_values_are_refused_with_the_reason(conf, message):
@@ -97,6 +101,22 @@ def test_form_schema_agrees_with_validation_on_the_default(name):
 
 
 @pytest.mark.parametrize(
+    ("name", "good", "validated"),
+    [
+        ("prefix", "x", "x"),
+        ("prefix", "", ""),
+        ("prefix", "a b/c", "a b/c"),
+        ("model_name", "", None),  # empty: MODEL_NAME, as the form's emptied field
+        ("val_percent", None, None),
+    ],
+)
+def test_form_schema_and_validation_accept_the_same_values(name, good, validated):
+    if good != "" or not RUN_PARAMS[name].nullable:
+        jsonschema.validate(good, RUN_PARAMS[name].schema())
+    assert validate_params({name: good})[name] == validated
+
+
+@pytest.mark.parametrize(
     ("name", "bad"),
     [
         ("epochs", 0),
@@ -104,6 +124,7 @@ def test_form_schema_agrees_with_validation_on_the_default(name):
         ("min_accuracy", 2),
         ("weights", "x"),
         ("shards", 1000),
+        ("prefix", "data/"),
     ],
 )
 def test_form_schema_refuses_what_validation_refuses(name, bad):
