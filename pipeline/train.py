@@ -1253,7 +1253,12 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
         allow_unseen_labels=args.allow_unseen_labels,
         force_retrain=args.force_retrain,
     )
-    # train_model repeats the skip check itself; here the decision refuses untrainable datasets.
+    # train_model repeats the skip check itself; here the decision refuses untrainable datasets
+    # and, as the DAG's check_dataset, a dataset whose labels are not the champion's.
+    if should_train:
+        registry.check_label_scope(
+            settings.model_name, dataset["label_map"], allow_label_change=args.allow_label_change
+        )
     log.info("training decision: %s (%s)", "train" if should_train else "skip", why)
     params = TrainParams.from_dict({f.name: getattr(args, f.name) for f in fields(TrainParams)})
     run_key = args.run_key or cli_run_key()

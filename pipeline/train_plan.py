@@ -149,6 +149,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse labels with fewer train images (default: the one the version's scan used)",
     )
     parser.add_argument(
+        "--allow-label-change",
+        action="store_true",
+        help="train even when the labels differ from the champion's (the gate then replaces it)",
+    )
+    parser.add_argument(
         "--allow-unseen-labels",
         action="store_true",
         help="train even when val/test hold labels that train lacks",

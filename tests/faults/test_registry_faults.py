@@ -406,7 +406,7 @@ def test_a_rolled_back_version_is_not_promoted_again_by_a_replayed_gate_or_appro
 
 
 def test_two_datasets_keep_their_own_champions_and_a_label_change_is_refused(
-    settings, db, store, tmp_path
+    settings, db, store, tmp_path, monkeypatch, capsys
 ):
     digits = _dataset(db, store, tmp_path, "digits")
     photos = _dataset(db, store, tmp_path, "photos", rename={"zero": "cat", "one": "dog"})
@@ -447,6 +447,16 @@ def test_two_datasets_keep_their_own_champions_and_a_label_change_is_refused(
             before.value
         )
         assert "model_name" in str(before.value) and "allow_label_change" in str(before.value)
+        # `python -m pipeline train` refuses it the same way, before training.
+        from pipeline.__main__ import main
+
+        monkeypatch.setenv("MYSQL_DATABASE", db.name)
+        monkeypatch.setenv("S3_BUCKET", store.bucket)
+        monkeypatch.setenv("PIPELINE_CACHE_DIR", str(cache))
+        argv = ["--model-name", names["digits"], "train", "--prefix", "photos", "--epochs", "1"]
+        assert main([*argv, "--num-workers", "0", "--min-images-per-label", "1"]) == 1
+        assert "[cat, dog] (2 labels)" in capsys.readouterr().err
+        assert registry.newest_ungated_version(db, names["digits"], retry_refused=True) is None
 
         # ... and by the gate, when a version on photos exists under that name anyway.
         stray = trained(photos, names["digits"], "run-stray")
