@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -501,11 +503,18 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     )
 
 
+# A download directory (`*.tmp`) or a replaced copy (`*.stale`) this old was left by a killed
+# process: no download of one model version takes this long.
+_PARTIAL_MAX_AGE_S = 3600
+
+
 def _download_model(model_name: str, version: str, local: Path) -> None:
     """Download the version's MLflow model to `local` (atomically: another process's finished
-    download wins; no partial directory is left behind)."""
+    download wins, also one that finishes first while this one runs; no partial directory is
+    left behind, and those of killed processes are swept)."""
     import mlflow
 
+    _sweep_partial(local.parent)
     tmp = local.with_name(f"{version}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
@@ -515,10 +524,26 @@ def _download_model(model_name: str, version: str, local: Path) -> None:
                 artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
             ),
         )
-        if not local.exists():  # else another process's download won: use that one
+        try:
             os.replace(path, local)
+        except OSError as exc:  # a directory is only replaced while empty
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.info("%s v%s: another process's download finished first", model_name, version)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_partial(models: Path) -> None:
+    """Delete download and replaced directories under `models` that killed processes left."""
+    now = time.time()
+    for path in models.glob("*.*"):
+        with contextlib.suppress(FileNotFoundError):
+            if (
+                path.suffix in (".tmp", ".stale")
+                and now - path.stat().st_mtime > _PARTIAL_MAX_AGE_S
+            ):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def safe_name(name: str) -> str:

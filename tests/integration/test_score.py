@@ -778,3 +778,30 @@ def test_vanished_images_are_rejected_and_the_shard_continues(
 def test_scoring_without_a_champion_names_what_to_run_first(db, store, digits, mlflow_names):
     with pytest.raises(registry.NoModelError, match="python -m pipeline train"):
         _plan(db, store, mlflow_names)
+
+
+def test_a_model_download_finishing_after_anothers_keeps_the_first_and_sweeps_leftovers(
+    mlflow_names, champion, tmp_cache
+):
+    """Two shards on one worker download a new champion at once: the one finishing second
+    finds the version in place and uses it (before: `Directory not empty`, a failed try).
+    Download directories that killed processes left behind an hour ago are deleted."""
+    import os
+    import time
+
+    name = mlflow_names["model_name"]
+    local = Path(tmp_cache) / "models" / registry.safe_name(name) / champion
+    local.parent.mkdir(parents=True)
+    killed = local.with_name(f"{champion}.dead.tmp")
+    (killed / "model").mkdir(parents=True)
+    hour_ago = time.time() - 2 * 3600
+    os.utime(killed, (hour_ago, hour_ago))
+    running = local.with_name(f"{champion}.live.tmp")  # another process's download, under way
+    running.mkdir()
+
+    registry._download_model(name, champion, local)  # the first to finish
+    first = (local / "MLmodel").stat().st_ino
+    registry._download_model(name, champion, local)  # the second: its copy is dropped
+    assert (local / "MLmodel").stat().st_ino == first
+    assert registry.load_model(name, champion, cache_dir=tmp_cache).model_version == champion
+    assert sorted(p.name for p in local.parent.iterdir()) == sorted([champion, running.name])
