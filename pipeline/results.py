@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline import catalog, report
 from pipeline.db import Database
+from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
 from pipeline.files import write_atomically
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectStore
@@ -458,12 +459,15 @@ def thumbnail(
     except FileNotFoundError:
         pass
     store: ObjectStore = store_for(record.bucket)
-    info = store.head(record.object_key)
-    if info is None or info.etag != record.etag:
+    try:  # only the catalogued content (If-Match), in one request
+        original = store.get_bytes(record.object_key, if_match=record.etag)
+    except Exception as exc:
+        if s3_error_code(exc) not in S3_MISSING_CODES | S3_CHANGED_CODES:
+            raise
         raise NotCatalogued(
             f"image {image_id} changed or vanished since it was catalogued; rescan the bucket"
-        )
-    data = render_thumbnail(store.get_bytes(record.object_key), size)
+        ) from exc
+    data = render_thumbnail(original, size)
     write_atomically(path, data)
     log.debug("thumbnail of image %s at %spx cached in %s", image_id, size, path)
     return data, tag

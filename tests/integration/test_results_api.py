@@ -377,6 +377,11 @@ def test_thumbnails_are_bounded_jpegs_of_catalogued_images_cached_on_disk(client
         # ... but a size never rendered needs the object, which is gone since the scan.
         missing = client.get(f"{BASE}/api/images/{row['id']}/thumbnail", params={"size": 256})
         assert missing.status_code == 404
+        # ... and so does one overwritten with other content: no thumbnail of what the
+        # catalog has not validated.
+        scored.store.put_bytes(row["object_key"], original + b"\0")
+        changed = client.get(f"{BASE}/api/images/{row['id']}/thumbnail", params={"size": 256})
+        assert changed.status_code == 404 and "rescan" in changed.text
     finally:
         scored.store.put_bytes(row["object_key"], original)  # same bytes, same ETag
 
