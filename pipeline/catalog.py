@@ -1124,7 +1124,9 @@ def record_changes(
     the rows still to write, all in one transaction (`write_scan`) on the connection holding the
     scan's `lock`; returns the summary."""
     now = utc_now()
-    apply_listing(rows, listing, diff, inspected, config, bucket=bucket, prefix=prefix, now=now)
+    has_val = apply_listing(
+        rows, listing, diff, inspected, config, bucket=bucket, prefix=prefix, now=now
+    )
     cross = _cross_checks(
         rows,
         leakage_policy=config.leakage_policy,
@@ -1132,6 +1134,7 @@ def record_changes(
     )
     version = build_dataset_version(bucket, rows.values(), config)
     summary = _summary(bucket, prefix, listing, diff, rows, version, config, cross, gets)
+    summary["has_val_split"] = has_val
     unreadable = any(rows[k]["reject_reason"] == REJECT_UNREADABLE for k in inspected)
     if set(diff.to_fetch) - inspected or unreadable:
         # Objects that vanished or changed between LIST and GET are not in the catalog as
@@ -1178,21 +1181,32 @@ def apply_listing(
     now,
 ) -> None:
     """Bring `rows` to what the listing says: every listed object applied with its subset
-    (val carved by `config`), every vanished one marked deleted at `now`. An object fetched for
-    inspection that was not inspected vanished between LIST and GET: left out."""
+    (val carved by `config` unless a val/ split holds images: `has_val_images`), every
+    vanished one marked deleted at `now`. An object fetched for inspection that was not
+    inspected vanished between LIST and GET: left out. Returns whether val/ holds images."""
     fetched = set(diff.to_fetch)
-    for key, (parsed, obj) in listing.objects.items():
-        if key in fetched and key not in inspected:
-            continue
+    applied = {k: v for k, v in listing.objects.items() if k not in fetched or k in inspected}
+    has_val = has_val_images(rows, applied)
+    for parsed, obj in applied.values():
         subset = carve_subset(
-            parsed.relative_key,
-            parsed.split,
-            val_percent=config.val_percent,
-            has_val_split=listing.has_val_split,
+            parsed.relative_key, parsed.split, val_percent=config.val_percent, has_val_split=has_val
         )
         apply_object(rows, parsed, obj, None, bucket=bucket, prefix=prefix, subset=subset, now=now)
     for key in diff.deleted:
         rows[key]["deleted_at"] = now
+    return has_val
+
+
+def has_val_images(rows: dict[str, dict[str, Any]], objects: dict[str, tuple]) -> bool:
+    """Whether a val/ split of `objects` (key: (ParsedKey, ObjectInfo)) holds images that passed
+    validation: a stray text file or a broken image under val/ does not stop the carve of val
+    from train (it would leave the dataset without val images)."""
+    return any(
+        parsed.split == "val"
+        and key in rows
+        and (rows[key]["status"] == "ok" or rows[key]["reject_reason"] in CROSS_REASONS)
+        for key, (parsed, _) in objects.items()
+    )
 
 
 def _latest_summary(db: Database, bucket: str, prefix: str) -> dict[str, Any] | None:
@@ -1283,7 +1297,6 @@ def _summary(
         "gets": gets,
         "listing_digest": listing.digest,
         **asdict(config),
-        "has_val_split": listing.has_val_split,
         **cross,
     }
 

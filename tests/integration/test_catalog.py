@@ -260,11 +260,16 @@ def test_val_split_is_carved_unless_a_val_folder_exists(db, store):
     files = {f"train/a/{i}.png": png(i) for i in range(60)}
     files |= {f"train/b/{i}.png": png(100 + i) for i in range(60)}
     put_tree(store, files)
+    # A stray file and a broken image under val/ are no val split: val is still carved.
+    put_tree(
+        store, files | {"val/a/notes.txt": b"not an image", "val/b/x.png": b"\x89PNG\r\n\x1a\njunk"}
+    )
     carved = catalog.scan(db, store, P, val_percent=25)
     n_val = sum(carved["counts"]["val"].values())
     expected = sum(1 for k in files if catalog.val_bucket(k) < 25)
     assert n_val == expected and 15 < n_val < 45
     assert carved["has_val_split"] is False
+    assert carved["reasons"] == {"corrupt_header": 1, "not_an_image": 1}
 
     put_tree(store, {"val/a/v.png": png(900), "val/b/v.png": png(901)})
     explicit = catalog.scan(db, store, P, val_percent=25)
