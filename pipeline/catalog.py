@@ -39,6 +39,7 @@ from functools import cached_property
 from itertools import islice
 from typing import Any
 
+from pipeline.config import pause_point
 from pipeline.db import Database, HeldLock, insert_rows, named_lock, utc_now
 from pipeline.errors import (
     S3_ACCESS_DENIED_CODES,
@@ -101,6 +102,8 @@ REJECT_CHANGED_OBJECT = "changed_object"
 REJECT_UNREADABLE = "unreadable"
 _OBJECT_STATE_REJECTIONS = (REJECT_MISSING_OBJECT, REJECT_CHANGED_OBJECT, REJECT_UNREADABLE)
 CROSS_REASONS = (REJECT_LABEL_CONFLICT, REJECT_LEAKAGE)
+# A fault test's pause after each committed chunk of validated objects (unset in deployments).
+PAUSE_AFTER_CHUNK_ENV = "PIPELINE_TEST_PAUSE_AFTER_SCAN_CHUNK_S"
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "JPEG"),
@@ -916,7 +919,7 @@ def _inspect_all(inspect, objects: list[ObjectInfo]) -> tuple[list[Any], BaseExc
 
 
 def inspect_objects(
-    db: Database,
+    lock: HeldLock,
     store: ObjectStore,
     prefix: str,
     listing: Listing,
@@ -934,7 +937,9 @@ def inspect_objects(
 
     Each chunk is its own transaction, so a scan killed or timed out here keeps what it
     validated: the next scan finds those objects unchanged and GETs only the rest. The pool
-    keeps validating up to one chunk ahead while a chunk is written.
+    keeps validating up to one chunk ahead while a chunk is written. Chunks commit on the scan
+    lock's connection, only while it holds the lock (`LockLost` else): a scan that lost it
+    (another scan may hold it now) writes no more rows over that scan's.
     """
     inspected: set[str] = set()
     gets = 0
@@ -979,9 +984,10 @@ def inspect_objects(
                 done.append(key)
         for key in done:
             rows[key]["last_seen_at"] = now
-        with db.transaction() as cur:
+        with lock.transaction() as cur:
             write_rows(cur, RowWrites(upserts=[rows[k] for k in done]))
         stored.update((k, _row_state(rows[k])) for k in done)
+        pause_point(PAUSE_AFTER_CHUNK_ENV)
         elapsed = time.monotonic() - t0
         rate = len(inspected) / max(elapsed, 1e-9)
         log.info(
@@ -1072,7 +1078,7 @@ def scan(
         )
         previous = _latest_summary(db, bucket, prefix)
         if previous and is_unchanged(previous, listing, config, _catalog_mark(db, bucket, prefix)):
-            return _record_unchanged(db, where, previous, listing, started=started, t0=t0)
+            return _record_unchanged(lock, where, previous, listing, started=started, t0=t0)
         rows = _load_rows(db, bucket, prefix)
         stored = {k: _row_state(r) for k, r in rows.items()}
         # New limits (max_pixels, min_side, max_object_bytes) judge every object again.
@@ -1082,7 +1088,7 @@ def scan(
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="scan-get")
         try:
             inspected, gets = inspect_objects(
-                db,
+                lock,
                 store,
                 prefix,
                 listing,
@@ -1158,12 +1164,12 @@ def record_changes(
 
 
 def _record_unchanged(
-    db: Database, where: str, previous: dict[str, Any], listing, *, started, t0: float
+    lock: HeldLock, where: str, previous: dict[str, Any], listing, *, started, t0: float
 ) -> dict[str, Any]:
     """Record a scan that found the listing, config and catalog as the last scan left them."""
     summary = unchanged_summary(previous, listing)
     summary["seconds"] = round(time.monotonic() - t0, 3)
-    with db.transaction() as cur:
+    with lock.transaction() as cur:
         _insert_scan(cur, summary, started)
     _log_scan(where, summary)
     return summary

@@ -235,6 +235,37 @@ def test_the_scan_lock_lost_inside_the_final_transaction_writes_nothing(db, stor
     assert catalog.scan(db, store, P)["gets"] == 0
 
 
+def test_a_scan_that_lost_its_lock_writes_no_more_chunks(db, store, monkeypatch):
+    """The scan lock's connection ends (KILL, as a failover does) while the scan validates:
+    another scan may take the lock and write the catalog now, so the first must not go on
+    committing its chunks over it (before: it did, for up to half an hour, until its final
+    transaction found the lock gone)."""
+    put_images(store, 30)
+    lock = mysql_lock_name(db, catalog.scan_lock(store.bucket, P))
+    monkeypatch.setenv(catalog.PAUSE_AFTER_CHUNK_ENV, "3")
+    outcome: list[BaseException | dict] = []
+
+    def scan() -> None:
+        try:
+            outcome.append(catalog.scan(db, store, P, chunk_size=10))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=scan)
+    worker.start()
+    wait_until(lambda: count(db, "SELECT COUNT(*) FROM images") == 10, what="the first chunk")
+    holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
+    db.execute(f"KILL CONNECTION {int(holder)}")
+    worker.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], LockLost), outcome
+    assert count(db, "SELECT COUNT(*) FROM images") == 10  # no chunk after the loss
+    assert count(db, "SELECT COUNT(*) FROM scans") == 0
+
+    monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
+    resumed = catalog.scan(db, store, P)
+    assert resumed["gets"] == 20 and count(db, "SELECT COUNT(*) FROM images") == 30
+
+
 def test_overlapping_scans_with_uploads_between_their_lists_end_as_serial_scans(
     db, store, reference_db
 ):
