@@ -142,6 +142,7 @@ _COLUMNS = (
     "status",
     "reject_reason",
     "reject_detail",
+    "validated_under",
     "first_seen_at",
     "last_seen_at",
     "deleted_at",
@@ -165,6 +166,7 @@ _LOADED_COLUMNS = (
     "label",
     "status",
     "reject_reason",
+    "validated_under",
     "deleted_at",
 )
 # What a scan may change in a row whose object did not change; a row whose state is unchanged
@@ -521,11 +523,12 @@ class ScanConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def validates_like(self, other: ScanConfig) -> bool:
-        """True when an object validated under `other` gets the same verdict under this config
-        (the same limits); policies and the val split are applied afresh by every scan."""
-        limits = operator.attrgetter("max_pixels", "min_side", "max_object_bytes")
-        return limits(self) == limits(other)
+    def limits_key(self) -> str:
+        """Names the validation limits: objects validated under configs with equal keys get
+        equal verdicts (policies and the val split are applied afresh by every scan). Kept per
+        row (`images.validated_under`)."""
+        limits = f"{self.max_pixels}:{self.min_side}:{self.max_object_bytes}"
+        return hashlib.sha256(limits.encode()).hexdigest()[:16]
 
     def overridden(self, overrides: dict[str, Any]) -> ScanConfig:
         """This config with `overrides` (None values keep the current value)."""
@@ -595,18 +598,24 @@ class Diff:
 
 
 def diff_listing(
-    listing: Listing, rows: dict[str, dict[str, Any]], *, revalidate: bool = False
+    listing: Listing,
+    rows: dict[str, dict[str, Any]],
+    *,
+    limits: str | None = None,
+    stored_limits: str | None = None,
 ) -> Diff:
-    """New (not catalogued), changed (ETag or size differs, or rejected as missing or changed
-    at a later GET; every catalogued one with `revalidate`: validated again), revived (deleted,
-    back unchanged) and deleted (live, not listed) keys."""
+    """New (not catalogued), changed (ETag or size differs, rejected as missing or changed at a
+    later GET, or validated under other limits than `limits`: validated again), revived
+    (deleted, back unchanged) and deleted (live, not listed) keys. A row without its own
+    `validated_under` was validated under `stored_limits` (the prefix's stored config)."""
     new, changed, revived = [], [], []
     for key, (_, obj) in listing.objects.items():
         old = rows.get(key)
         if old is None:
             new.append(key)
         elif (
-            revalidate
+            limits is not None
+            and (old.get("validated_under") or stored_limits) != limits
             or old["etag"] != obj.etag
             or int(old["size_bytes"]) != obj.size
             or old["reject_reason"] in _OBJECT_STATE_REJECTIONS
@@ -672,8 +681,10 @@ def apply_object(
     prefix: str,
     subset: str,
     now: datetime,
+    validated_under: str | None = None,
 ) -> None:
-    """Bring the catalog row of a listed object up to date (validation results when inspected).
+    """Bring the catalog row of a listed object up to date (validation results when inspected,
+    made under the limits `validated_under` names: `ScanConfig.limits_key`).
 
     Without an inspection only the state columns change (the object itself did not).
     """
@@ -707,6 +718,7 @@ def apply_object(
             height=inspection.height,
             format=inspection.format,
             mode=inspection.mode,
+            validated_under=validated_under,
         )
 
 
@@ -978,6 +990,7 @@ def inspect_objects(
                 prefix=prefix,
                 subset=subset,
                 now=now,
+                validated_under=config.limits_key(),
             )
             inspected.add(key)
             if inspection.reject_reason != REJECT_UNREADABLE:  # held for `check_unreadable`
@@ -1081,8 +1094,11 @@ def scan(
             return _record_unchanged(lock, where, previous, listing, started=started, t0=t0)
         rows = _load_rows(db, bucket, prefix)
         stored = {k: _row_state(r) for k, r in rows.items()}
-        # New limits (max_pixels, min_side, max_object_bytes) judge every object again.
-        diff = diff_listing(listing, rows, revalidate=not config.validates_like(stored_config))
+        # Objects validated under other limits (max_pixels, min_side, max_object_bytes) than
+        # this scan's are judged again, also after a scan with new limits that did not finish.
+        diff = diff_listing(
+            listing, rows, limits=config.limits_key(), stored_limits=stored_config.limits_key()
+        )
         if not force_delete:
             check_deletions(diff, rows, max_delete_fraction=max_delete_fraction, where=where)
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="scan-get")

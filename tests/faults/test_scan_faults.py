@@ -266,6 +266,55 @@ def test_a_scan_that_lost_its_lock_writes_no_more_chunks(db, store, monkeypatch)
     assert resumed["gets"] == 20 and count(db, "SELECT COUNT(*) FROM images") == 30
 
 
+def test_a_scan_with_new_limits_that_died_half_way_is_finished_by_the_next_scan(
+    db, store, monkeypatch
+):
+    """`scan --min-side 64` commits a chunk of verdicts under its limits and dies (here: its
+    lock connection ends). The next scan, with the stored limits (min_side 8), judges those
+    rows again; a rerun of the new-limits scan GETs only what it had not judged (before: the
+    first chunk stayed `too_small` under min_side 8, and the rerun GOT everything again)."""
+    put_images(store, 30)  # 16x16 PNGs
+    assert catalog.scan(db, store, P)["reasons"] == {}
+    lock = mysql_lock_name(db, catalog.scan_lock(store.bucket, P))
+    monkeypatch.setenv(catalog.PAUSE_AFTER_CHUNK_ENV, "3")
+    outcome: list[BaseException | dict] = []
+
+    def strict_scan() -> None:
+        try:
+            outcome.append(catalog.scan(db, store, P, min_side=64, chunk_size=10))
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=strict_scan)
+    worker.start()
+    too_small = "SELECT COUNT(*) FROM images WHERE reject_reason = 'too_small'"
+    wait_until(lambda: count(db, too_small) == 10, what="the first chunk of verdicts")
+    holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
+    db.execute(f"KILL CONNECTION {int(holder)}")
+    worker.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], LockLost), outcome
+    monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
+
+    rerun = catalog.scan(db, store, P, min_side=64)  # the same command again
+    assert rerun["gets"] == 20 and rerun["reasons"] == {"too_small": 30}
+    stored = catalog.scan(db, store, P, min_side=8)  # back to the limits before
+    assert stored["gets"] == 30 and stored["reasons"] == {} and count(db, too_small) == 0
+
+    # A strict scan dies again after its first chunk; the next scan (no options: the stored
+    # min_side 8) judges that chunk again.
+    monkeypatch.setenv(catalog.PAUSE_AFTER_CHUNK_ENV, "3")
+    outcome.clear()
+    worker = threading.Thread(target=strict_scan)
+    worker.start()
+    wait_until(lambda: count(db, too_small) == 10, what="the first chunk of verdicts")
+    holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
+    db.execute(f"KILL CONNECTION {int(holder)}")
+    worker.join(timeout=60)
+    monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
+    plain = catalog.scan(db, store, P)
+    assert plain["gets"] == 10 and plain["reasons"] == {} and count(db, too_small) == 0
+
+
 def test_overlapping_scans_with_uploads_between_their_lists_end_as_serial_scans(
     db, store, reference_db
 ):
