@@ -105,7 +105,8 @@ def image_classification():
     @task
     @fail_fast
     def check_services(**context) -> dict:
-        """Validate params, then prove MySQL (and migrate), S3 read/write and MLflow work."""
+        """Validate params, then prove MySQL (and migrate), S3 (list the images, read/write the
+        pipeline's own bucket) and MLflow work."""
         import imgpipe_runtime as rt
 
         from pipeline.preflight import run_checks
@@ -116,6 +117,7 @@ def image_classification():
             db,
             store,
             params["prefix"],
+            work_store=rt.work_store(),
             mysql_where=rt.where_to_fix("mysql"),
             s3_where=rt.where_to_fix("s3"),
         )

@@ -40,17 +40,33 @@ def check_mysql(db: Database, where: str) -> Check:
     return Check("mysql", True, f"database {db.name} at schema version {version}{extra}")
 
 
-def check_object_store(store: ObjectStore, prefix: str, where: str) -> Check:
-    """Write, read back and delete a probe object in the bucket."""
-    key = f"{prefix.strip('/') + '/' if prefix.strip('/') else ''}_preflight/{uuid.uuid4().hex}"
+def check_object_store(
+    store: ObjectStore, prefix: str, where: str, *, work_store: ObjectStore | None = None
+) -> Check:
+    """List the images (read access is all the pipeline needs there), then write, read back
+    and delete a probe object in the pipeline's own bucket (`work_store`: checkpoints)."""
+    images = f"s3://{store.bucket}/{prefix.strip('/')}"
     try:
-        store.put_bytes(key, b"preflight")
-        if store.get_bytes(key) != b"preflight":
-            return Check("s3", False, f"s3://{store.bucket}/{key} read back different bytes")
-        store.delete(key)
+        next(iter(store.iter_objects(f"{prefix.strip('/')}/" if prefix.strip("/") else "")), None)
     except Exception as exc:  # noqa: BLE001
-        return Check("s3", False, f"cannot write/read s3://{store.bucket}: {exc} (fix: {where})")
-    return Check("s3", True, f"read/write ok in s3://{store.bucket}")
+        return Check("s3", False, f"cannot list {images}: {exc} (fix: {where})")
+    detail = f"list ok in {images}"
+    if work_store is None:
+        return Check("s3", True, detail)
+    key = f"_preflight/{uuid.uuid4().hex}"
+    try:
+        work_store.put_bytes(key, b"preflight")
+        if work_store.get_bytes(key) != b"preflight":
+            return Check("s3", False, f"s3://{work_store.bucket}/{key} read back different bytes")
+        work_store.delete(key)
+    except Exception as exc:  # noqa: BLE001
+        return Check(
+            "s3",
+            False,
+            f"cannot write/read s3://{work_store.bucket} (the pipeline's bucket for checkpoints:"
+            f" PIPELINE_WORK_BUCKET): {exc} (fix: {where})",
+        )
+    return Check("s3", True, f"{detail}; read/write ok in s3://{work_store.bucket}")
 
 
 def without_credentials(uri: str) -> str:
@@ -144,13 +160,14 @@ def run_checks(
     store: ObjectStore,
     prefix: str,
     *,
+    work_store: ObjectStore | None = None,
     mysql_where: str = "MYSQL_* in .env",
     s3_where: str = "S3_* / AWS_* in .env",
 ) -> dict:
     """All checks; raises RuntimeError listing every failure, else returns a summary."""
     checks = [
         check_mysql(db, mysql_where),
-        check_object_store(store, prefix, s3_where),
+        check_object_store(store, prefix, s3_where, work_store=work_store),
         check_mlflow(),
     ]
     for c in checks:
@@ -170,7 +187,7 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_check(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.mysql)
     store, prefix = location_from_args(settings, args)
-    summary = run_checks(db, store, prefix)
+    summary = run_checks(db, store, prefix, work_store=store.with_bucket(settings.work_bucket))
     for service, detail in summary.items():
         print(f"{service:7s} ok  {detail}")
     return 0

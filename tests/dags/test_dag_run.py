@@ -206,7 +206,7 @@ def test_each_task_runs_alone(world, settings):
 
     step = task_test(world, "check_services")
     assert step["state"] == "success", step["output"][-3000:]
-    assert f"read/write ok in s3://{world['conf']['bucket']}" in step["value"]["s3"]
+    assert f"list ok in s3://{world['conf']['bucket']}/{world['prefix']}" in step["value"]["s3"]
 
     step = task_test(world, "scan_images")
     assert step["state"] == "success"
