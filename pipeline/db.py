@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -26,11 +27,16 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MIGRATION_LOCK = "imgpipe_schema_migrations"
-# `wait_timeout` of a `named_lock` connection: a day, so the server keeps an idle holder's lock.
+# `wait_timeout` of a `named_lock` connection without keep-alive pings: a day, so the server
+# keeps an idle holder's lock.
 LOCK_IDLE_TIMEOUT_S = 86_400
 # How often a held lock's connection is used while its holder works: below the idle timeouts of
 # the proxies and load balancers in front of managed MySQL (minutes).
 LOCK_KEEPALIVE_S = 60.0
+# With pings, the server ends a lock's connection (and frees the lock) after this many missed
+# ones: a holder whose host vanished without closing its connection (power loss, a partition)
+# holds the lock minutes, not a day.
+LOCK_MISSED_PINGS = 5
 # Longest a read on a lock's connection waits for the server; lock waits are sliced below it.
 LOCK_READ_TIMEOUT_S = 120
 _LOCK_WAIT_SLICE_S = 60
@@ -313,9 +319,9 @@ def named_lock(
     conn = db.connect(autocommit=True, read_timeout=LOCK_READ_TIMEOUT_S)
     try:
         with conn.cursor() as cur:
-            # The connection idles while its holder works (hours, for a training): the server
-            # must not end it for idleness (`wait_timeout`, often minutes on managed MySQL).
-            cur.execute("SET SESSION wait_timeout = %s", (LOCK_IDLE_TIMEOUT_S,))
+            # The connection idles between the pings while its holder works (hours, for a
+            # training): the server ends it (`wait_timeout`) only after pings stop coming.
+            cur.execute("SET SESSION wait_timeout = %s", (lock_idle_timeout_s(keepalive_s),))
             _get_lock(cur, lock, name=name, timeout_s=timeout_s, what=what)
         held = HeldLock(name, lock, conn)
         try:
@@ -325,6 +331,13 @@ def named_lock(
             held.release()
     finally:
         conn.close()
+
+
+def lock_idle_timeout_s(keepalive_s: float | None) -> int:
+    """`wait_timeout` of a lock's connection pinged every `keepalive_s` seconds (None: never)."""
+    if keepalive_s is None:
+        return LOCK_IDLE_TIMEOUT_S
+    return max(10, math.ceil(LOCK_MISSED_PINGS * keepalive_s))
 
 
 @contextmanager

@@ -64,3 +64,34 @@ def test_a_lock_connection_that_goes_silent_fails_the_holder_instead_of_hanging_
         assert proxy.swallowed >= 1
     finally:
         proxy.close()
+
+
+def test_a_holder_whose_host_vanished_frees_the_lock_after_its_missed_pings(db):
+    """A holder process stopped dead (SIGSTOP: as a host that lost power or its network, which
+    closes no connection) stops pinging: the server ends its connection after the missed pings
+    and the lock is free (before: it was held until the 24 h `wait_timeout`, and every scan or
+    retry of that key timed out meanwhile)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import time; from pipeline.config import load_settings; from pipeline.db import"
+        " Database, named_lock\n"
+        "with named_lock(Database(load_settings().mysql), 'vanishing', timeout_s=5, what='t',"
+        " keepalive_s=1):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    env = {**os.environ, "MYSQL_DATABASE": db.name}
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        holder.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with named_lock(db, "vanishing", timeout_s=60, what="test", keepalive_s=None):
+            waited = time.monotonic() - started
+        assert waited <= db_module.lock_idle_timeout_s(1) + 15
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
