@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
 from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,19 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def _same_content(store: ObjectStore, there, path: Path) -> bool:
+    """Whether the object `there` (listed, of the file's size) holds the bytes of `path`."""
+    if there.etag == _md5(path):
+        return True
+    try:
+        data = store.get_bytes(there.key, if_match=there.etag)  # at most the file's size
+    except Exception as exc:
+        if s3_error_code(exc) in S3_MISSING_CODES | S3_CHANGED_CODES:
+            return False  # gone or replaced since the LIST: upload the file
+        raise
+    return hashlib.sha256(data).digest() == hashlib.sha256(path.read_bytes()).digest()
+
+
 def upload_tree(
     store: ObjectStore, local_dir: str | Path, prefix: str, *, workers: int = 16
 ) -> dict[str, int]:
@@ -31,6 +45,9 @@ def upload_tree(
 
     One LIST of the prefix tells what is there: a file whose size and MD5 match the
     object's (single-part) ETag is skipped, so re-running uploads nothing. No HEAD per file.
+    An object of the same size whose ETag is no MD5 of its bytes (uploaded in parts by another
+    tool, or encrypted with SSE-KMS/SSE-C) is read and compared: rewriting identical bytes
+    would give it a new ETag, and the next scan a new dataset version to train on.
     """
     root = Path(local_dir)
     if not root.is_dir():
@@ -45,7 +62,7 @@ def upload_tree(
         key = start + path.relative_to(root).as_posix()
         there = existing.get(key)
         size = path.stat().st_size
-        if there is not None and there.size == size and there.etag == _md5(path):
+        if there is not None and there.size == size and _same_content(store, there, path):
             return False
         content_type = mimetypes.guess_type(path.name)[0]
         store.put_bytes(key, path.read_bytes(), content_type=content_type)

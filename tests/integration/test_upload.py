@@ -62,6 +62,35 @@ def test_upload_skips_unchanged_files_and_scan_accepts_the_result(tmp_path, stor
     assert summary["counts"]["train"]["seven"] == 2 and summary["inbox"] == 2
 
 
+def test_objects_whose_etag_is_no_md5_are_compared_not_rewritten(tmp_path, store):
+    """An object another tool uploaded in parts (ETag `<md5 of md5s>-2`; SSE-KMS ETags are no
+    MD5 either) holding the file's bytes is left alone: rewriting it would give it a new ETag,
+    and the next scan a new dataset version to train on. Same size, other bytes: uploaded."""
+    import io
+    import random
+
+    local = tmp_path / "tree"
+    (local / "train" / "a").mkdir(parents=True)
+    big = random.Random(7).randbytes(6 * 1024 * 1024)  # over the 5 MiB minimum part size
+    (local / "train" / "a" / "big.png").write_bytes(big)
+    (local / "train" / "a" / "other.png").write_bytes(big)
+    for name, data in (("big.png", big), ("other.png", big[::-1])):
+        store.minio.put_object(
+            store.bucket,
+            f"parts/train/a/{name}",
+            io.BytesIO(data),
+            len(data),
+            part_size=5 * 1024 * 1024,
+        )
+    before = store.head("parts/train/a/big.png").etag
+    assert before.endswith("-2")
+
+    result = upload.upload_tree(store, local, "parts", workers=2)
+    assert result == {"files": 2, "uploaded": 1, "skipped": 1}
+    assert store.head("parts/train/a/big.png").etag == before
+    assert store.get_bytes("parts/train/a/other.png") == big
+
+
 def test_cli_demo_data_upload_migrate_and_scan(tmp_path, store, db, monkeypatch, capsys):
     from pipeline.__main__ import main
 
