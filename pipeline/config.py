@@ -177,6 +177,10 @@ class S3Settings:
 
     An empty `endpoint_url` means AWS S3 in `region`. `session_token` comes with temporary
     credentials (an assumed role); `verify` is False (no TLS verification) or a CA bundle path.
+    `credentials`, when given, is a botocore credentials object (the Airflow provider's, for an
+    assumed role or an instance profile: `RefreshableCredentials`): the clients sign every
+    request with its current keys, renewed before they expire, so a six-hour training outlives
+    an hour-long role session; the static keys above are then only what it held at the start.
     """
 
     endpoint_url: str
@@ -187,6 +191,7 @@ class S3Settings:
     prefix: str
     session_token: str | None = None
     verify: bool | str = True
+    credentials: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -217,9 +218,10 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
     """(confidence, prediction id) of `encode_cursor`; ValueError for anything else."""
     confidence, sep, prediction_id = cursor.partition("_")
     try:
-        if not sep:
+        position = float(confidence), int(prediction_id)
+        if not sep or not math.isfinite(position[0]):  # nan/inf: no confidence MySQL takes
             raise ValueError
-        return float(confidence), int(prediction_id)
+        return position
     except ValueError:
         raise ValueError(
             f"malformed cursor {cursor!r}; pass the `next` value of the previous page"

@@ -140,12 +140,22 @@ def boto3_client(settings: S3Settings, max_pool_connections: int = 32) -> Any:
     from botocore.config import Config
 
     s = settings
-    return boto3.client(
+    keys = {
+        "aws_access_key_id": s.access_key_id or None,
+        "aws_secret_access_key": s.secret_access_key or None,
+        "aws_session_token": s.session_token,
+    }
+    session = boto3
+    if s.credentials is not None:  # renewed by botocore before they expire
+        import botocore.session
+
+        core = botocore.session.Session()
+        core._credentials = s.credentials  # noqa: SLF001 - botocore has no public setter
+        session, keys = boto3.session.Session(botocore_session=core), {}
+    return session.client(
         "s3",
         endpoint_url=s.endpoint_url or None,
-        aws_access_key_id=s.access_key_id or None,
-        aws_secret_access_key=s.secret_access_key or None,
-        aws_session_token=s.session_token,
+        **keys,
         region_name=s.region,
         verify=s.verify,
         config=Config(
@@ -179,15 +189,33 @@ def minio_client(settings: S3Settings, max_pool_connections: int = 32) -> Any:
             total=MAX_ATTEMPTS, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
         ),
     )
+    keys: dict[str, Any] = {
+        "access_key": s.access_key_id or None,
+        "secret_key": s.secret_access_key or None,
+        "session_token": s.session_token,
+    }
+    if s.credentials is not None:
+        keys = {"credentials": botocore_provider(s.credentials)}
     return Minio(
         host,
-        access_key=s.access_key_id or None,
-        secret_key=s.secret_access_key or None,
-        session_token=s.session_token,
+        **keys,
         secure=secure,
         region=s.region or None,
         http_client=http,
     )
+
+
+def botocore_provider(credentials: Any) -> Any:
+    """A MinIO SDK credentials provider over a botocore credentials object: each request is
+    signed with its current keys (`RefreshableCredentials` renews them before they expire)."""
+    from minio.credentials import Credentials, Provider
+
+    class BotocoreProvider(Provider):
+        def retrieve(self) -> Credentials:
+            frozen = credentials.get_frozen_credentials()
+            return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+    return BotocoreProvider()
 
 
 def minio_endpoint(endpoint_url: str | None) -> tuple[str, bool]:

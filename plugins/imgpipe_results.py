@@ -231,7 +231,9 @@ def get_thumbnail(image_id: int, request: Request, size: Annotated[int, Query()]
         size=size,
         cache_dir=imgpipe_runtime.cache_dir(),
     )
-    headers = {"ETag": f'"{etag}"', "Cache-Control": "private, max-age=86400"}
+    # Revalidated on every use (a 304 while the image is unchanged): an object overwritten
+    # under its key must not show its old picture beside its new prediction.
+    headers = {"ETag": f'"{etag}"', "Cache-Control": "private, no-cache"}
     if request.headers.get("if-none-match") == f'"{etag}"':
         return Response(status_code=304, headers=headers)
     return Response(content=data, media_type="image/jpeg", headers=headers)

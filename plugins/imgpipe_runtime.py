@@ -165,12 +165,13 @@ def object_store(bucket: str, s3_conn_id: str = S3_CONN_ID):
 
 
 def s3_settings(hook, bucket: str):
-    """`S3Settings` of an `S3Hook`'s connection, with the credentials the provider resolves,
-    frozen when the task starts (an assumed role's last an hour; tasks time out at 30 min)."""
+    """`S3Settings` of an `S3Hook`'s connection, with the credentials the provider resolves:
+    its botocore credentials object, which renews an assumed role's or an instance profile's
+    keys before they expire (a training runs up to six hours, a role session often one)."""
     from pipeline.config import S3Settings
 
     config = hook.conn_config
-    credentials = hook.get_credentials()
+    credentials = hook.get_credentials()  # the keys of now, masked in task logs
     verify = config.verify
     return S3Settings(
         endpoint_url=(config.get_service_endpoint_url("s3") or "").rstrip("/"),
@@ -181,6 +182,7 @@ def s3_settings(hook, bucket: str):
         prefix="",
         session_token=credentials.token,
         verify=True if verify is None else verify,
+        credentials=hook.get_session().get_credentials(),
     )
 
 

@@ -359,6 +359,9 @@ def test_thumbnails_are_bounded_jpegs_of_catalogued_images_cached_on_disk(client
     with Image.open(io.BytesIO(answer.content)) as img:
         assert img.format == "JPEG" and max(img.size) <= 64 and min(img.size) > 0
     etag = answer.headers["etag"]
+    # The browser asks again each time (a 304 while unchanged): never the old picture of an
+    # object overwritten under its key beside its new prediction.
+    assert answer.headers["cache-control"] == "private, no-cache"
     assert (
         client.get(
             f"{BASE}/api/images/{row['id']}/thumbnail",

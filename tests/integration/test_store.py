@@ -130,3 +130,45 @@ def test_minio_endpoint(url, expected):
 def test_an_endpoint_with_a_path_is_refused_naming_it():
     with pytest.raises(ValueError, match="has a path"):
         minio_endpoint("http://host:9000/s3")
+
+
+def test_refreshable_credentials_are_read_at_every_request_by_both_clients(store):
+    """An assumed role's keys expire (an hour) before a training ends (six hours): with the
+    provider's botocore credentials object, both clients sign each request with its current
+    keys. Here every read of them renews (they are always about to expire): keys that stop
+    working fail the next request, working ones make it succeed again."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from botocore.credentials import RefreshableCredentials
+
+    good = {
+        "access_key": store.settings.access_key_id,
+        "secret_key": store.settings.secret_access_key,
+    }
+    current = dict(good)
+    renewals: list[str] = []
+
+    def renew() -> dict:
+        renewals.append(current["access_key"])
+        soon = datetime.now(UTC) + timedelta(seconds=1)  # within botocore's refresh window
+        return {**current, "token": None, "expiry_time": soon.isoformat()}
+
+    credentials = RefreshableCredentials.create_from_metadata(renew(), renew, "test")
+    rotating = ObjectStore(replace(store.settings, credentials=credentials), store.bucket)
+    rotating.put_bytes("rotating/k", b"v")
+    assert rotating.get_bytes("rotating/k") == b"v"
+    assert [o.key for o in rotating.iter_objects("rotating/")] == ["rotating/k"]  # boto3 side
+
+    current.update(access_key="revoked", secret_key="revoked-secret")
+    with pytest.raises(Exception) as refused:
+        rotating.get_bytes("rotating/k")
+    assert s3_error_code(refused.value) in ("InvalidAccessKeyId", "AccessDenied", "403")
+    with pytest.raises(Exception) as refused:
+        rotating.delete("rotating/k")  # boto3
+    assert s3_error_code(refused.value) in ("InvalidAccessKeyId", "AccessDenied", "403")
+
+    current.update(good)  # the next session's keys
+    assert rotating.get_bytes("rotating/k") == b"v"
+    rotating.delete("rotating/k")
+    assert "revoked" in renewals and renewals[-1] == good["access_key"]
