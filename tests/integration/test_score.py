@@ -625,6 +625,30 @@ def test_views_answer_the_documented_questions(db, digits):
         ("2", "2"): 1,
     }
 
+    # An image deleted, one rejected later and one overwritten under its key count nowhere any
+    # more (their predictions stay in `predictions`, for lineage).
+    for change in (
+        "UPDATE images SET deleted_at = NOW(6) WHERE id = %s",
+        "UPDATE images SET status = 'rejected', reject_reason = 'label_conflict' WHERE id = %s",
+        "UPDATE images SET etag = 'overwritten' WHERE id = %s",
+    ):
+        state = db.query(
+            "SELECT deleted_at, status, reject_reason, etag FROM images WHERE id = %s", (t2,)
+        )[0]
+        db.execute(change, (t2,))
+        gone = db.query("SELECT model_version, n_labelled FROM v_accuracy_by_model_version")
+        assert sorted((r["model_version"], r["n_labelled"]) for r in gone) == [(1, 2), (2, 2)]
+        wrong = db.query("SELECT n FROM v_champion_confusion WHERE true_label <> predicted_label")
+        assert wrong == []  # t2 was v1's only mistake
+        assert db.query("SELECT image_id FROM v_champion_challenger_disagreements") == [
+            {"image_id": i1}
+        ]
+        db.execute(
+            "UPDATE images SET deleted_at = %s, status = %s, reject_reason = %s, etag = %s"
+            " WHERE id = %s",
+            (*state.values(), t2),
+        )
+
     queue = db.query("SELECT image_id, confidence FROM v_review_queue ORDER BY confidence")
     assert [(r["image_id"], r["confidence"]) for r in queue] == [
         (i1, 0.3),

@@ -26,7 +26,9 @@ def test_cursor_round_trips_exactly(confidence, prediction_id):
     assert results.decode_cursor(cursor) == (confidence, prediction_id)
 
 
-@pytest.mark.parametrize("cursor", ["", "0.5", "abc_1", "0.5_x", "0.5-3", "nan_5", "inf_1", "-inf_2"])
+@pytest.mark.parametrize(
+    "cursor", ["", "0.5", "abc_1", "0.5_x", "0.5-3", "nan_5", "inf_1", "-inf_2"]
+)
 def test_a_malformed_cursor_is_refused_saying_what_to_pass(cursor):
     with pytest.raises(ValueError, match="`next` value of the previous page"):
         results.decode_cursor(cursor)
