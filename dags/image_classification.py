@@ -368,8 +368,10 @@ def image_classification():
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     @fail_fast
     def check_drift(**context) -> dict:
-        """This run's scored test and inbox images against the scoring version's val reference."""
+        """This run's scored test and inbox images against the scoring version's val reference;
+        skipped when the run scored nothing new (an unchanged bucket): no empty verdict."""
         import imgpipe_runtime as rt
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from pipeline import drift, registry
 
@@ -378,13 +380,20 @@ def image_classification():
         version = (plan[0]["model_version"] if plan else None) or registry.resolve_model_version(
             rt.model_name(params), params["model_ref"]
         )
+        db = rt.database()
+        subsets = drift.subsets_scored(db, rt.model_name(params), int(version), context["run_id"])
+        if not subsets:
+            raise AirflowSkipException(
+                f"this run scored no image with v{version}: nothing to check"
+            )
         return drift.check_drift(
-            rt.database(),
+            db,
             model_name=rt.model_name(params),
             model_version=str(version),
             run_key=context["run_id"],
             cache_dir=rt.cache_dir(),
             thresholds=drift.Thresholds.from_params(params),
+            subsets=subsets,
         )
 
     @task(outlets=[DRIFT_ASSET], trigger_rule=TriggerRule.NONE_FAILED)

@@ -59,8 +59,8 @@ MAX_REFERENCE = 1000  # reference images kept with a version
 MAX_WINDOW = 1000  # scored images tested per subset (a seeded sample beyond that)
 PERMUTATIONS = 1000  # p-values down to 1/1001: below a third of the default 0.01
 SUBSETS = ("test", "inbox")
-# Subsets checked over a rolling window (`pending_since`); the test split is scored whole by the
-# run that checks it.
+# Subsets checked over a rolling window (`pending_window`); a test window is the test images the
+# checking run scored (all of them with a new champion, only the new ones otherwise).
 ROLLING_SUBSETS = ("inbox",)
 KEEP_EMBEDDINGS_DAYS = 30
 
@@ -482,10 +482,11 @@ def window_of(
     subset: str,
     labels,
     since: datetime | None = None,
+    until: datetime | None = None,
 ):
     """(embeddings (m, k), predicted indices, confidences) of the images `run_key` scored in
-    `subset` with the version, and with `since` also those any run embedded after it (the
-    latest embedding per image)."""
+    `subset` with the version, and with `since` also those any run embedded after it (up to
+    `until`, when given; the latest embedding per image)."""
     import numpy as np
     import torch
 
@@ -499,9 +500,12 @@ def window_of(
     if since is None:
         sql += " AND e.run_key = %s"
         args += (run_key,)
-    else:
+    elif until is None:
         sql += " AND (e.run_key = %s OR e.created_at > %s)"
         args += (run_key, since)
+    else:
+        sql += " AND (e.run_key = %s OR e.created_at > %s AND e.created_at <= %s)"
+        args += (run_key, since, until)
     rows = db.query(sql + " ORDER BY e.image_id, e.created_at", args)
     index = {label: i for i, label in enumerate(labels)}
     latest = {r["image_id"]: r for r in rows}  # ordered by time: the last one wins
@@ -516,20 +520,45 @@ def window_of(
     )
 
 
-def pending_since(db: Database, model_name: str, model_version: int, run_key: str) -> datetime:
-    """Start of the rolling inbox window: the version's last inbox verdict by another run.
+def pending_window(
+    db: Database, model_name: str, model_version: int, run_key: str
+) -> tuple[datetime, datetime | None]:
+    """(since, until) of the rolling inbox window: after the version's last inbox verdict by
+    another run, up to this run's own first check (None: this is its first).
 
     Inbox images are scored by whichever run sees them first (the hourly inbox DAG, mostly),
     a few at a time: each run's own handful would say "not enough images" forever. So the
     inbox window holds every inbox image the version scored since its last verdict (epoch
-    when there is none) plus this run's own; a rerun of this run's check sees the same window.
+    when there is none) plus this run's own. A rerun of this run's check (a retry, a cleared
+    task) sees the same window, whatever other runs checked since its first check.
     """
-    rows = db.query(
-        "SELECT MAX(checked_at) AS t FROM drift_reports WHERE model_name = %s"
-        " AND model_version = %s AND subset = 'inbox' AND status = %s AND run_key <> %s",
-        (model_name, model_version, CHECKED, run_key),
+    own = db.query(
+        "SELECT checked_at FROM drift_reports WHERE model_name = %s AND model_version = %s"
+        " AND subset = 'inbox' AND run_key = %s",
+        (model_name, model_version, run_key),
     )
-    return rows[0]["t"] or datetime(1970, 1, 1)
+    until = own[0]["checked_at"] if own else None
+    sql = (
+        "SELECT MAX(checked_at) AS t FROM drift_reports WHERE model_name = %s"
+        " AND model_version = %s AND subset = 'inbox' AND status = %s AND run_key <> %s"
+    )
+    args: tuple = (model_name, model_version, CHECKED, run_key)
+    if until is not None:
+        sql += " AND checked_at < %s"
+        args += (until,)
+    return db.query(sql, args)[0]["t"] or datetime(1970, 1, 1), until
+
+
+def subsets_scored(db: Database, model_name: str, model_version: int, run_key: str) -> list[str]:
+    """The subsets in which `run_key` scored (and embedded) images with the version, in
+    `SUBSETS` order: a run that scored nothing new in a subset has nothing to check there."""
+    rows = db.query(
+        "SELECT DISTINCT subset FROM drift_embeddings WHERE model_name = %s"
+        " AND model_version = %s AND run_key = %s",
+        (model_name, model_version, run_key),
+    )
+    found = {r["subset"] for r in rows}
+    return [s for s in SUBSETS if s in found]
 
 
 def latest_run(db: Database, model_name: str, model_version: int) -> str | None:
@@ -556,7 +585,7 @@ def check_drift(
     """Compare the images `run_key` scored with the version, per subset, with the
     version's reference; one `drift_reports` row per subset (upserted: a rerun rewrites it).
     The inbox window also holds the inbox images other runs scored since the version's last
-    inbox verdict (`pending_since`).
+    inbox verdict (`pending_window`).
 
     Returns {model_name, model_version, run_key, drifted, subsets: {subset: verdict}}
     (status, n_images, the statistics and p-values, reasons, message).
@@ -580,6 +609,11 @@ def check_drift(
                 " drift references, or too few val images): retrain to get one",
             }
         else:
+            since, until = (
+                pending_window(db, model_name, version, run_key)
+                if subset in ROLLING_SUBSETS
+                else (None, None)
+            )
             window, predicted, confidence = window_of(
                 db,
                 model_name=model_name,
@@ -587,9 +621,8 @@ def check_drift(
                 run_key=run_key,
                 subset=subset,
                 labels=reference.labels,
-                since=pending_since(db, model_name, version, run_key)
-                if subset in ROLLING_SUBSETS
-                else None,
+                since=since,
+                until=until,
             )
             verdict = compare(reference, window, predicted, confidence, thresholds)
         verdicts[subset] = verdict
@@ -679,7 +712,9 @@ def _write_reports(db, model_name, version, run_key, verdicts, thresholds) -> No
         )
         for subset, v in verdicts.items()
     ]
-    updates = ", ".join(f"{c} = VALUES({c})" for c in _REPORT_COLUMNS if c not in _REPORT_KEY)
+    # A rerun keeps the first check's time: where its window ended (`pending_window`).
+    kept = (*_REPORT_KEY, "checked_at")
+    updates = ", ".join(f"{c} = VALUES({c})" for c in _REPORT_COLUMNS if c not in kept)
     sql = (
         f"INSERT INTO drift_reports ({', '.join(_REPORT_COLUMNS)}) VALUES "
         + ", ".join(["(" + ", ".join(["%s"] * len(_REPORT_COLUMNS)) + ")"] * len(rows))

@@ -841,8 +841,16 @@ def promote(
         # champion moved) decides afresh; so does a promotion over a champion that is gone.
         # A version a person rolled back is not promoted again unless a person names it.
         kept_out = rolled_back is not None and not explicit
+        # A person's approval replayed (a cleared run) after the champion moved on: not again.
+        superseded = (
+            _approval_superseded(db, model_name, version, row)
+            if row["decision"] == "promoted" and row["review"] == APPROVED and not kept_out
+            else None
+        )
         if kept_out:
             row = _keep_rolled_back(db, model_name, version, rolled_back)
+        elif superseded is not None:
+            log.warning("%s v%s: %s (not promoted again)", model_name, version, superseded)
         elif (
             row["decision"] in (None, "refused")
             or rolled_back is not None
@@ -867,7 +875,9 @@ def promote(
         else:
             log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
         result = _gate_result(model_name, version, row)
-        if result["decision"] != "refused" and not kept_out:  # a kept-out one takes no alias
+        if superseded is not None:
+            result["decision"], result["reason"] = "challenger", superseded
+        elif result["decision"] != "refused" and not kept_out:  # kept out: no alias
             alias = CHAMPION if result["decision"] == "promoted" else CHALLENGER
             _move(db, lock, model_name, alias, version, actor=actor, reason=row["decision_reason"])
         _tag_gate_result(result)
@@ -894,6 +904,28 @@ def _rolled_back_from(db: Database, model_name: str, version: str) -> dict[str, 
     if last and last["from_version"] == int(version) and last["reason"].startswith(ROLLBACK_REASON):
         return last
     return None
+
+
+def _approval_superseded(
+    db: Database, model_name: str, version: str, row: dict[str, Any]
+) -> str | None:
+    """Why a recorded approval of `version` must not move the champion again, or None: since
+    the answer, the champion moved to another version (a rollback, another run's gate, a
+    person's `promote`). A replay (a retried or cleared task) would take it back from a
+    version the reviewer never compared it with."""
+    if row["reviewed_at"] is None:
+        return None
+    rows = db.query(
+        "SELECT to_version, actor, reason FROM alias_history WHERE model_name = %s"
+        " AND alias = %s AND moved_at >= %s ORDER BY id DESC LIMIT 1",
+        (model_name, CHAMPION, row["reviewed_at"]),
+    )
+    last = rows[0] if rows else None
+    if last is None or last["to_version"] == int(version):
+        return None
+    if last["reason"].startswith(ROLLBACK_REASON):
+        return f"approved, then rolled back by {last['actor']}: {last['reason']}"
+    return f"approved, then {last['actor']} made v{last['to_version']} champion: {last['reason']}"
 
 
 def _keep_rolled_back(
@@ -1266,18 +1298,10 @@ def review(
         else:
             row = _write_review(db, model_name, version, row, outcome, reviewer, comment)
         result = _gate_result(model_name, version, row)
-        undone = _rolled_back_from(db, model_name, version)
-        if outcome == APPROVED and undone is not None and row["reviewed_at"] <= undone["moved_at"]:
-            log.warning(
-                "the approval of v%s is not applied again: %s rolled it back since (%s)",
-                version,
-                undone["actor"],
-                undone["reason"],
-            )
-            result["decision"] = "challenger"
-            result["reason"] = (
-                f"approved, then rolled back by {undone['actor']}: {undone['reason']}"
-            )
+        superseded = _approval_superseded(db, model_name, version, row)
+        if outcome == APPROVED and superseded is not None:
+            log.warning("the approval of v%s is not applied again: %s", version, superseded)
+            result["decision"], result["reason"] = "challenger", superseded
         elif outcome == APPROVED:
             _move(
                 db,

@@ -364,14 +364,21 @@ def inbox_predictions(
 
 
 def mark_latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of drift checks, newest first, each with `latest`: True on the newest of its subset
-    (the verdict that stands for that subset now)."""
-    seen: set[str] = set()
-    out = []
-    for row in rows:
-        out.append(row | {"latest": row["subset"] not in seen})
-        seen.add(row["subset"])
-    return out
+    """Rows of drift checks, newest first, each with `latest`: True on the verdict that stands
+    for its subset now, the newest one that checked (a later "not enough images" of a quiet
+    hour, or a run that scored nothing new, does not hide it); the newest row of a subset
+    never checked."""
+    standing: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        checked = row.get("status") == "checked"
+        if (
+            row["subset"] not in standing
+            or checked
+            and rows[standing[row["subset"]]].get("status") != "checked"
+        ):
+            standing[row["subset"]] = i
+    chosen = set(standing.values())
+    return [row | {"latest": i in chosen} for i, row in enumerate(rows)]
 
 
 def drift_history(db: Database, model_name: str, *, limit: int = DRIFT_ROWS) -> dict[str, Any]:

@@ -157,7 +157,17 @@ def train_and_register(
     ckpt_name = checkpoint_name(model_name, run_key)
     identity = checkpoint_identity(dataset_version, params)
     records = (data["train_records"], data["val_records"])
-    progress = resume_state(training, checkpoint_store, ckpt_name, identity, records=records)
+    experiment_id = mlflow.set_experiment(experiment or model_name).experiment_id
+    progress = resume_state(
+        training,
+        checkpoint_store,
+        ckpt_name,
+        identity,
+        records=records,
+        run_problem=lambda run_id: unresumable_run(
+            run_id, experiment_id=experiment_id, run_key=run_key
+        ),
+    )
     num_workers = default_num_workers() if params.num_workers is None else params.num_workers
     train_loader, val_loader = build_loaders(
         data, params, device, num_workers=num_workers, epoch=progress.epoch + 1
@@ -171,7 +181,6 @@ def train_and_register(
         save_checkpoint(checkpoint_store, ckpt_name, state)
         pause_point(PAUSE_AFTER_CHECKPOINT_ENV)
 
-    mlflow.set_experiment(experiment or model_name)
     with mlflow.start_run(
         run_id=progress.run_id, run_name=None if progress.run_id else f"train {run_key}"[:250]
     ) as run:
@@ -185,6 +194,8 @@ def train_and_register(
                 run_key=run_key,
                 num_workers=num_workers,
             )
+        if progress.run_id is not None:
+            log_unlogged_epochs(progress.run_id, progress.history)
         progress.run_id = run.info.run_id
         run_epochs(training, progress, train_loader, val_loader, params, save=save)
         lock.ensure_held()
@@ -395,8 +406,11 @@ def resume_state(
     identity: dict[str, Any],
     *,
     records: tuple[Sequence[ImageRecord], Sequence[ImageRecord]],
+    run_problem: Callable[[str], str | None] | None = None,
 ) -> Progress:
     """The run's progress: from its checkpoint when there is one for `identity`, else fresh.
+    `run_problem(run_id)` says why the checkpoint's MLflow run cannot be continued (deleted,
+    another experiment's or run key's): then the training starts over in a new run.
 
     Resuming restores the model, optimizer, schedule and RNG into `training`; a checkpoint for
     other data or params is ignored (and overwritten after the first epoch). `records` are this
@@ -407,6 +421,10 @@ def resume_state(
     if not resumable(state, identity):
         if state is not None:
             log.warning("checkpoint %s is for other data/params: starting over", ckpt_name)
+        return Progress()
+    problem = run_problem(state["run_id"]) if run_problem is not None else None
+    if problem:
+        log.warning("checkpoint %s: %s: starting over in a new run", ckpt_name, problem)
         return Progress()
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
@@ -429,6 +447,25 @@ def resume_state(
         bad_train=_indices_of(state.get("bad_train_ids", ()), records[0]),
         bad_val=_indices_of(state.get("bad_val_ids", ()), records[1]),
     )
+
+
+def unresumable_run(run_id: str, *, experiment_id: str, run_key: str) -> str | None:
+    """Why the MLflow run `run_id` of a checkpoint cannot be continued, or None. An MLflow
+    outage raises (`ServiceUnavailable`): it is no reason to start hours of training over."""
+    from pipeline import registry
+
+    run = registry._ask(  # noqa: SLF001 - the registry's one MLflow error handling
+        f"read run {run_id}", lambda: registry.mlflow_client().get_run(run_id), missing=None
+    )
+    if run is None:
+        return f"its MLflow run {run_id} is gone"
+    if run.info.lifecycle_stage != "active":
+        return f"its MLflow run {run_id} was deleted"
+    if run.info.experiment_id != experiment_id:
+        return f"its MLflow run {run_id} is of experiment {run.info.experiment_id}"
+    if run.data.tags.get("run_key") != run_key:
+        return f"its MLflow run {run_id} is run key {run.data.tags.get('run_key')!r}'s"
+    return None
 
 
 def _indices_of(image_ids: Iterable[int], records: Sequence[ImageRecord]) -> set[int]:
@@ -825,7 +862,6 @@ def run_epochs(
         progress.bad_val.update(val_stats["failed"])
         row = epoch_row(epoch, train_stats, val_stats, lr=training.optimizer.param_groups[0]["lr"])
         progress.history.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info(
             "epoch %d/%d train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s",
             epoch,
@@ -846,9 +882,37 @@ def run_epochs(
         progress.epoch = epoch
         progress.stopped_early = patience_exhausted(epoch, progress.best["epoch"], params.patience)
         save()
+        # After the checkpoint: an epoch whose checkpoint failed is run again by the retry,
+        # which must not find its metrics logged twice (`log_unlogged_epochs` on resume).
+        mlflow.log_metrics(epoch_metrics(row), step=epoch)
         if progress.stopped_early:
             log.info("early stop: no val improvement for %d epochs", params.patience)
             break
+
+
+def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """An epoch's MLflow metrics: its history row less `epoch`."""
+    return {k: v for k, v in row.items() if k != "epoch"}
+
+
+def log_unlogged_epochs(run_id: str, history: Sequence[dict[str, Any]]) -> None:
+    """Log the epochs of a resumed run's checkpoint whose metrics MLflow lacks (the attempt
+    died between its checkpoint and its logging)."""
+    import mlflow
+
+    from pipeline import registry
+
+    logged = {
+        m.step
+        for m in registry._ask(  # noqa: SLF001 - the registry's one MLflow error handling
+            f"read metrics of run {run_id}",
+            lambda: registry.mlflow_client().get_metric_history(run_id, "val_accuracy"),
+        )
+    }
+    for row in history:
+        if row["epoch"] not in logged:
+            log.info("logging epoch %d of the checkpoint, which its attempt did not", row["epoch"])
+            mlflow.log_metrics(epoch_metrics(row), step=row["epoch"])
 
 
 def epoch_row(

@@ -162,6 +162,10 @@ def test_dag_runs_end_to_end_then_skips_an_unchanged_bucket(world, settings):
     after = catalog.latest_dataset(world["db"], world["conf"]["bucket"], world["prefix"])
     assert after["dataset_version"] == dataset["dataset_version"]
     assert after["scan_config"]["val_percent"] == 20
+    # It scored nothing new: no drift verdict of 0 images hides the one that stands.
+    reports = "SELECT COUNT(*) AS n FROM drift_reports WHERE run_key = %s"
+    assert world["db"].query(reports, (world["run_ids"][0],))[0]["n"] == 2  # test and inbox
+    assert world["db"].query(reports, (world["run_ids"][-1],))[0]["n"] == 0
     assert prediction_count(world) == n_scorable
     assert len(client.search_model_versions(f"name='{world['model_name']}'")) == versions_before
 

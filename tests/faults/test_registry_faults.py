@@ -405,6 +405,36 @@ def test_a_rolled_back_version_is_not_promoted_again_by_a_replayed_gate_or_appro
 # ----------------------------------------------------------------------------- 11
 
 
+def test_a_replayed_approval_does_not_take_the_champion_back_from_a_newer_version(
+    db, store, model_name, tmp_path
+):
+    """v2 is approved over v1 and becomes champion; later v3 is promoted (another run's gate,
+    or a person). v2's run is cleared: its gate and its approval run again. The approval was
+    of v2 over v1, not over v3: neither replay moves the champion (before: both took it back
+    to v2, over a version it was never compared with)."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
+    cache = tmp_path / "cache"
+    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
+    held = _gate(db, store, model_name, v2, cache, require_approval=True)
+    assert held["decision"] == registry.AWAITING_APPROVAL
+    registry.review(db, model_name, v2, registry.APPROVED, reviewer="bob", actor="pytest")
+    assert registry.alias_version(model_name, "champion") == v2
+    assert _gate(db, store, model_name, v3, cache)["decision"] == "promoted"
+    moves = len(_history(db, model_name))
+
+    gate_again = _gate(db, store, model_name, v2, cache)
+    assert gate_again["decision"] == "challenger"
+    assert f"made v{v3} champion" in gate_again["reason"]
+    approval_again = registry.review(
+        db, model_name, v2, registry.APPROVED, reviewer="bob", actor="pytest"
+    )
+    assert approval_again["decision"] == "challenger"
+    assert registry.alias_version(model_name, "champion") == v3
+    assert len(_history(db, model_name)) == moves  # nothing moved
+    assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
+
+
 def test_two_datasets_keep_their_own_champions_and_a_label_change_is_refused(
     settings, db, store, tmp_path, monkeypatch, capsys
 ):

@@ -417,6 +417,47 @@ def test_interrupted_training_resumes_after_the_last_finished_epoch(trainer, sto
     assert sorted(m.step for m in history) == [1, 2]
 
 
+class _FailsSecondCheckpoint(train.S3CheckpointStore):
+    """A real S3 checkpoint store whose second save fails (S3 down, the lock lost) unwritten."""
+
+    saves = 0
+
+    def save(self, name, data):
+        self.saves += 1
+        if self.saves == 2:
+            raise _Interrupted("checkpoint of epoch 2 not written")
+        super().save(name, data)
+
+
+def test_an_epoch_whose_checkpoint_failed_logs_its_metrics_once(trainer, store, mlflow_names):
+    """Epoch 2's checkpoint is not written: the retry resumes after epoch 1 and runs epoch 2
+    again. Its metrics are in MLflow once (before: logged before the checkpoint, twice)."""
+    params = TrainParams(epochs=3, batch_size=16, image_size=32, num_workers=0)
+    with pytest.raises(_Interrupted):
+        trainer("run-twice", params, checkpoint_store=_FailsSecondCheckpoint(store))
+    result = trainer("run-twice", params)
+    for metric in ("val_accuracy", "train_loss"):
+        steps = [m.step for m in MlflowClient().get_metric_history(result["run_id"], metric)]
+        assert sorted(steps) == [1, 2, 3], (metric, steps)
+
+
+def test_a_checkpoint_whose_mlflow_run_was_deleted_starts_over(trainer, store, mlflow_names):
+    """Someone deleted the failed attempt's run in the MLflow UI: its checkpoint cannot be
+    continued there, so the retry trains from the start in a new run (before: every retry
+    failed on 'Cannot start run ... deleted' until someone removed the checkpoint by hand)."""
+    params = TrainParams(epochs=2, batch_size=16, image_size=32, num_workers=0)
+    with pytest.raises(_Interrupted):
+        trainer("run-deleted", params, checkpoint_store=_DiesAfterFirstCheckpoint(store))
+    name = train.checkpoint_name(mlflow_names["model_name"], "run-deleted")
+    saved = train.load_checkpoint(train.S3CheckpointStore(store), name)
+    MlflowClient().delete_run(saved["run_id"])
+
+    result = trainer("run-deleted", params)
+    assert result["run_id"] != saved["run_id"] and result["epochs_run"] == 2
+    history = MlflowClient().get_metric_history(result["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
 def _train_cli(db, store, mlflow_names, tmp_path, dataset, run_key, epochs):
     """(environment, argv) of a `python -m pipeline train` process on this test's services."""
     import os

@@ -134,6 +134,17 @@ def test_the_newest_drift_check_of_each_subset_is_marked_latest():
     assert results.mark_latest([]) == []
 
 
+def test_a_later_check_without_a_verdict_does_not_hide_the_one_that_stands():
+    rows = [
+        {"subset": "inbox", "status": "not_enough_images"},  # a quiet hour
+        {"subset": "inbox", "status": "checked"},  # yesterday's drift
+        {"subset": "test", "status": "no_reference"},
+        {"subset": "test", "status": "no_reference"},
+        {"subset": "inbox", "status": "checked"},
+    ]
+    assert [r["latest"] for r in results.mark_latest(rows)] == [False, True, True, False, False]
+
+
 @pytest.mark.parametrize("limit", [0, results.MAX_PAGE + 1])
 def test_drift_history_is_bounded(limit):
     with pytest.raises(ValueError, match="limit must be"):
