@@ -1575,6 +1575,30 @@ def membership_query(dataset_version: str, subsets: Sequence[str]) -> tuple[str,
     )
 
 
+def trained_members(
+    db: Database, dataset_version: str, subsets: Sequence[str], *, among: str
+) -> set[int]:
+    """Ids of members of dataset version `among` that a model trained on `subsets` of
+    `dataset_version` saw: the same images as versioned there (also those deleted or rejected
+    since), or the same content under another key (a file moved from train/ to val/ gets a
+    new image id). LookupError for an unknown `dataset_version`."""
+    get_dataset(db, dataset_version)
+    marks = ", ".join(["%s"] * len(subsets))
+    trained = (
+        "SELECT m.image_id, i.content_sha256 FROM dataset_version_images m"
+        " JOIN images i ON i.id = m.image_id AND i.etag = m.etag"
+        f" WHERE m.dataset_version = %s AND m.subset IN ({marks})"
+    )
+    rows = db.query(
+        "SELECT g.image_id FROM dataset_version_images g JOIN images gi ON gi.id = g.image_id"
+        f" WHERE g.dataset_version = %s AND (g.image_id IN (SELECT t.image_id FROM ({trained}) t)"
+        f" OR gi.content_sha256 IN (SELECT t.content_sha256 FROM ({trained}) t"
+        " WHERE t.content_sha256 IS NOT NULL))",
+        (among, dataset_version, *subsets, dataset_version, *subsets),
+    )
+    return {int(r["image_id"]) for r in rows}
+
+
 def inbox_query(bucket: str, prefix: str) -> tuple[str, tuple]:
     """SQL (the columns of `membership_query`, label NULL) and args for the accepted, live
     unlabelled images under `<prefix>/inbox/`."""

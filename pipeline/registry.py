@@ -1173,9 +1173,10 @@ def gate_images(
     """The labelled images the gate compares on, their split, and what was left out (a note).
 
     The candidate's gate split (its `gate_split` tag: val, or test for a model trained on val),
-    less the images the champion was trained on: a model scored on its own training images
-    looks better than it is. Where that leaves none (the champion trained on this very split,
-    `train_on_val`), the test split less the same images.
+    less the images the champion was trained on (`_trained_on`: the same image, or the same
+    content under another key): a model scored on its own training images looks better than
+    it is. Where that leaves none (the champion trained on this very split, `train_on_val`,
+    or train images moved into val/), the test split less the same images.
     """
     dataset = tags["dataset_version"]
     split = tags.get("gate_split", "val")
@@ -1185,7 +1186,7 @@ def gate_images(
             f"dataset {dataset} has no {split} images: the gate cannot compare"
             + (" (raise val_percent, or add a val/ split)" if split == "val" else "")
         )
-    seen = _trained_on(db, catalog, champion_tags)
+    seen = _trained_on(db, catalog, champion_tags, dataset)
     kept = [r for r in records if r.image_id not in seen]
     if len(kept) == len(records):
         return records, split, ""
@@ -1204,14 +1205,18 @@ def gate_images(
     return kept, split, f"{note} trained on them)"
 
 
-def _trained_on(db: Database, catalog, champion_tags: dict[str, str] | None) -> set[int]:
-    """Image ids the champion was trained on: its dataset version's train split (and val, for
-    a model trained on val)."""
+def _trained_on(
+    db: Database, catalog, champion_tags: dict[str, str] | None, dataset_version: str
+) -> set[int]:
+    """Images of `dataset_version` the champion was trained on (`catalog.trained_members`):
+    its dataset version's train split (and val, for a model trained on val)."""
     if not champion_tags or not champion_tags.get("dataset_version"):
         return set()
     subsets = ["train", "val"] if champion_tags.get("gate_split") == "test" else ["train"]
     try:
-        trained = catalog.dataset_images(db, champion_tags["dataset_version"], subsets)
+        return catalog.trained_members(
+            db, champion_tags["dataset_version"], subsets, among=dataset_version
+        )
     except LookupError:  # a champion from outside this catalog (promoted by name)
         log.warning(
             "the champion's dataset version %s is not in this catalog: the gate cannot leave out"
@@ -1219,7 +1224,6 @@ def _trained_on(db: Database, catalog, champion_tags: dict[str, str] | None) -> 
             champion_tags["dataset_version"],
         )
         return set()
-    return {r.image_id for r in trained}
 
 
 def _version_row(db: Database, model_name: str, version: str) -> dict[str, Any]:

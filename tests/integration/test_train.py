@@ -379,6 +379,40 @@ def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(
         TrainParams.from_dict({"train_on_val": True, "patience": 2})
 
 
+def test_train_images_moved_into_val_are_left_out_of_the_gate(
+    trainer, db, store, dataset, mlflow_names, tmp_cache
+):
+    """The champion trained on some train images; a person then moves them into a val/
+    split (S3: copy, delete: new keys, new image ids). The gate compares on that val: without
+    them, as the same content under other keys (before: the champion was scored on them)."""
+    champion = trainer("run-before-move")
+    assert _gate(db, store, mlflow_names, champion["model_version"], tmp_cache)["decision"] == (
+        "promoted"
+    )
+    for record in catalog.dataset_images(db, dataset, ["train"])[:6]:
+        store.put_bytes(
+            record.object_key.replace("ds/train/", "ds/val/", 1), store.get_bytes(record.object_key)
+        )
+        store.delete(record.object_key)
+    moved = catalog.scan(db, store, "ds")["dataset_version"]
+    assert len(catalog.dataset_images(db, moved, ["val"])) == 6
+    challenger = train.train_model(
+        db,
+        store,
+        moved,
+        TINY,
+        model_name=mlflow_names["model_name"],
+        run_key="run-after-move",
+        cache_dir=tmp_cache,
+        checkpoint_store=train.S3CheckpointStore(store),
+        experiment=mlflow_names["experiment"],
+    )
+    decision = _gate(db, store, mlflow_names, challenger["model_version"], tmp_cache)
+    assert decision["reason"].endswith(
+        f"test images (val left out: champion v{champion['model_version']} trained on them)"
+    )
+
+
 def test_training_is_skipped_when_the_champion_was_trained_on_this_dataset(
     trainer, db, store, mlflow_names, tmp_cache
 ):

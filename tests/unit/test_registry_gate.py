@@ -187,6 +187,10 @@ class _Memberships:
             for i in self.members.get((dataset_version, subset), [])
         ]
 
+    def trained_members(self, db, dataset_version, subsets, *, among):
+        trained = {r.image_id for r in self.dataset_images(db, dataset_version, subsets)}
+        return trained & {i for (d, _), ids in self.members.items() if d == among for i in ids}
+
 
 @pytest.mark.parametrize(
     ("champion_tags", "split", "ids", "note"),
