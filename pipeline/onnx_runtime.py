@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from pipeline.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -124,12 +126,30 @@ def int8_model(
     _onnxruntime()
     calibration = calibration or Calibration()
     path = int8_path(cache_dir, loaded, calibration)
+    if path.exists() and not intact(path):
+        log.warning("int8: cached %s does not match its checksum: quantizing again", path)
+        path.unlink(missing_ok=True)
     if not path.exists():
         images = calibration_images(db, store, loaded, cache_dir=cache_dir, n=calibration.images)
         quantize_module(loaded.module, images, path, calibration=calibration)
     else:
         log.info("int8: %s v%s from cache %s", loaded.model_name, loaded.model_version, path)
     return Int8Model(path, threads=threads)
+
+
+def checksum_path(path: Path) -> Path:
+    """The SHA-256 written beside a quantized model, which its reader checks."""
+    return path.with_name(path.name + ".sha256")
+
+
+def intact(path: Path) -> bool:
+    """Whether the cached model at `path` holds the bytes it was written with (a damaged or
+    partial copy on local disk is quantized again, never loaded)."""
+    try:
+        expected = checksum_path(path).read_text().strip()
+    except FileNotFoundError:
+        return False
+    return hashlib.sha256(path.read_bytes()).hexdigest() == expected
 
 
 def calibration_images(
@@ -257,6 +277,9 @@ def quantize_module(
                 "CalibStridedMinMax": 1,
             },
         )
+        # The checksum first: a model in place is never without the checksum it is read with.
+        digest = hashlib.sha256((work / "int8.onnx").read_bytes()).hexdigest()
+        write_atomically(checksum_path(path), f"{digest}\n".encode())
         os.replace(work / "int8.onnx", path)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -400,6 +400,15 @@ def test_int8_scoring_calibrates_once_on_the_dataset_and_writes_every_row(
     assert len(list((tmp_cache / "models").glob("*/onnx/*.int8.onnx"))) == 1
     assert [r["predicted_label"] for r in _predictions(db)] == [r["predicted_label"] for r in rows]
 
+    # The cached file damaged on local disk (same size): quantized again, never loaded.
+    (cached,) = (tmp_cache / "models").glob("*/onnx/*.int8.onnx")
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    cached.write_bytes(bytes(data))
+    assert score_int8(batch_size=4, force=True) == len(expected)
+    assert len(calibrated) == 2
+    assert [r["predicted_label"] for r in _predictions(db)] == [r["predicted_label"] for r in rows]
+
 
 _DIES_MID_SHARD = textwrap.dedent(
     """

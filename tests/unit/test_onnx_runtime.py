@@ -131,8 +131,11 @@ def test_second_load_reads_the_cache_and_never_exports_again(tmp_path, monkeypat
     second = int8_model(loaded, None, None, cache_dir=tmp_path, calibration=calibration)
     assert calls == {"export": 1, "calibrate": 1}
     assert first.path == second.path and first.path.is_relative_to(tmp_path / "models")
-    # Nothing but the quantized file is left behind (no temp files of the export).
-    assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]
+    # Nothing but the quantized file and its checksum is left (no temp files of the export).
+    assert sorted(p.name for p in first.path.parent.iterdir()) == [
+        first.path.name,
+        f"{first.path.name}.sha256",
+    ]
     x = torch.rand(2, 3, SIZE, SIZE)
     torch.testing.assert_close(first(x), second(x))
 
