@@ -844,7 +844,9 @@ def promote(
         # A person's approval replayed (a cleared run) after the champion moved on: not again.
         superseded = (
             _approval_superseded(db, model_name, version, row)
-            if row["decision"] == "promoted" and row["review"] == APPROVED and not kept_out
+            if row["decision"] == "promoted"
+            and row["review"] == APPROVED
+            and not (kept_out or explicit)
             else None
         )
         if kept_out:
@@ -853,6 +855,7 @@ def promote(
             log.warning("%s v%s: %s (not promoted again)", model_name, version, superseded)
         elif (
             row["decision"] in (None, "refused")
+            or explicit  # a person asks now, with the thresholds given now
             or rolled_back is not None
             or _promoted_over_another(model_name, version, row)
         ):

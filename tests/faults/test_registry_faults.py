@@ -435,6 +435,23 @@ def test_a_replayed_approval_does_not_take_the_champion_back_from_a_newer_versio
     assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
 
 
+def test_a_person_naming_a_version_has_it_decided_now_with_the_thresholds_given(
+    db, store, model_name, tmp_path
+):
+    """v2 was kept out by its gate (min_accuracy too high for it); a person runs `promote
+    --model-version 2 --min-accuracy 0`: decided again with those thresholds, not the old
+    decision replayed (before: `challenger` again, the flags ignored)."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2))
+    cache = tmp_path / "cache"
+    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
+    kept = _gate(db, store, model_name, v2, cache, min_accuracy=1.01)
+    assert kept["decision"] == "challenger"
+    named = _gate(db, store, model_name, v2, cache, min_accuracy=0.0, explicit=True)
+    assert named["decision"] == "promoted" and registry.alias_version(model_name, "champion") == v2
+    assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
+
+
 def test_two_datasets_keep_their_own_champions_and_a_label_change_is_refused(
     settings, db, store, tmp_path, monkeypatch, capsys
 ):

@@ -534,7 +534,7 @@ def test_training_killed_mid_run_resumes_after_its_last_checkpoint(
 
     epochs = 4
     env, argv = _train_cli(db, store, mlflow_names, tmp_path, dataset, "manual__killed", epochs)
-    argv += ["--batch-size", "1", "--image-size", "64"]
+    argv += ["--batch-size", "2", "--image-size", "64"]
     ckpt = train.checkpoint_name(mlflow_names["model_name"], "manual__killed")
     # The CLI keeps checkpoints in the work bucket (PIPELINE_WORK_BUCKET), not the image bucket.
     checkpoints = train.S3CheckpointStore(store.with_bucket(settings.work_bucket))
