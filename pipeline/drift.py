@@ -524,29 +524,28 @@ def pending_window(
     db: Database, model_name: str, model_version: int, run_key: str
 ) -> tuple[datetime, datetime | None]:
     """(since, until) of the rolling inbox window: after the version's last inbox verdict by
-    another run, up to this run's own first check (None: this is its first).
+    another run, up to this run's first check of it (None: this is its first).
 
     Inbox images are scored by whichever run sees them first (the hourly inbox DAG, mostly),
     a few at a time: each run's own handful would say "not enough images" forever. So the
     inbox window holds every inbox image the version scored since its last verdict (epoch
     when there is none) plus this run's own. A rerun of this run's check (a retry, a cleared
-    task) sees the same window, whatever other runs checked since its first check.
+    task) judges the window of its first check (`drift_reports.window_since/_until`), whatever
+    other runs checked since.
     """
     own = db.query(
-        "SELECT checked_at FROM drift_reports WHERE model_name = %s AND model_version = %s"
-        " AND subset = 'inbox' AND run_key = %s",
+        "SELECT window_since, window_until FROM drift_reports WHERE model_name = %s"
+        " AND model_version = %s AND subset = 'inbox' AND run_key = %s",
         (model_name, model_version, run_key),
     )
-    until = own[0]["checked_at"] if own else None
-    sql = (
+    if own and own[0]["window_until"] is not None:
+        return own[0]["window_since"] or datetime(1970, 1, 1), own[0]["window_until"]
+    rows = db.query(
         "SELECT MAX(checked_at) AS t FROM drift_reports WHERE model_name = %s"
-        " AND model_version = %s AND subset = 'inbox' AND status = %s AND run_key <> %s"
+        " AND model_version = %s AND subset = 'inbox' AND status = %s AND run_key <> %s",
+        (model_name, model_version, CHECKED, run_key),
     )
-    args: tuple = (model_name, model_version, CHECKED, run_key)
-    if until is not None:
-        sql += " AND checked_at < %s"
-        args += (until,)
-    return db.query(sql, args)[0]["t"] or datetime(1970, 1, 1), until
+    return rows[0]["t"] or datetime(1970, 1, 1), None
 
 
 def subsets_scored(db: Database, model_name: str, model_version: int, run_key: str) -> list[str]:
@@ -597,6 +596,7 @@ def check_drift(
         run_key = latest_run(db, model_name, version) or ""
     reference = load_reference(model_name, version, cache_dir=cache_dir)
     verdicts: dict[str, dict[str, Any]] = {}
+    windows: dict[str, tuple[datetime | None, datetime | None]] = {}
     for subset in subsets:
         if reference is None:
             verdict = {
@@ -614,6 +614,7 @@ def check_drift(
                 if subset in ROLLING_SUBSETS
                 else (None, None)
             )
+            windows[subset] = (since, until)
             window, predicted, confidence = window_of(
                 db,
                 model_name=model_name,
@@ -635,7 +636,7 @@ def check_drift(
             verdict["message"],
             verdict["n_images"],
         )
-    _write_reports(db, model_name, version, run_key, verdicts, thresholds)
+    _write_reports(db, model_name, version, run_key, verdicts, thresholds, windows)
     _purge_embeddings(db)
     if log_to_mlflow and reference is not None:
         _log_to_mlflow(model_name, str(version), verdicts)
@@ -676,11 +677,13 @@ _REPORT_COLUMNS = (
     "reasons",
     "label_distribution",
     "checked_at",
+    "window_since",
+    "window_until",
 )
 _REPORT_KEY = ("model_name", "model_version", "run_key", "subset")
 
 
-def _write_reports(db, model_name, version, run_key, verdicts, thresholds) -> None:
+def _write_reports(db, model_name, version, run_key, verdicts, thresholds, windows) -> None:
     now = utc_now()
     rows = [
         (
@@ -709,11 +712,14 @@ def _write_reports(db, model_name, version, run_key, verdicts, thresholds) -> No
             if v.get("label_distribution") is not None
             else None,
             now,
+            windows.get(subset, (None, None))[0],
+            # A first check's window ends now; a rerun's as its first did (kept below).
+            now if windows.get(subset, (None, None))[0] is not None else None,
         )
         for subset, v in verdicts.items()
     ]
-    # A rerun keeps the first check's time: where its window ended (`pending_window`).
-    kept = (*_REPORT_KEY, "checked_at")
+    # A rerun keeps the window of the first check (`pending_window`).
+    kept = (*_REPORT_KEY, "window_since", "window_until")
     updates = ", ".join(f"{c} = VALUES({c})" for c in _REPORT_COLUMNS if c not in kept)
     sql = (
         f"INSERT INTO drift_reports ({', '.join(_REPORT_COLUMNS)}) VALUES "

@@ -260,9 +260,9 @@ def test_small_inbox_runs_add_up_to_one_verdict_then_start_over(world):
     _, report = _score_window(world, "run-roll-after", _take(world, 5))
     inbox = report["subsets"]["inbox"]
     assert (inbox["status"], inbox["n_images"]) == (drift.NOT_ENOUGH, 5)
-    first = world["db"].query(
-        "SELECT checked_at FROM drift_reports WHERE run_key = 'run-roll-2' AND subset = 'inbox'"
-    )
+    window = "SELECT window_since, window_until FROM drift_reports WHERE run_key = %s AND subset = 'inbox'"
+    first = world["db"].query(window, ("run-roll-2",))
+    assert first[0]["window_since"] < first[0]["window_until"]
     # Another run checks a window of its own; then run-roll-2's check runs again (cleared, or
     # retried after its MLflow logging failed): the same window, the same verdict, the same
     # time (before: the window started after the other run's verdict: "not enough images").
@@ -270,6 +270,4 @@ def test_small_inbox_runs_add_up_to_one_verdict_then_start_over(world):
     assert report["subsets"]["inbox"]["status"] == drift.CHECKED
     again = check(world, "run-roll-2")["subsets"]["inbox"]
     assert (again["status"], again["n_images"]) == (drift.CHECKED, 36)
-    assert first == world["db"].query(
-        "SELECT checked_at FROM drift_reports WHERE run_key = 'run-roll-2' AND subset = 'inbox'"
-    )
+    assert world["db"].query(window, ("run-roll-2",)) == first
