@@ -338,20 +338,33 @@ def disagreements(
 def inbox_predictions(
     db: Database, model_name: str, *, limit: int = 24, offset: int = 0
 ) -> dict[str, Any]:
-    """Live inbox images with their latest prediction by this model (`v_inbox_latest_predictions`;
-    unscored ones too), most recently scored first. Returns {items, total}."""
+    """Live inbox images of the model's dataset scope (the bucket/prefix pairs its versions were
+    trained on) with their latest prediction by this model of their current content (unscored
+    ones too), most recently scored first. Returns {items, total}.
+
+    Not `v_inbox_latest_predictions`, whose latest prediction is by any model: an image scored
+    later by another model name would drop out of this model's list."""
     _check_limit(limit)
     if not 0 <= offset <= 100_000:
         raise ValueError(f"offset must be 0-100000, got {offset}")
-    where = " FROM v_inbox_latest_predictions WHERE (model_name = %s OR model_name IS NULL)"
-    rows = db.query(
-        "SELECT image_id, object_key, first_seen_at, model_version, predicted_label, confidence,"
-        " top_k, scored_at"
-        + where
-        + " ORDER BY scored_at IS NULL, scored_at DESC, image_id DESC LIMIT %s OFFSET %s",
-        (model_name, limit, offset),
+    scope = (
+        " FROM images i LEFT JOIN predictions p ON p.id = ("
+        "SELECT p2.id FROM predictions p2 WHERE p2.image_id = i.id AND p2.etag = i.etag"
+        " AND p2.model_name = %s ORDER BY p2.scored_at DESC, p2.model_version DESC, p2.id DESC"
+        " LIMIT 1)"
+        " WHERE i.subset = 'inbox' AND i.status = 'ok' AND i.deleted_at IS NULL"
+        " AND (i.bucket, i.prefix) IN (SELECT d.bucket, d.prefix FROM model_versions mv"
+        " JOIN dataset_versions d ON d.dataset_version = mv.dataset_version"
+        " WHERE mv.model_name = %s)"
     )
-    total = db.query("SELECT COUNT(*) AS n" + where, (model_name,))[0]["n"]
+    rows = db.query(
+        "SELECT i.id AS image_id, i.object_key, i.first_seen_at, p.model_version,"
+        " p.predicted_label, p.confidence, p.top_k, p.scored_at"
+        + scope
+        + " ORDER BY p.scored_at IS NULL, p.scored_at DESC, i.id DESC LIMIT %s OFFSET %s",
+        (model_name, model_name, limit, offset),
+    )
+    total = db.query("SELECT COUNT(*) AS n" + scope, (model_name, model_name))[0]["n"]
     items = []
     for r in rows:
         item = _plain(r)

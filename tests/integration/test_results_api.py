@@ -297,6 +297,32 @@ def test_disagreements_and_inbox_are_the_views(client, scored):
         (r["image_id"], r["predicted_label"]) for r in inbox
     }
 
+    # Another model name scores an inbox image later, and another prefix has an inbox image
+    # of its own: this model's list still shows its own prediction, and only its scope.
+    db, newest = scored.db, inbox[0]
+    db.execute(
+        "INSERT INTO predictions (image_id, etag, model_name, model_version, predicted_label,"
+        " confidence, top_k, subset, mlflow_run_id, scored_at) SELECT id, etag, 'other-model',"
+        " 1, 'x', 0.5, '[]', 'inbox', 'r', NOW(6) + INTERVAL 1 DAY FROM images WHERE id = %s",
+        (newest["image_id"],),
+    )
+    db.execute(
+        "INSERT INTO images (bucket, prefix, object_key, key_hash, split, subset, label,"
+        " size_bytes, etag, status, first_seen_at, last_seen_at) VALUES (%s, 'elsewhere',"
+        " 'elsewhere/inbox/z.png', SHA2('elsewhere/inbox/z.png', 256), 'inbox', 'inbox', NULL,"
+        " 1, 'e', 'ok', NOW(6), NOW(6))",
+        (scored.store.bucket,),
+    )
+    try:
+        again = _get(client, "/api/inbox")
+        assert again["total"] == 5
+        assert {(i["image_id"], i["predicted_label"]) for i in again["items"]} == {
+            (r["image_id"], r["predicted_label"]) for r in inbox
+        }
+    finally:
+        db.execute("DELETE FROM predictions WHERE model_name = 'other-model'")
+        db.execute("DELETE FROM images WHERE prefix = 'elsewhere'")
+
 
 def test_drift_history_is_the_view_newest_first_with_the_newest_check_of_each_subset_marked(
     client, scored
