@@ -52,6 +52,7 @@ from pipeline.data import (
     to_model_input,
 )
 from pipeline.db import Database, HeldLock, named_lock
+from pipeline.errors import Refusal
 from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
 from pipeline.params import cli_run_key
 from pipeline.records import ImageRecord
@@ -562,6 +563,13 @@ def load_data(
         train_pool, TrainPreset(params.image_size, params.augment, batch_augment=on_gpu)
     )
     val_kept, val_set = build(val_records, EvalPreset(params.image_size))
+    untrained = sorted(set(label_map) - {r.label for r in train_kept})
+    if untrained:  # the version's images changed since the check of its counts
+        raise Refusal(
+            f"labels {untrained} of dataset {dataset_version} have no usable train image any more"
+            " (deleted, changed or rejected since its scan): the model could never predict"
+            " them. Scan the bucket again (a new dataset version), or restore the images"
+        )
     return {
         "info": info,
         "label_map": label_map,

@@ -413,6 +413,19 @@ def test_train_images_moved_into_val_are_left_out_of_the_gate(
     )
 
 
+def test_a_label_whose_train_images_went_away_since_the_check_refuses_training(
+    trainer, db, dataset
+):
+    """check_dataset passed on the version's counts; then every train image of one label is
+    deleted (the inbox DAG's scan marks them): refused, naming the label, before an epoch
+    (before: trained and registered a model that could never predict it)."""
+    from pipeline.errors import Refusal
+
+    db.execute("UPDATE images SET deleted_at = NOW(6) WHERE label = 'seven' AND subset = 'train'")
+    with pytest.raises(Refusal, match=r"labels \['seven'\] .* no usable train image any more"):
+        trainer("run-gone-label")
+
+
 def test_training_is_skipped_when_the_champion_was_trained_on_this_dataset(
     trainer, db, store, mlflow_names, tmp_cache
 ):
