@@ -112,14 +112,19 @@ class Database:
         the connection, or aborts it for a deadlock or lock wait (bounded, exponential
         backoff); then `ServiceUnavailable` naming MySQL. `work` must be safe to rerun.
         """
-        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
-        def transient(exc: BaseException) -> bool:
-            return isinstance(exc, pymysql.err.Error | ConnectionError) and is_transient(exc)
 
         def once() -> T:
             with self.transaction() as cur:
                 return work(cur)
+
+        return self._retrying(once, attempts)
+
+    def _retrying(self, once: Callable[[], T], attempts: int) -> T:
+        """`once()`, rerun on a lost or killed connection, a deadlock or a lock wait timeout."""
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+        def transient(exc: BaseException) -> bool:
+            return isinstance(exc, pymysql.err.Error | ConnectionError) and is_transient(exc)
 
         retrying = Retrying(
             retry=retry_if_exception(transient),
@@ -141,15 +146,23 @@ class Database:
                 raise ServiceUnavailable("MySQL", self.endpoint, str(exc)) from exc
             raise
 
-    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> list[dict]:
-        """Run one read query and return its rows as dicts."""
-        conn = self.connect(autocommit=True)
-        try:
-            with conn.cursor(pymysql.cursors.DictCursor) as cur:
-                cur.execute(sql, args)
-                return list(cur.fetchall())
-        finally:
-            conn.close()
+    def query(
+        self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None, *, attempts: int = 4
+    ) -> list[dict]:
+        """Run one read query and return its rows as dicts; run again on a fresh connection
+        when MySQL drops or kills the one it ran on (as `transact`)."""
+
+        def once() -> list[dict]:
+            conn = self.connect(autocommit=True)
+            try:
+                with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                    cur.execute(sql, args)
+                    return list(cur.fetchall())
+            finally:
+                with contextlib.suppress(pymysql.err.Error):
+                    conn.close()
+
+        return self._retrying(once, attempts)
 
     def execute(self, sql: str, args: Sequence[Any] | dict[str, Any] | None = None) -> int:
         """Run one statement in its own transaction; returns affected rows."""

@@ -95,3 +95,25 @@ def test_a_holder_whose_host_vanished_frees_the_lock_after_its_missed_pings(db):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_a_read_whose_connection_is_killed_runs_again(db, caplog):
+    """MySQL ends the connection of a read (KILL, as a failover or a proxy does): the read runs
+    again on a fresh connection and returns its rows (before: the error failed the task; the
+    page queries of a scoring shard are such reads)."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.WARNING, logger="pipeline.db")
+    rows: list = []
+    reader = threading.Thread(target=lambda: rows.append(db.query("SELECT SLEEP(2) AS s, 7 AS v")))
+    reader.start()
+    running = "SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(2)%%'"
+    deadline = time.monotonic() + 30
+    while not (found := db.query(running)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert found, "the read never started"
+    db.execute("KILL CONNECTION %s", (found[0]["ID"],))
+    reader.join(timeout=60)
+    assert rows == [[{"s": 0, "v": 7}]]
+    assert any("retrying" in r.getMessage() for r in caplog.records)
