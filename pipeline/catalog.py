@@ -1633,14 +1633,18 @@ def mark_rejected(db: Database, rejections: Sequence[tuple[ImageRecord, str]]) -
     items = [(*split_reason(reason), r.image_id, r.etag) for r, reason in rejections]
     if not items:
         return 0
-    changed = 0
-    with db.transaction() as cur:
-        for i in range(0, len(items), _BATCH):
-            changed += cur.executemany(
+
+    def write(cur) -> int:  # the same UPDATEs again when MySQL drops the connection
+        return sum(
+            cur.executemany(
                 "UPDATE images SET status = 'rejected', reject_reason = %s, reject_detail = %s"
                 " WHERE id = %s AND etag = %s",
                 items[i : i + _BATCH],
             )
+            for i in range(0, len(items), _BATCH)
+        )
+
+    changed = db.transact(write)
     log.info("marked %d images rejected", changed)
     return changed
 
