@@ -235,35 +235,45 @@ def test_the_scan_lock_lost_inside_the_final_transaction_writes_nothing(db, stor
     assert catalog.scan(db, store, P)["gets"] == 0
 
 
-def test_a_scan_that_lost_its_lock_writes_no_more_chunks(db, store, monkeypatch):
-    """The scan lock's connection ends (KILL, as a failover does) while the scan validates:
-    another scan may take the lock and write the catalog now, so the first must not go on
-    committing its chunks over it (before: it did, for up to half an hour, until its final
-    transaction found the lock gone)."""
-    put_images(store, 30)
+def scan_losing_its_lock(db, store, monkeypatch, first_chunk: str, **options):
+    """A scan (in a thread) whose lock connection is KILLed once `first_chunk` (a COUNT query)
+    says its first chunk of 10 is committed; returns what the scan raised or returned."""
     lock = mysql_lock_name(db, catalog.scan_lock(store.bucket, P))
     monkeypatch.setenv(catalog.PAUSE_AFTER_CHUNK_ENV, "3")
     outcome: list[BaseException | dict] = []
 
     def scan() -> None:
         try:
-            outcome.append(catalog.scan(db, store, P, chunk_size=10))
-        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome.append(catalog.scan(db, store, P, chunk_size=10, **options))
+        except BaseException as exc:  # noqa: BLE001 - returned
             outcome.append(exc)
 
     worker = threading.Thread(target=scan)
     worker.start()
-    wait_until(lambda: count(db, "SELECT COUNT(*) FROM images") == 10, what="the first chunk")
-    holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
-    db.execute(f"KILL CONNECTION {int(holder)}")
-    worker.join(timeout=60)
-    assert len(outcome) == 1 and isinstance(outcome[0], LockLost), outcome
-    assert count(db, "SELECT COUNT(*) FROM images") == 10  # no chunk after the loss
+    try:
+        wait_until(lambda: count(db, first_chunk) == 10, what="the first chunk")
+        holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
+        db.execute(f"KILL CONNECTION {int(holder)}")
+    finally:
+        worker.join(timeout=60)
+        monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
+    assert len(outcome) == 1
+    return outcome[0]
+
+
+def test_a_scan_that_lost_its_lock_writes_no_more_chunks(db, store, monkeypatch):
+    """The scan lock's connection ends (KILL, as a failover does) while the scan validates:
+    another scan may take the lock and write the catalog now, so the first must not go on
+    committing its chunks over it (before: it did, for up to half an hour, until its final
+    transaction found the lock gone)."""
+    put_images(store, 30)
+    images = "SELECT COUNT(*) FROM images"
+    assert isinstance(scan_losing_its_lock(db, store, monkeypatch, images), LockLost)
+    assert count(db, images) == 10  # no chunk after the loss
     assert count(db, "SELECT COUNT(*) FROM scans") == 0
 
-    monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
     resumed = catalog.scan(db, store, P)
-    assert resumed["gets"] == 20 and count(db, "SELECT COUNT(*) FROM images") == 30
+    assert resumed["gets"] == 20 and count(db, images) == 30
 
 
 def test_a_scan_with_new_limits_that_died_half_way_is_finished_by_the_next_scan(
@@ -275,25 +285,9 @@ def test_a_scan_with_new_limits_that_died_half_way_is_finished_by_the_next_scan(
     first chunk stayed `too_small` under min_side 8, and the rerun GOT everything again)."""
     put_images(store, 30)  # 16x16 PNGs
     assert catalog.scan(db, store, P)["reasons"] == {}
-    lock = mysql_lock_name(db, catalog.scan_lock(store.bucket, P))
-    monkeypatch.setenv(catalog.PAUSE_AFTER_CHUNK_ENV, "3")
-    outcome: list[BaseException | dict] = []
-
-    def strict_scan() -> None:
-        try:
-            outcome.append(catalog.scan(db, store, P, min_side=64, chunk_size=10))
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            outcome.append(exc)
-
-    worker = threading.Thread(target=strict_scan)
-    worker.start()
     too_small = "SELECT COUNT(*) FROM images WHERE reject_reason = 'too_small'"
-    wait_until(lambda: count(db, too_small) == 10, what="the first chunk of verdicts")
-    holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
-    db.execute(f"KILL CONNECTION {int(holder)}")
-    worker.join(timeout=60)
-    assert len(outcome) == 1 and isinstance(outcome[0], LockLost), outcome
-    monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
+    died = scan_losing_its_lock(db, store, monkeypatch, too_small, min_side=64)
+    assert isinstance(died, LockLost)
 
     rerun = catalog.scan(db, store, P, min_side=64)  # the same command again
     assert rerun["gets"] == 20 and rerun["reasons"] == {"too_small": 30}
@@ -302,15 +296,9 @@ def test_a_scan_with_new_limits_that_died_half_way_is_finished_by_the_next_scan(
 
     # A strict scan dies again after its first chunk; the next scan (no options: the stored
     # min_side 8) judges that chunk again.
-    monkeypatch.setenv(catalog.PAUSE_AFTER_CHUNK_ENV, "3")
-    outcome.clear()
-    worker = threading.Thread(target=strict_scan)
-    worker.start()
-    wait_until(lambda: count(db, too_small) == 10, what="the first chunk of verdicts")
-    holder = db.query("SELECT IS_USED_LOCK(%s) AS id", (lock,))[0]["id"]
-    db.execute(f"KILL CONNECTION {int(holder)}")
-    worker.join(timeout=60)
-    monkeypatch.delenv(catalog.PAUSE_AFTER_CHUNK_ENV)
+    assert isinstance(
+        scan_losing_its_lock(db, store, monkeypatch, too_small, min_side=64), LockLost
+    )
     plain = catalog.scan(db, store, P)
     assert plain["gets"] == 10 and plain["reasons"] == {} and count(db, too_small) == 0
 

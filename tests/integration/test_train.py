@@ -28,11 +28,12 @@ def dataset(db, store, tmp_path):
 
 @pytest.fixture
 def trainer(db, store, dataset, mlflow_names, tmp_cache):
-    def run(run_key: str, params=TINY, **kwargs):
+    def run(run_key: str, params=TINY, *, on: str | None = None, **kwargs):
+        """`train_model` of `run_key` on the fixture's dataset version (or `on`)."""
         return train.train_model(
             db,
             store,
-            dataset,
+            on or dataset,
             params,
             model_name=mlflow_names["model_name"],
             run_key=run_key,
@@ -160,18 +161,7 @@ def test_a_run_cleared_after_the_bucket_changed_trains_on_the_new_dataset_versio
     changed = catalog.scan(db, store, "ds", val_percent=30)["dataset_version"]
     assert changed != dataset
 
-    again = train.train_model(
-        db,
-        store,
-        changed,
-        TINY,
-        model_name=mlflow_names["model_name"],
-        run_key="manual__cleared",
-        cache_dir=tmp_cache,
-        checkpoint_store=train.S3CheckpointStore(store),
-        experiment=mlflow_names["experiment"],
-        force_retrain=True,
-    )
+    again = trainer("manual__cleared", on=changed, force_retrain=True)
     assert not again.get("reused") and again["model_version"] != first["model_version"]
     tags = registry.version_tags(mlflow_names["model_name"], again["model_version"])
     assert tags["dataset_version"] == changed
@@ -396,17 +386,7 @@ def test_train_images_moved_into_val_are_left_out_of_the_gate(
         store.delete(record.object_key)
     moved = catalog.scan(db, store, "ds")["dataset_version"]
     assert len(catalog.dataset_images(db, moved, ["val"])) == 6
-    challenger = train.train_model(
-        db,
-        store,
-        moved,
-        TINY,
-        model_name=mlflow_names["model_name"],
-        run_key="run-after-move",
-        cache_dir=tmp_cache,
-        checkpoint_store=train.S3CheckpointStore(store),
-        experiment=mlflow_names["experiment"],
-    )
+    challenger = trainer("run-after-move", on=moved)
     decision = _gate(db, store, mlflow_names, challenger["model_version"], tmp_cache)
     assert decision["reason"].endswith(
         f"test images (val left out: champion v{champion['model_version']} trained on them)"
