@@ -176,10 +176,14 @@ def image_classification():
         info = catalog.resolve_dataset(
             db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
         )
+        decision = {k: params[k] for k in train_plan.DECISION_PARAMS}
+        if decision["min_images_per_label"] is None:  # empty: the prefix's saved setting
+            saved = catalog.scan_config_of(db, params["bucket"], params["prefix"])
+            decision["min_images_per_label"] = saved.min_images_per_label
         should_train, why = train_plan.training_decision(
             info,
             champion_dataset_version=registry.champion_dataset_version(rt.model_name(params)),
-            **{k: params[k] for k in train_plan.DECISION_PARAMS},
+            **decision,
         )
         if should_train:  # before hours of training: another dataset's champion stays
             registry.check_label_scope(

@@ -1041,6 +1041,12 @@ def _load_rows(db: Database, bucket: str, prefix: str) -> dict[str, dict[str, An
     return {r["object_key"]: r for r in rows}
 
 
+def scan_config_of(db: Database, bucket: str, prefix: str) -> ScanConfig:
+    """The configuration the scans of bucket+prefix use now: stored by its last scan, else the
+    defaults (what an empty scan param means)."""
+    return load_scan_config(db, bucket, prefix) or ScanConfig()
+
+
 def load_scan_config(db: Database, bucket: str, prefix: str) -> ScanConfig | None:
     """The configuration stored for bucket+prefix by its last scan, or None."""
     rows = db.query(

@@ -191,7 +191,9 @@ class S3Settings:
     prefix: str
     session_token: str | None = None
     verify: bool | str = True
-    credentials: Any = field(default=None, repr=False)
+    # Not part of equality: stores of one connection share their clients (`store.shared_clients`
+    # keys them by settings) whichever credentials object of that connection came first.
+    credentials: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -500,12 +500,23 @@ def window_of(
     if since is None:
         sql += " AND e.run_key = %s"
         args += (run_key,)
-    elif until is None:
-        sql += " AND (e.run_key = %s OR e.created_at > %s)"
-        args += (run_key, since)
     else:
-        sql += " AND (e.run_key = %s OR e.created_at > %s AND e.created_at <= %s)"
-        args += (run_key, since, until)
+        # Images of runs whose own check judged them (before this run's first check) are not
+        # judged again, also when such a run scored them again later (a forced rescore).
+        judged = (
+            "SELECT r.run_key FROM drift_reports r WHERE r.model_name = %s"
+            " AND r.model_version = %s AND r.subset = %s AND r.status = %s AND r.run_key <> %s"
+        )
+        judged_args: tuple = (model_name, model_version, subset, CHECKED, run_key)
+        window = "e.created_at > %s"
+        window_args: tuple = (since,)
+        if until is not None:
+            judged += " AND COALESCE(r.window_until, r.checked_at) < %s"
+            judged_args += (until,)
+            window += " AND e.created_at <= %s"
+            window_args += (until,)
+        sql += f" AND (e.run_key = %s OR {window} AND e.run_key NOT IN ({judged}))"
+        args += (run_key, *window_args, *judged_args)
     rows = db.query(sql + " ORDER BY e.image_id, e.created_at", args)
     index = {label: i for i, label in enumerate(labels)}
     latest = {r["image_id"]: r for r in rows}  # ordered by time: the last one wins
@@ -540,9 +551,11 @@ def pending_window(
     )
     if own and own[0]["window_until"] is not None:
         return own[0]["window_since"] or datetime(1970, 1, 1), own[0]["window_until"]
+    # Where the windows other runs judged ended (a rerun's verdict is newer than its window).
     rows = db.query(
-        "SELECT MAX(checked_at) AS t FROM drift_reports WHERE model_name = %s"
-        " AND model_version = %s AND subset = 'inbox' AND status = %s AND run_key <> %s",
+        "SELECT MAX(COALESCE(window_until, checked_at)) AS t FROM drift_reports"
+        " WHERE model_name = %s AND model_version = %s AND subset = 'inbox' AND status = %s"
+        " AND run_key <> %s",
         (model_name, model_version, CHECKED, run_key),
     )
     return rows[0]["t"] or datetime(1970, 1, 1), None

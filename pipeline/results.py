@@ -378,18 +378,22 @@ def inbox_predictions(
 
 def mark_latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of drift checks, newest first, each with `latest`: True on the verdict that stands
-    for its subset now, the newest one that checked (a later "not enough images" of a quiet
-    hour, or a run that scored nothing new, does not hide it); the newest row of a subset
-    never checked."""
+    for its subset now: of the model version checked last in that subset, its newest check
+    with a verdict (a later "not enough images" of a quiet hour does not hide it), else its
+    newest check (an older version's drift does not stand for a new champion)."""
     standing: dict[str, int] = {}
     for i, row in enumerate(rows):
-        checked = row.get("status") == "checked"
+        subset = row["subset"]
+        if subset not in standing:
+            standing[subset] = i
+            continue
+        first = rows[standing[subset]]
         if (
-            row["subset"] not in standing
-            or checked
-            and rows[standing[row["subset"]]].get("status") != "checked"
+            row.get("model_version") == first.get("model_version")
+            and row.get("status") == "checked"
+            and first.get("status") != "checked"
         ):
-            standing[row["subset"]] = i
+            standing[subset] = i
     chosen = set(standing.values())
     return [row | {"latest": i in chosen} for i, row in enumerate(rows)]
 

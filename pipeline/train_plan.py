@@ -146,7 +146,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-images-per-label",
         type=int,
-        help="refuse labels with fewer train images (default: the one the version's scan used)",
+        help="refuse labels with fewer train images (default: the prefix's saved setting)",
     )
     parser.add_argument(
         "--allow-label-change",

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
+from pipeline.errors import is_transient, s3_error_code
 from pipeline.store import ObjectStore, add_location_arguments, location_from_args
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ def _same_content(store: ObjectStore, there, path: Path) -> bool:
     try:
         data = store.get_bytes(there.key, if_match=there.etag)  # at most the file's size
     except Exception as exc:
-        if s3_error_code(exc) in S3_MISSING_CODES | S3_CHANGED_CODES:
-            return False  # gone or replaced since the LIST: upload the file
+        # Gone or replaced since the LIST, or not readable as it is (SSE-C wants its key): an
+        # answer about the object, so upload the file; an outage is raised.
+        if s3_error_code(exc) is not None and not is_transient(exc):
+            return False
         raise
     return hashlib.sha256(data).digest() == hashlib.sha256(path.read_bytes()).digest()
 

@@ -168,10 +168,16 @@ def s3_settings(hook, bucket: str):
     """`S3Settings` of an `S3Hook`'s connection, with the credentials the provider resolves:
     its botocore credentials object, which renews an assumed role's or an instance profile's
     keys before they expire (a training runs up to six hours, a role session often one)."""
+    from airflow.sdk.log import mask_secret
+
     from pipeline.config import S3Settings
 
     config = hook.conn_config
-    credentials = hook.get_credentials()  # the keys of now, masked in task logs
+    source = hook.get_session().get_credentials()  # one session: one AssumeRole
+    credentials = source.get_frozen_credentials()  # the keys of now
+    for secret in (credentials.secret_key, credentials.token):
+        if secret:
+            mask_secret(secret)  # never in task logs, as the provider's get_credentials does
     verify = config.verify
     return S3Settings(
         endpoint_url=(config.get_service_endpoint_url("s3") or "").rstrip("/"),
@@ -182,7 +188,7 @@ def s3_settings(hook, bucket: str):
         prefix="",
         session_token=credentials.token,
         verify=True if verify is None else verify,
-        credentials=hook.get_session().get_credentials(),
+        credentials=source,
     )
 
 

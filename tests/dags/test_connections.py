@@ -54,6 +54,32 @@ def test_an_aws_connection_with_endpoint_url_is_the_stores_endpoint(rt, settings
         store.delete_bucket()
 
 
+def test_stores_of_one_connection_share_their_clients_and_renewable_credentials(
+    rt, settings, monkeypatch
+):
+    """Each `object_store` call reads the connection again (a new provider session, a new
+    credentials object): the stores still share one set of clients per process (the API
+    server serves thumbnails for days), signing with the provider's credentials object."""
+    conn_id = connection(
+        monkeypatch,
+        {
+            "conn_type": "aws",
+            "login": settings.s3.access_key_id,
+            "password": settings.s3.secret_access_key,
+            "extra": {"endpoint_url": settings.s3.endpoint_url},
+        },
+    )
+    first, second = (
+        rt.object_store("a", s3_conn_id=conn_id),
+        rt.object_store("b", s3_conn_id=conn_id),
+    )
+    assert first.settings.credentials is not second.settings.credentials
+    assert first.minio is second.minio and first.client is second.client
+    assert first.settings.credentials.get_frozen_credentials().access_key == (
+        settings.s3.access_key_id
+    )
+
+
 def test_an_aws_s3_connection_has_no_endpoint_and_keeps_token_region_and_ca(rt, monkeypatch):
     conn_id = connection(
         monkeypatch,

@@ -360,13 +360,17 @@ def test_drift_history_is_the_view_newest_first_with_the_newest_check_of_each_su
     )[0]["n"]
     assert checked["n_images"] == tested and 0 < checked["mmd_p_value"] <= 1
     assert checked["verdict"] in ("no drift", "drift: " + ",".join(checked["reasons"]))
-    # The verdict that stands per subset: its newest check with a verdict, else its newest.
+    # The verdict that stands per subset: of the version checked last there, its newest check
+    # with a verdict, else its newest.
     newest = scored.db.query(
         "SELECT h.subset, h.model_version FROM v_drift_history h WHERE h.model_name = %s"
         " AND h.checked_at = (SELECT MAX(r.checked_at) FROM drift_reports r"
-        " WHERE r.model_name = h.model_name AND r.subset = h.subset AND (r.status = 'checked'"
+        " WHERE r.model_name = h.model_name AND r.subset = h.subset AND r.model_version = ("
+        "SELECT l.model_version FROM drift_reports l WHERE l.model_name = r.model_name"
+        " AND l.subset = r.subset ORDER BY l.checked_at DESC LIMIT 1) AND (r.status = 'checked'"
         " OR NOT EXISTS (SELECT 1 FROM drift_reports c WHERE c.model_name = r.model_name"
-        " AND c.subset = r.subset AND c.status = 'checked')))",
+        " AND c.subset = r.subset AND c.model_version = r.model_version"
+        " AND c.status = 'checked')))",
         (scored.model_name,),
     )
     assert sorted((i["subset"], i["model_version"]) for i in items if i["latest"]) == sorted(

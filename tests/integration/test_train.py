@@ -406,6 +406,23 @@ def test_a_label_whose_train_images_went_away_since_the_check_refuses_training(
         trainer("run-gone-label")
 
 
+def test_an_empty_minimum_per_label_is_the_prefixs_saved_setting(
+    db, store, dataset, mlflow_names, tmp_cache, monkeypatch, capsys
+):
+    """A person raises `min_images_per_label` on an unchanged bucket: the same dataset version
+    (its row keeps the first scan's setting), the prefix's saved setting changes. Training
+    without the param (the nightly run, a plain CLI call) checks against the saved one."""
+    from pipeline.__main__ import main
+
+    assert catalog.scan(db, store, "ds", min_images_per_label=50)["dataset_version"] == dataset
+    monkeypatch.setenv("MYSQL_DATABASE", db.name)
+    monkeypatch.setenv("S3_BUCKET", store.bucket)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_cache))
+    argv = ["--model-name", mlflow_names["model_name"], "train", "--prefix", "ds"]
+    assert main([*argv, "--epochs", "1", "--num-workers", "0"]) == 1
+    assert "labels with fewer than 50 train images" in capsys.readouterr().err
+
+
 def test_training_is_skipped_when_the_champion_was_trained_on_this_dataset(
     trainer, db, store, mlflow_names, tmp_cache
 ):

@@ -136,11 +136,11 @@ def test_the_newest_drift_check_of_each_subset_is_marked_latest():
 
 def test_a_later_check_without_a_verdict_does_not_hide_the_one_that_stands():
     rows = [
-        {"subset": "inbox", "status": "not_enough_images"},  # a quiet hour
-        {"subset": "inbox", "status": "checked"},  # yesterday's drift
-        {"subset": "test", "status": "no_reference"},
-        {"subset": "test", "status": "no_reference"},
-        {"subset": "inbox", "status": "checked"},
+        {"subset": "inbox", "status": "not_enough_images", "model_version": 5},  # a quiet hour
+        {"subset": "inbox", "status": "checked", "model_version": 5},  # yesterday's drift
+        {"subset": "test", "status": "no_reference", "model_version": 6},  # a new champion
+        {"subset": "test", "status": "checked", "model_version": 5},  # not its verdict
+        {"subset": "inbox", "status": "checked", "model_version": 5},
     ]
     assert [r["latest"] for r in results.mark_latest(rows)] == [False, True, True, False, False]
 
