@@ -185,15 +185,15 @@ class S3Settings:
 
     endpoint_url: str
     access_key_id: str
-    secret_access_key: str
+    secret_access_key: str = field(repr=False)  # never in a log line or an assertion message
     region: str
     bucket: str
     prefix: str
-    session_token: str | None = None
+    session_token: str | None = field(default=None, repr=False)
     verify: bool | str = True
-    # Not part of equality: stores of one connection share their clients (`store.shared_clients`
-    # keys them by settings) whichever credentials object of that connection came first.
-    credentials: Any = field(default=None, repr=False, compare=False)
+    # Compared by identity: stores share clients (`store.shared_clients`) only with the same
+    # credentials object (the Airflow adapter keeps one per connection and process).
+    credentials: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def s3_settings(hook, bucket: str):
     from pipeline.config import S3Settings
 
     config = hook.conn_config
-    source = hook.get_session().get_credentials()  # one session: one AssumeRole
+    source = credentials_source(hook)
     credentials = source.get_frozen_credentials()  # the keys of now
     for secret in (credentials.secret_key, credentials.token):
         if secret:
@@ -190,6 +190,23 @@ def s3_settings(hook, bucket: str):
         verify=True if verify is None else verify,
         credentials=source,
     )
+
+
+# The provider's credentials object of each connection (as it reads now), one per process: stores
+# of one connection compare equal, so they share one set of S3 clients (`store.shared_clients`),
+# and a role is assumed once, then renewed by botocore.
+_CREDENTIALS: dict[tuple, Any] = {}
+
+
+def credentials_source(hook) -> Any:
+    """The botocore credentials object of the hook's connection (a session of the provider's,
+    made once per process and connection as it is now: an edited connection gets a new one)."""
+    conn = hook.get_connection(hook.aws_conn_id)
+    key = (hook.aws_conn_id, conn.login, conn.password, conn.extra)
+    source = _CREDENTIALS.get(key)
+    if source is None:
+        source = _CREDENTIALS[key] = hook.get_session().get_credentials()
+    return source
 
 
 def work_store():

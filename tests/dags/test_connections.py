@@ -57,9 +57,10 @@ def test_an_aws_connection_with_endpoint_url_is_the_stores_endpoint(rt, settings
 def test_stores_of_one_connection_share_their_clients_and_renewable_credentials(
     rt, settings, monkeypatch
 ):
-    """Each `object_store` call reads the connection again (a new provider session, a new
-    credentials object): the stores still share one set of clients per process (the API
-    server serves thumbnails for days), signing with the provider's credentials object."""
+    """Each `object_store` call reads the connection again: the stores still share one set of
+    clients per process (the API server serves thumbnails for days; before: a new set per
+    call, and a new provider session, one AssumeRole, each), signing with one provider
+    credentials object of the connection."""
     conn_id = connection(
         monkeypatch,
         {
@@ -73,7 +74,7 @@ def test_stores_of_one_connection_share_their_clients_and_renewable_credentials(
         rt.object_store("a", s3_conn_id=conn_id),
         rt.object_store("b", s3_conn_id=conn_id),
     )
-    assert first.settings.credentials is not second.settings.credentials
+    assert first.settings.credentials is second.settings.credentials
     assert first.minio is second.minio and first.client is second.client
     assert first.settings.credentials.get_frozen_credentials().access_key == (
         settings.s3.access_key_id
