@@ -177,9 +177,9 @@ def image_classification():
             db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
         )
         decision = {k: params[k] for k in train_plan.DECISION_PARAMS}
-        if decision["min_images_per_label"] is None:  # empty: the prefix's saved setting
-            saved = catalog.scan_config_of(db, params["bucket"], params["prefix"])
-            decision["min_images_per_label"] = saved.min_images_per_label
+        decision["min_images_per_label"] = catalog.min_images_per_label(
+            db, info, params["min_images_per_label"]
+        )
         should_train, why = train_plan.training_decision(
             info,
             champion_dataset_version=registry.champion_dataset_version(rt.model_name(params)),

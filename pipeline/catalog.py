@@ -1041,10 +1041,13 @@ def _load_rows(db: Database, bucket: str, prefix: str) -> dict[str, dict[str, An
     return {r["object_key"]: r for r in rows}
 
 
-def scan_config_of(db: Database, bucket: str, prefix: str) -> ScanConfig:
-    """The configuration the scans of bucket+prefix use now: stored by its last scan, else the
-    defaults (what an empty scan param means)."""
-    return load_scan_config(db, bucket, prefix) or ScanConfig()
+def min_images_per_label(db: Database, info: dict[str, Any], given: int | None) -> int:
+    """`given`, or (None: the param left empty) the minimum the scans of the dataset version's
+    bucket+prefix use now (a later scan may have raised it on an unchanged version)."""
+    if given is not None:
+        return given
+    saved = load_scan_config(db, info["bucket"], info["prefix"]) or ScanConfig()
+    return saved.min_images_per_label
 
 
 def load_scan_config(db: Database, bucket: str, prefix: str) -> ScanConfig | None:

@@ -1321,8 +1321,7 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
     should_train, why = training_decision(
         dataset,
         champion_dataset_version=registry.champion_dataset_version(settings.model_name),
-        min_images_per_label=args.min_images_per_label
-        or catalog.scan_config_of(db, store.bucket, prefix).min_images_per_label,
+        min_images_per_label=catalog.min_images_per_label(db, dataset, args.min_images_per_label),
         allow_unseen_labels=args.allow_unseen_labels,
         force_retrain=args.force_retrain,
     )
