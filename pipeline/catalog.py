@@ -995,12 +995,7 @@ def inspect_objects(
             inspected.add(key)
             if inspection.reject_reason != REJECT_UNREADABLE:  # held for `check_unreadable`
                 done.append(key)
-        for key in done:
-            rows[key]["last_seen_at"] = now
-        with lock.transaction() as cur:
-            write_rows(cur, RowWrites(upserts=[rows[k] for k in done]))
-        stored.update((k, _row_state(rows[k])) for k in done)
-        pause_point(PAUSE_AFTER_CHUNK_ENV)
+        _commit_chunk(lock, rows, stored, done, now)
         elapsed = time.monotonic() - t0
         rate = len(inspected) / max(elapsed, 1e-9)
         log.info(
@@ -1012,6 +1007,23 @@ def inspect_objects(
             gets,
         )
     return inspected, gets
+
+
+def _commit_chunk(
+    lock: HeldLock,
+    rows: dict[str, dict[str, Any]],
+    stored: dict[str, tuple],
+    keys: Sequence[str],
+    now: datetime,
+) -> None:
+    """Commit the rows of one chunk's `keys` as seen `now`, in one transaction on the scan
+    lock's connection (`LockLost` once another scan may hold it)."""
+    for key in keys:
+        rows[key]["last_seen_at"] = now
+    with lock.transaction() as cur:
+        write_rows(cur, RowWrites(upserts=[rows[k] for k in keys]))
+    stored.update((k, _row_state(rows[k])) for k in keys)
+    pause_point(PAUSE_AFTER_CHUNK_ENV)
 
 
 def _inspector(

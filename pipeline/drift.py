@@ -612,15 +612,7 @@ def check_drift(
     windows: dict[str, tuple[datetime | None, datetime | None]] = {}
     for subset in subsets:
         if reference is None:
-            verdict = {
-                "status": NO_REFERENCE,
-                "drifted": False,
-                "n_images": 0,
-                "n_reference": 0,
-                "reasons": [],
-                "message": f"{model_name} v{version} has no drift reference (registered before"
-                " drift references, or too few val images): retrain to get one",
-            }
+            verdict = _no_reference_verdict(model_name, version)
         else:
             since, until = (
                 pending_window(db, model_name, version, run_key)
@@ -663,6 +655,18 @@ def check_drift(
             s: {k: x for k, x in v.items() if k != "label_distribution"}
             for s, v in verdicts.items()
         },
+    }
+
+
+def _no_reference_verdict(model_name: str, version: int) -> dict[str, Any]:
+    return {
+        "status": NO_REFERENCE,
+        "drifted": False,
+        "n_images": 0,
+        "n_reference": 0,
+        "reasons": [],
+        "message": f"{model_name} v{version} has no drift reference (registered before drift"
+        " references, or too few val images): retrain to get one",
     }
 
 

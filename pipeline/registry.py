@@ -140,7 +140,7 @@ def mlflow_failure(exc: BaseException, what: str) -> Exception:
 _RAISE: Any = object()
 
 
-def _ask(what: str, call: Callable[[], T], *, missing: Any = _RAISE) -> T:
+def ask_mlflow(what: str, call: Callable[[], T], *, missing: Any = _RAISE) -> T:
     """`call()` against MLflow; a "not found" answer gives `missing` when one is given, every
     other error is raised by `mlflow_failure` (naming MLflow, its URI and `what`)."""
     try:
@@ -155,7 +155,7 @@ def _ask(what: str, call: Callable[[], T], *, missing: Any = _RAISE) -> T:
 
 def alias_version(model_name: str, alias: str) -> str | None:
     """The version MLflow's `alias` points at; None when the model or the alias doesn't exist."""
-    model = _ask(
+    model = ask_mlflow(
         f"read registered model {model_name!r}",
         lambda: mlflow_client().get_registered_model(model_name),
         missing=None,
@@ -170,7 +170,7 @@ def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> s
     """A concrete version number for an alias (`champion`, `challenger`, ...) or a version."""
     ref = str(model_ref)
     if ref.isdigit():
-        found = _ask(
+        found = ask_mlflow(
             f"read {model_name} v{ref}",
             lambda: mlflow_client().get_model_version(model_name, ref),
             missing=None,
@@ -191,7 +191,7 @@ def resolve_model_version(model_name: str, model_ref: str | int = CHAMPION) -> s
 
 
 def version_tags(model_name: str, model_version: str | int) -> dict[str, str]:
-    mv = _ask(
+    mv = ask_mlflow(
         f"read {model_name} v{model_version}",
         lambda: mlflow_client().get_model_version(model_name, str(model_version)),
     )
@@ -293,10 +293,12 @@ def provenance_problem(model_name: str, mv: Any) -> str | None:
         return f"it lacks the tags training writes ({', '.join(missing)})"
     if not mv.run_id:
         return "it has no MLflow run"
-    run = _ask(f"read run {mv.run_id}", lambda: mlflow_client().get_run(mv.run_id), missing=None)
+    run = ask_mlflow(
+        f"read run {mv.run_id}", lambda: mlflow_client().get_run(mv.run_id), missing=None
+    )
     if run is None:
         return f"its run {mv.run_id} does not exist"
-    experiment = _ask(
+    experiment = ask_mlflow(
         f"read experiment {run.info.experiment_id}",
         lambda: mlflow_client().get_experiment(run.info.experiment_id),
     )
@@ -346,7 +348,7 @@ def _run_key_versions(
     conditions = {"name": model_name, "tags.run_key": run_key}
     if dataset_version is not None:
         conditions["tags.dataset_version"] = dataset_version
-    found = _ask(
+    found = ask_mlflow(
         f"search versions of {model_name!r} with run_key {run_key!r}",
         lambda: mlflow_client().search_model_versions(search_filter(conditions)),
     )
@@ -386,7 +388,7 @@ def settle_registration(
             run_key,
             kept.version,
         )
-        _ask(
+        ask_mlflow(
             f"delete the duplicate {model_name} v{mv.version}",
             lambda v=mv.version: mlflow_client().delete_model_version(model_name, v),
             missing=None,  # a retried DELETE whose first reply was lost
@@ -405,7 +407,7 @@ def newest_ungated_version(
     that allows the label change): each run would refuse it again, and fail before scoring.
     Versions registered elsewhere (a notebook, another job) are skipped with a warning.
     """
-    found = _ask(
+    found = ask_mlflow(
         f"search versions of {model_name!r}",
         lambda: mlflow_client().search_model_versions(search_filter({"name": model_name})),
     )
@@ -452,7 +454,7 @@ def load_model(model_name: str, model_ref: str | int, *, cache_dir: str | Path) 
     from pipeline.model import build_model, pick_device
 
     version = resolve_model_version(model_name, model_ref)
-    mv = _ask(
+    mv = ask_mlflow(
         f"read {model_name} v{version}",
         lambda: mlflow_client().get_model_version(model_name, version),
     )
@@ -518,7 +520,7 @@ def _download_model(model_name: str, version: str, local: Path) -> None:
     tmp = local.with_name(f"{version}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        path = _ask(
+        path = ask_mlflow(
             f"download {model_name} v{version}",
             lambda: mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{model_name}/{version}", dst_path=str(tmp)
@@ -586,7 +588,7 @@ def accuracy_on(
 def record_version(db: Database, model_name: str, version: str | int) -> None:
     """The version's `model_versions` row (lineage: MLflow run, Airflow run, dataset version),
     written when it is registered; idempotent, the gate's decision is kept."""
-    mv = _ask(
+    mv = ask_mlflow(
         f"read {model_name} v{version}",
         lambda: mlflow_client().get_model_version(model_name, str(version)),
     )
@@ -782,7 +784,7 @@ def _move(
     _record_intent(lock, model_name, alias, current, version, actor=actor, reason=reason)
     pause_point(PAUSE_BEFORE_ALIAS_MOVE_ENV)
     lock.ensure_held()
-    _ask(
+    ask_mlflow(
         f"set alias @{alias} of {model_name!r} to v{version}",
         lambda: mlflow_client().set_registered_model_alias(model_name, alias, version),
     )
@@ -836,29 +838,12 @@ def promote(
         tags = dict(mv.tags)
         _record_version(db, model_name, version, tags, mv.run_id)
         row = _version_row(db, model_name, version)
-        rolled_back = _rolled_back_from(db, model_name, version)
-        # A refusal is no verdict on the model: a rerun (allowing the change, or after the
-        # champion moved) decides afresh; so does a promotion over a champion that is gone.
-        # A version a person rolled back is not promoted again unless a person names it.
-        kept_out = rolled_back is not None and not explicit
-        # A person's approval replayed (a cleared run) after the champion moved on: not again.
-        superseded = (
-            _approval_superseded(db, model_name, version, row)
-            if row["decision"] == "promoted"
-            and row["review"] == APPROVED
-            and not (kept_out or explicit)
-            else None
-        )
-        if kept_out:
-            row = _keep_rolled_back(db, model_name, version, rolled_back)
-        elif superseded is not None:
-            log.warning("%s v%s: %s (not promoted again)", model_name, version, superseded)
-        elif (
-            row["decision"] in (None, "refused")
-            or explicit  # a person asks now, with the thresholds given now
-            or rolled_back is not None
-            or _promoted_over_another(model_name, version, row)
-        ):
+        action, detail = _gate_action(db, model_name, version, row, explicit=explicit)
+        if action == "keep_out":
+            row = _keep_rolled_back(db, model_name, version, detail)
+        elif action == "superseded":
+            log.warning("%s v%s: %s (not promoted again)", model_name, version, detail)
+        elif action == "decide":
             row = _decide(
                 db,
                 store,
@@ -878,9 +863,9 @@ def promote(
         else:
             log.info("gate already decided for v%s: %s (replaying)", version, row["decision"])
         result = _gate_result(model_name, version, row)
-        if superseded is not None:
-            result["decision"], result["reason"] = "challenger", superseded
-        elif result["decision"] != "refused" and not kept_out:  # kept out: no alias
+        if action == "superseded":
+            result["decision"], result["reason"] = "challenger", detail
+        elif result["decision"] != "refused" and action != "keep_out":  # kept out: no alias
             alias = CHAMPION if result["decision"] == "promoted" else CHALLENGER
             _move(db, lock, model_name, alias, version, actor=actor, reason=row["decision_reason"])
         _tag_gate_result(result)
@@ -888,6 +873,32 @@ def promote(
     if result["decision"] == "refused":
         raise LabelSetMismatch(f"gate refused {model_name} v{version}: {row['decision_reason']}")
     return result
+
+
+def _gate_action(
+    db: Database, model_name: str, version: str, row: dict[str, Any], *, explicit: bool
+) -> tuple[str, Any]:
+    """What the gate does with `version` now, and with what: `keep_out` (its rollback row),
+    `superseded` (why its approval is not replayed), `decide` or `replay` (None)."""
+    rolled_back = _rolled_back_from(db, model_name, version)
+    # A version a person rolled back is not promoted again unless a person names it.
+    if rolled_back is not None and not explicit:
+        return "keep_out", rolled_back
+    # A person's approval replayed (a cleared run) after the champion moved on: not again.
+    if row["decision"] == "promoted" and row["review"] == APPROVED and not explicit:
+        superseded = _approval_superseded(db, model_name, version, row)
+        if superseded is not None:
+            return "superseded", superseded
+    # A refusal is no verdict on the model: a rerun (allowing the change, or after the
+    # champion moved) decides afresh; so does a promotion over a champion that is gone.
+    if (
+        row["decision"] in (None, "refused")
+        or explicit  # a person asks now, with the thresholds given now
+        or rolled_back is not None
+        or _promoted_over_another(model_name, version, row)
+    ):
+        return "decide", None
+    return "replay", None
 
 
 ROLLBACK_REASON = "rollback: "
@@ -975,7 +986,7 @@ def _version_to_gate(
     """(version, its MLflow record, its provenance problem or None) of what the gate is asked
     to decide on; a version from outside the pipeline is refused unless `explicit`."""
     version = resolve_model_version(model_name, model_ref)
-    mv = _ask(
+    mv = ask_mlflow(
         f"read {model_name} v{version}",
         lambda: mlflow_client().get_model_version(model_name, version),
     )
@@ -1013,7 +1024,7 @@ def _tag_gate_result(result: dict[str, Any]) -> None:
     keys = ["decision", "accuracy", "champion_version", "champion_accuracy"]
     keys += [key for key in ("review", "reviewer") if result.get(key)]
     for key in keys:
-        _ask(
+        ask_mlflow(
             f"tag {name} v{version}",
             lambda key=key: mlflow_client().set_model_version_tag(
                 name, version, f"gate_{key}", str(result[key])
@@ -1022,7 +1033,7 @@ def _tag_gate_result(result: dict[str, Any]) -> None:
     # A new decision has no answer yet: an earlier decision's review tags would misattribute it.
     unanswered = {f"gate_{key}" for key in ("review", "reviewer") if not result.get(key)}
     for tag in unanswered & set(version_tags(name, version)):
-        _ask(
+        ask_mlflow(
             f"untag {name} v{version}",
             lambda tag=tag: mlflow_client().delete_model_version_tag(name, version, tag),
         )
@@ -1372,7 +1383,7 @@ def approval_request(
     version = str(int(model_version))
     row = _version_row(db, model_name, version)
     ui = (os.environ.get("MLFLOW_UI_URL") or without_credentials(tracking_uri())).rstrip("/")
-    experiment = _ask(
+    experiment = ask_mlflow(
         f"read run {row['run_id']}", lambda: mlflow_client().get_run(row["run_id"])
     ).info.experiment_id
     champion = (
@@ -1408,7 +1419,7 @@ def rollback(db: Database, model_name: str, model_version: str, *, actor: str, r
     """Move `champion` back to an earlier registered version (which must exist)."""
     with alias_lock(db, model_name) as lock:
         version = resolve_model_version(model_name, model_version)
-        mv = _ask(
+        mv = ask_mlflow(
             f"read {model_name} v{version}",
             lambda: mlflow_client().get_model_version(model_name, version),
         )

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,7 @@ def train_and_register(
         ckpt_name,
         identity,
         records=records,
-        run_problem=lambda run_id: unresumable_run(
-            run_id, experiment_id=experiment_id, run_key=run_key
-        ),
+        run_problem=partial(unresumable_run, experiment_id=experiment_id, run_key=run_key),
     )
     num_workers = default_num_workers() if params.num_workers is None else params.num_workers
     train_loader, val_loader = build_loaders(
@@ -195,7 +194,7 @@ def train_and_register(
                 run_key=run_key,
                 num_workers=num_workers,
             )
-        if progress.run_id is not None:
+        else:
             log_unlogged_epochs(progress.run_id, progress.history)
         progress.run_id = run.info.run_id
         run_epochs(training, progress, train_loader, val_loader, params, save=save)
@@ -455,7 +454,7 @@ def unresumable_run(run_id: str, *, experiment_id: str, run_key: str) -> str | N
     outage raises (`ServiceUnavailable`): it is no reason to start hours of training over."""
     from pipeline import registry
 
-    run = registry._ask(  # noqa: SLF001 - the registry's one MLflow error handling
+    run = registry.ask_mlflow(
         f"read run {run_id}", lambda: registry.mlflow_client().get_run(run_id), missing=None
     )
     if run is None:
@@ -912,7 +911,7 @@ def log_unlogged_epochs(run_id: str, history: Sequence[dict[str, Any]]) -> None:
 
     logged = {
         m.step
-        for m in registry._ask(  # noqa: SLF001 - the registry's one MLflow error handling
+        for m in registry.ask_mlflow(
             f"read metrics of run {run_id}",
             lambda: registry.mlflow_client().get_metric_history(run_id, "val_accuracy"),
         )
