@@ -58,8 +58,9 @@ S3_TRANSIENT_CODES = frozenset(
         "ThrottlingException",
     }
 )
-# MySQL client/server error numbers for a lost or killed connection, lock waits and deadlocks.
-MYSQL_TRANSIENT_ERRNOS = frozenset({1040, 1053, 1205, 1213, 1927, 2003, 2006, 2013, 2055})
+# MySQL client/server error numbers for a lost or killed connection, lock waits and deadlocks;
+# 4031: MySQL 8 names the idle timeout it closed the connection for (MariaDB just closes it: 2013).
+MYSQL_TRANSIENT_ERRNOS = frozenset({1040, 1053, 1205, 1213, 1927, 2003, 2006, 2013, 2055, 4031})
 
 
 def s3_error_code(exc: BaseException) -> str | None:

@@ -122,7 +122,7 @@ def accuracy_by_version(db: Database, model_name: str) -> list[dict[str, Any]]:
     rows = db.query(
         "SELECT model_version, alias, n_labelled, n_correct, accuracy, macro_f1, evaluated_at,"
         " last_scored_at FROM v_accuracy_by_model_version WHERE model_name = %s"
-        " ORDER BY model_version",
+        " ORDER BY model_version, alias",
         (model_name,),
     )
     return [_plain(r) for r in rows]

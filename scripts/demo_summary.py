@@ -31,7 +31,7 @@ def main() -> int:
     )
     query = (
         "SELECT model_version, alias, n_labelled, accuracy, macro_f1 "
-        "FROM v_accuracy_by_model_version WHERE model_name = %s ORDER BY model_version"
+        "FROM v_accuracy_by_model_version WHERE model_name = %s ORDER BY model_version, alias"
     )
     print(f"\nSQL> {query.replace('%s', repr(model))};")
     rows = db.query(query, (model,))

@@ -260,6 +260,7 @@ def start_private_mysql(env: dict[str, str]) -> None:
         result = subprocess.run(
             [
                 installer,
+                "--no-defaults",  # not the system's my.cnf (its user, datadir, log paths)
                 f"--datadir={datadir}",
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",

@@ -73,6 +73,11 @@ def retries_exhausted(reason: Exception) -> MaxRetryError:
         pytest.param(minio_error("AccessDenied"), False, id="minio-denied"),
         pytest.param(LocationValueError("bad url"), False, id="bad-url"),
         pytest.param(pymysql.err.OperationalError(2013, "Lost connection"), True, id="mysql-lost"),
+        pytest.param(
+            pymysql.err.OperationalError(4031, "The client was disconnected by the server"),
+            True,
+            id="mysql8-idle-disconnect",
+        ),
         pytest.param(pymysql.err.OperationalError(1213, "Deadlock"), True, id="deadlock"),
         pytest.param(pymysql.err.OperationalError(1045, "Access denied"), False, id="mysql-auth"),
         pytest.param(pymysql.err.IntegrityError(1062, "Duplicate"), False, id="duplicate"),

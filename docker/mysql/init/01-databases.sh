@@ -8,7 +8,7 @@
 # entrypoint's shell options.
 
 imgpipe_init_sql="CREATE DATABASE IF NOT EXISTS \`${MLFLOW_DATABASE:?MLFLOW_DATABASE is not set}\`
-    CHARACTER SET utf8mb4 COLLATE utf8mb4_0900_ai_ci;
+    CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
 GRANT ALL PRIVILEGES ON \`${MLFLOW_DATABASE}\`.* TO '${MYSQL_USER:?MYSQL_USER is not set}'@'%';
 FLUSH PRIVILEGES;"
 
