@@ -219,7 +219,7 @@ def image_classification():
             version,
             TrainParams.from_dict(params_from_run(params)),
             model_name=rt.model_name(params),
-            run_key=context["run_id"],
+            run_key=rt.run_key(context),
             cache_dir=rt.cache_dir(),
             checkpoint_store=train.S3CheckpointStore(
                 rt.work_store(), image_bucket=params["bucket"]
@@ -253,7 +253,7 @@ def image_classification():
         # found in MLflow by its run_key tag, else the newest version the gate never decided on.
         name = rt.model_name(params)
         trained = _xcom(context, "train_model") or {
-            "model_version": registry.find_version_by_run_key(name, context["run_id"])
+            "model_version": registry.find_version_by_run_key(name, rt.run_key(context))
             or registry.newest_ungated_version(db, name, retry_refused=params["allow_label_change"])
         }
         if trained.get("skipped") or not trained.get("model_version"):
@@ -341,7 +341,7 @@ def image_classification():
             prefix=params["prefix"],
             dataset_version=dataset_version,
             force=params["force_rescore"],
-            run_key=context["run_id"],
+            run_key=rt.run_key(context),
             cache_dir=rt.cache_dir(),
             precision=params["precision"],
         )
@@ -385,7 +385,7 @@ def image_classification():
             rt.model_name(params), params["model_ref"]
         )
         db = rt.database()
-        subsets = drift.subsets_scored(db, rt.model_name(params), int(version), context["run_id"])
+        subsets = drift.subsets_scored(db, rt.model_name(params), int(version), rt.run_key(context))
         if not subsets:
             raise AirflowSkipException(
                 f"this run scored no image with v{version}: nothing to check"
@@ -394,7 +394,7 @@ def image_classification():
             db,
             model_name=rt.model_name(params),
             model_version=str(version),
-            run_key=context["run_id"],
+            run_key=rt.run_key(context),
             cache_dir=rt.cache_dir(),
             thresholds=drift.Thresholds.from_params(params),
             subsets=subsets,

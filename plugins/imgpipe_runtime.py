@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -36,6 +37,18 @@ def run_params(context: dict[str, Any], own: Iterable[str] = ()) -> dict[str, An
 
     mine = set(own)
     return validate_params({k: v for k, v in dict(context["params"]).items() if k not in mine})
+
+
+MAIN_DAG_ID = "image_classification"
+
+
+def run_key(context: dict[str, Any]) -> str:
+    """The run's `run_key` (SQL rows, MLflow tags, checkpoint names): the Airflow run id, led by
+    the DAG id for every DAG but `image_classification`. Scheduled run ids are their logical
+    dates, which the inbox DAG's hourly cron and the main DAG's can share: one key would make
+    one run's drift verdicts and scored-image lists the other's."""
+    dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    return run_id if dag_id == MAIN_DAG_ID else f"{dag_id}/{run_id}"[:255]
 
 
 def model_name(params: dict[str, Any] | None = None) -> str:
@@ -201,8 +214,9 @@ _CREDENTIALS: dict[tuple, Any] = {}
 def credentials_source(hook) -> Any:
     """The botocore credentials object of the hook's connection (a session of the provider's,
     made once per process and connection as it is now: an edited connection gets a new one)."""
-    conn = hook.get_connection(hook.aws_conn_id)
-    key = (hook.aws_conn_id, conn.login, conn.password, conn.extra)
+    config = hook.conn_config  # read once per hook, as the provider's session reads it
+    extra = json.dumps(config.extra_config, sort_keys=True, default=str)
+    key = (hook.aws_conn_id, config.login, config.password, extra)
     source = _CREDENTIALS.get(key)
     if source is None:
         source = _CREDENTIALS[key] = hook.get_session().get_credentials()

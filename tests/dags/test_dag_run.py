@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -111,6 +112,34 @@ def dags_test(world, conf: dict | None = None) -> str:
     world["last_output"] = output
     finished = re.search(r"DagRun Finished: .*?run_id=([^,\s]+),.*?state=success", output)
     assert finished, output[-3000:]
+    return finished.group(1)
+
+
+def dag_test_at(world, dag_id: str, run_id: str, conf: dict) -> str:
+    """Run `dag_id` once, as `airflow dags test` does, with the run id `run_id` (a manual run id
+    of `airflow dags test`: `manual__<time>`); fails the test unless the run succeeds."""
+    script = (
+        "import json, sys\n"
+        "from datetime import datetime\n"
+        "from airflow.utils.cli import get_bagged_dag\n"
+        "when = datetime.fromisoformat(sys.argv[2].removeprefix('manual__'))\n"
+        "run = get_bagged_dag(None, sys.argv[1]).test(\n"
+        "    run_after=when, logical_date=when, run_conf=json.loads(sys.argv[3])\n"
+        ")\n"
+        "print(f'RUN {run.run_id} {run.state}')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, dag_id, run_id, json.dumps(conf)],
+        env=world["env"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    output = world["last_output"] = result.stdout + result.stderr
+    finished = re.search(r"^RUN (\S+) success$", result.stdout, re.MULTILINE)
+    assert result.returncode == 0 and finished, output[-3000:]
     return finished.group(1)
 
 
@@ -351,25 +380,35 @@ def test_inbox_dag_flags_shifted_inbox_images_and_emits_the_drift_asset_event(wo
 
     from pipeline import demo_data
 
+    if not world["run_ids"]:
+        world["run_ids"].append(dags_test(world))
     local = tmp_path / "shifted"
     demo_data.render_digits(local, size=32, fmt="png", inbox=40, per_label=1)
     for path in sorted((local / "inbox").iterdir()):
         buf = io.BytesIO()
         ImageOps.invert(Image.open(path).convert("RGB")).save(buf, format="PNG")
         world["store"].put_bytes(f"{world['prefix']}/inbox/inverted-{path.name}", buf.getvalue())
+    # The inbox run gets the main run's run id, as two DAGs' scheduled runs of the same minute
+    # do (a scheduled run id is its logical date): neither may take the other's drift rows.
+    main_run = world["run_ids"][0]
+    reports = (
+        "SELECT subset, n_images, drifted, status, checked_at FROM drift_reports"
+        " WHERE run_key = %s ORDER BY subset"
+    )
+    main_reports = world["db"].query(reports, (main_run,))
+    assert [r["subset"] for r in main_reports] == ["inbox", "test"]
     conf = {"bucket": world["conf"]["bucket"], "prefix": world["prefix"]}
-    result = airflow(world, "dags", "test", "image_classification_inbox", "-c", json.dumps(conf))
-    output = result.stdout + result.stderr
-    finished = re.search(r"DagRun Finished: .*?run_id=([^,\s]+),.*?state=success", output)
-    assert finished, output[-3000:]
-    run_id = finished.group(1)
+    run_id = dag_test_at(world, "image_classification_inbox", main_run, conf)
+    assert run_id == main_run
 
+    assert world["db"].query(reports, (main_run,)) == main_reports
+    run_key = f"image_classification_inbox/{run_id}"
     report = world["db"].query(
         "SELECT n_images, drifted, verdict FROM v_drift_history WHERE run_key = %s"
         " AND subset = 'inbox'",
-        (run_id,),
+        (run_key,),
     )
-    assert len(report) == 1 and report[0]["drifted"] == 1, report
+    assert len(report) == 1 and report[0]["drifted"] == 1, world["last_output"][-6000:]
     assert report[0]["n_images"] >= 40  # the inverted ones, with the inbox images not yet judged
     # The event, as Airflow recorded it in its metadata database.
     import sqlalchemy
@@ -387,7 +426,7 @@ def test_inbox_dag_flags_shifted_inbox_images_and_emits_the_drift_asset_event(wo
     engine.dispose()
     assert len(events) == 1, events
     extra = events[0][0] if isinstance(events[0][0], dict) else json.loads(events[0][0])
-    assert extra["model_name"] == world["model_name"] and extra["run_key"] == run_id
+    assert extra["model_name"] == world["model_name"] and extra["run_key"] == run_key
     assert "embeddings" in extra["subsets"]["inbox"]
 
 
