@@ -29,6 +29,7 @@ import json
 import logging
 import operator
 import time
+import unicodedata
 import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
@@ -62,6 +63,7 @@ SPLITS = ("train", "val", "test")
 INBOX = "inbox"
 SUBSETS = ("train", "val", "test", "inbox")
 LABELLED_SUBSETS = ("train", "val", "test")
+TRAINING_SUBSETS = ("train", "val")  # what a model is fitted and validated on
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 POLICIES = ("reject", "keep")
 HIDDEN_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "@eaDir", "$RECYCLE.BIN"})
@@ -79,6 +81,12 @@ IGNORED_OUTSIDE_LAYOUT = "file_directly_under_prefix"
 IGNORED_LABEL_TOO_LONG = "label_too_long"
 # MySQL compares labels PAD SPACE (utf8mb4_bin too): `cat ` would be a second class equal to `cat`.
 IGNORED_LABEL_TRAILING_SPACE = "label_ends_with_space"
+# Newlines, tabs and other control characters, and the bidirectional overrides that make a
+# name read otherwise than it is: a label is shown in pages, logs and a reviewer's question.
+IGNORED_LABEL_CONTROL_CHARACTER = "label_has_control_character"
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 # Reasons an image is rejected: short codes in images.reject_reason (what went wrong in words,
 # e.g. the decoder's message, goes to images.reject_detail).
@@ -214,8 +222,16 @@ class Inspection:
 
 
 def normalize_prefix(prefix: str) -> str:
-    """The prefix without leading/trailing slashes ('' for the bucket root)."""
-    return prefix.strip("/")
+    """The prefix without leading/trailing slashes ('' for the bucket root).
+
+    Raises:
+        ValueError: white space at either end: MySQL compares `data ` equal to `data`, so
+            the two prefixes' catalogs would be one.
+    """
+    norm = prefix.strip("/")
+    if norm != norm.strip():
+        raise ValueError(f"prefix {prefix!r} begins or ends with white space; rename it")
+    return norm
 
 
 def _is_hidden(part: str) -> bool:
@@ -226,7 +242,8 @@ def parse_key(key: str, prefix: str) -> ParsedKey | IgnoredKey:
     """Place `key` in the layout `<prefix>/<split>/<label>/<file>` or `<prefix>/inbox/<file>`.
 
     Labels are folder names exactly as written (spaces, unicode, case), but for a trailing
-    space: MySQL's comparisons ignore it, so such a folder is ignored with its reason.
+    space (MySQL's comparisons ignore it) and control characters (newlines, bidirectional
+    overrides): such a folder is ignored with its reason.
     """
     norm = normalize_prefix(prefix)
     start = f"{norm}/" if norm else ""
@@ -257,6 +274,8 @@ def parse_key(key: str, prefix: str) -> ParsedKey | IgnoredKey:
         return IgnoredKey(key, IGNORED_LABEL_TOO_LONG)
     if parts[1].endswith(" "):
         return IgnoredKey(key, IGNORED_LABEL_TRAILING_SPACE)
+    if any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in parts[1]):
+        return IgnoredKey(key, IGNORED_LABEL_CONTROL_CHARACTER)
     return ParsedKey(key, rel, head, parts[1])
 
 
@@ -435,7 +454,22 @@ def check_dataset(
         problems.append(
             f"labels in val/test but not in train: {unseen} (set allow_unseen_labels to accept)"
         )
+    look_alike = look_alike_labels({label for subset in counts.values() for label in subset})
+    if look_alike:
+        pairs = "; ".join(" and ".join(repr(label) for label in group) for group in look_alike)
+        problems.append(
+            f"labels that differ only in letter case or Unicode normalization: {pairs} (one"
+            " class in two folders, e.g. 'café' typed on two systems): rename the folders to one"
+        )
     return problems
+
+
+def look_alike_labels(labels: Iterable[str]) -> list[list[str]]:
+    """Groups of two or more labels equal once Unicode-normalized (NFC) and case-folded."""
+    groups: dict[str, list[str]] = {}
+    for label in sorted(labels):
+        groups.setdefault(unicodedata.normalize("NFC", label).casefold(), []).append(label)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def _key_hash(key: str) -> str:
@@ -794,6 +828,7 @@ class DatasetVersion:
     counts: dict[str, dict[str, int]]
     label_map: dict[str, int]
     excluded_labels: dict[str, int]
+    training_fingerprint: str  # of the train and val members: what a model trains on
 
 
 def build_dataset_version(
@@ -801,9 +836,10 @@ def build_dataset_version(
 ) -> DatasetVersion:
     """Members, counts, label map and version id of the live catalog rows.
 
-    With `small_label_policy="exclude"`, a label with fewer than `min_images_per_label` train
-    images is left out of the version (all its subsets); with `refuse` it stays, and training
-    refuses the version (`check_dataset`).
+    With `small_label_policy="exclude"`, a label of train or val with fewer than
+    `min_images_per_label` train images (none: all carved into val, or only under val/) is
+    left out of the version (all its subsets); with `refuse` it stays, and training refuses
+    the version (`check_dataset`). A label only in test stays: an unseen label.
     """
     members = [
         r
@@ -813,10 +849,11 @@ def build_dataset_version(
     excluded: dict[str, int] = {}
     if config.small_label_policy == "exclude":
         train = Counter(r["label"] for r in members if r["subset"] == "train")
+        fitted = {r["label"] for r in members if r["subset"] in ("train", "val")}
         excluded = {
             label: train[label]
-            for label in sorted({r["label"] for r in members})
-            if 0 < train[label] < config.min_images_per_label
+            for label in sorted(fitted)
+            if train[label] < config.min_images_per_label
         }
         members = [r for r in members if r["label"] not in excluded]
     counts: dict[str, dict[str, int]] = {}
@@ -824,10 +861,37 @@ def build_dataset_version(
         counts.setdefault(r["subset"], {}).setdefault(r["label"], 0)
         counts[r["subset"]][r["label"]] += 1
     counts = {s: dict(sorted(counts[s].items())) for s in LABELLED_SUBSETS if s in counts}
-    version = dataset_fingerprint(
-        bucket, ((r["object_key"], r["etag"], r["subset"], r["label"]) for r in members)
+    keyed = [(r["object_key"], r["etag"], r["subset"], r["label"]) for r in members]
+    return DatasetVersion(
+        dataset_fingerprint(bucket, keyed),
+        members,
+        counts,
+        build_label_map(counts),
+        excluded,
+        dataset_fingerprint(bucket, (m for m in keyed if m[2] in TRAINING_SUBSETS)),
     )
-    return DatasetVersion(version, members, counts, build_label_map(counts), excluded)
+
+
+def training_fingerprint(db: Database, dataset_version: str) -> str:
+    """The fingerprint of the version's train and val members (`DatasetVersion`); versions
+    recorded before it was stored get it from their membership, once."""
+    info = get_dataset(db, dataset_version)
+    if info.get("training_fingerprint"):
+        return info["training_fingerprint"]
+    rows = db.query(
+        "SELECT i.object_key, m.etag, m.subset, m.label FROM dataset_version_images m"
+        " JOIN images i ON i.id = m.image_id WHERE m.dataset_version = %s"
+        " AND m.subset IN ('train', 'val')",
+        (dataset_version,),
+    )
+    fingerprint = dataset_fingerprint(
+        info["bucket"], ((r["object_key"], r["etag"], r["subset"], r["label"]) for r in rows)
+    )
+    db.execute(
+        "UPDATE dataset_versions SET training_fingerprint = %s WHERE dataset_version = %s",
+        (fingerprint, dataset_version),
+    )
+    return fingerprint
 
 
 def _fetch_and_inspect(
@@ -1442,8 +1506,8 @@ def _insert_dataset_version(
 ) -> None:
     cur.execute(
         "INSERT INTO dataset_versions (dataset_version, bucket, prefix, n_images, counts,"
-        " label_map, scan_config, excluded_labels, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        " label_map, training_fingerprint, scan_config, excluded_labels, created_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             version.dataset_version,
             bucket,
@@ -1451,6 +1515,7 @@ def _insert_dataset_version(
             len(version.members),
             json.dumps(version.counts, ensure_ascii=False),
             json.dumps(version.label_map, ensure_ascii=False),
+            version.training_fingerprint,
             config_json,
             json.dumps(version.excluded_labels, ensure_ascii=False),
             now,
@@ -1512,6 +1577,7 @@ def _dataset_row(row: dict[str, Any]) -> dict[str, Any]:
         "n_images": int(row["n_images"]),
         "counts": json.loads(row["counts"]),
         "label_map": json.loads(row["label_map"]),
+        "training_fingerprint": row.get("training_fingerprint"),
         "excluded_labels": json.loads(row.get("excluded_labels") or "{}"),
         "scan_config": json.loads(row.get("scan_config") or "{}"),
         "created_at": created.isoformat() if hasattr(created, "isoformat") else str(created),

@@ -90,8 +90,10 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
     if not data:
         raise ImageDecodeError("empty object")
     try:
-        if data.startswith(_TORCHVISION_FORMATS) and not (
-            target_size and is_jpeg(data) and _jpeg_reducible(data, target_size)
+        if (
+            data.startswith(_TORCHVISION_FORMATS)
+            and not (target_size and is_jpeg(data) and _jpeg_reducible(data, target_size))
+            and not _animated_webp(data)  # torchvision refuses those; Pillow: first frame
         ):
             image = tv_decode(
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
@@ -107,6 +109,11 @@ def decode_image(data: bytes, *, target_size: int | None = None) -> torch.Tensor
         if is_out_of_memory(exc):
             raise  # the worker's fault: the task fails and retries, the image stays accepted
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _animated_webp(data: bytes) -> bool:
+    """A WebP whose extended header (VP8X) has its animation flag set."""
+    return data[8:16] == b"WEBPVP8X" and len(data) > 20 and bool(data[20] & 0x02)
 
 
 def is_jpeg(data: bytes) -> bool:

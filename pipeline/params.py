@@ -111,7 +111,8 @@ RUN_PARAMS: dict[str, ParamSpec] = {
         "string",
         deployment_default("S3_PREFIX", "datasets/demo"),
         "Key prefix inside the bucket ('' for the root; default: S3_PREFIX of the deployment).",
-        pattern=r"^([^\s/]|\S.*[^/])?$",
+        # No slash or white space at either end: MySQL compares 'data ' equal to 'data'.
+        pattern=r"^([^\s/]|[^\s/].*[^\s/])?$",
         section="Data",
     ),
     "val_percent": ParamSpec(
@@ -272,7 +273,8 @@ RUN_PARAMS: dict[str, ParamSpec] = {
     "force_retrain": ParamSpec(
         "boolean",
         False,
-        "Train even when the dataset version is unchanged since the champion.",
+        "Train even when a registered version (the champion, or one the gate kept out) was"
+        " trained on the same train and val images.",
         section="Training",
     ),
     "min_accuracy": ParamSpec(

@@ -29,6 +29,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -83,6 +84,13 @@ def tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def mlflow_ui_url() -> str:
+    """The MLflow UI that people open: MLFLOW_UI_URL, else the tracking URI without its
+    credentials (links end up in pages and questions every reader of the DAG sees)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()  # the env: no mlflow import
+    return (os.environ.get("MLFLOW_UI_URL") or without_credentials(uri)).rstrip("/")
 
 
 def mlflow_client():
@@ -202,6 +210,31 @@ def champion_dataset_version(model_name: str) -> str | None:
     """The dataset version the current champion was trained on, or None without a champion."""
     version = alias_version(model_name, CHAMPION)
     return None if version is None else version_tags(model_name, version).get("dataset_version")
+
+
+def version_trained_on(db: Database, model_name: str, dataset_version: str) -> str | None:
+    """The newest registered version of the model (still in MLflow) trained on the train and
+    val images of `dataset_version` (its own, or a version's that differs only in test): a run
+    on it has nothing new to train, whatever the gate said (champion, kept out, rolled back)."""
+    from pipeline import catalog
+
+    rows = db.query(
+        "SELECT mv.model_version FROM model_versions mv"
+        " LEFT JOIN dataset_versions d ON d.dataset_version = mv.dataset_version"
+        " WHERE mv.model_name = %s AND (mv.dataset_version = %s OR d.training_fingerprint = %s)"
+        " ORDER BY mv.model_version DESC",
+        (model_name, dataset_version, catalog.training_fingerprint(db, dataset_version)),
+    )
+    for row in rows:
+        version = str(row["model_version"])
+        found = ask_mlflow(
+            f"read {model_name} v{version}",
+            lambda v=version: mlflow_client().get_model_version(model_name, v),
+            missing=None,
+        )
+        if found is not None:
+            return version
+    return None
 
 
 def labels_of(tags: dict[str, str]) -> tuple[str, ...]:
@@ -1375,6 +1408,16 @@ def _write_review(
     return _version_row(db, model_name, version)
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#!|~])")
+
+
+def markdown_text(value: Any) -> str:
+    """`value` as literal Markdown text on one line: a label, key or MLflow tag in a reviewer's
+    question shows as written, never as a link, an image, a heading or a table cell."""
+    flat = " ".join(str(value).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", flat)
+
+
 def approval_request(
     db: Database, model_name: str, model_version: str, *, results_url: str | None = None
 ) -> tuple[str, str]:
@@ -1382,7 +1425,7 @@ def approval_request(
     model versions, links to the version and its training run in MLflow and to the results."""
     version = str(int(model_version))
     row = _version_row(db, model_name, version)
-    ui = (os.environ.get("MLFLOW_UI_URL") or without_credentials(tracking_uri())).rstrip("/")
+    ui = mlflow_ui_url()
     experiment = ask_mlflow(
         f"read run {row['run_id']}", lambda: mlflow_client().get_run(row["run_id"])
     ).info.experiment_id
@@ -1392,15 +1435,15 @@ def approval_request(
         else "none to compare with"
     )
     lines = [
-        f"The promotion gate would make **{model_name} v{version}** the champion.",
+        f"The promotion gate would make **{markdown_text(model_name)} v{version}** the champion.",
         "",
         "| | |",
         "|---|---|",
         f"| candidate accuracy | v{version}: {row['gate_accuracy']:.4f} |",
         f"| champion accuracy | {champion} |",
-        f"| dataset version | `{row['dataset_version']}` |",
-        f"| gate | {row['decision_reason']} |",
-        f"| trained by run | `{row['run_key']}` |",
+        f"| dataset version | {markdown_text(row['dataset_version'])} |",
+        f"| gate | {markdown_text(row['decision_reason'])} |",
+        f"| trained by run | {markdown_text(row['run_key'])} |",
         "",
         f"- [model version in MLflow]({ui}/#/models/{model_name}/versions/{version})",
         f"- [training run in MLflow]({ui}/#/experiments/{experiment}/runs/{row['run_id']})",

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -24,6 +25,7 @@ from pipeline import catalog, report
 from pipeline.db import Database
 from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
 from pipeline.files import write_atomically
+from pipeline.preflight import without_credentials
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectStore
 
@@ -36,6 +38,9 @@ SUBSETS = ("train", "val", "test", "inbox")
 QUEUES = ("review", "all")
 MAX_PAGE = 200
 THUMBNAIL_SIZES = (64, 128, 256)
+THUMBNAIL_MAX_BYTES = 32 * 2**20  # larger objects are not fetched for a thumbnail
+# Thumbnails rendered at once by this process (the API server's request threads share it).
+_RENDERING = threading.BoundedSemaphore(2)
 HISTORY_ROWS = 20
 DRIFT_ROWS = 40
 NEXT_STEP = (
@@ -46,6 +51,10 @@ NEXT_STEP = (
 
 class NotCatalogued(LookupError):
     """The image id is not a live, accepted image of the catalog (or its object changed)."""
+
+
+class NoThumbnail(LookupError):
+    """A catalogued image has no thumbnail: too large to fetch for one, or it does not decode."""
 
 
 def _iso(value: Any) -> Any:
@@ -64,11 +73,12 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def mlflow_run_url(tracking_uri: str | None, run_id: str | None) -> str | None:
-    """The MLflow UI page of a run (its direct `#/runs/<id>` route), or None."""
-    if not tracking_uri or not run_id or not tracking_uri.startswith(("http://", "https://")):
+def mlflow_run_url(ui_url: str | None, run_id: str | None) -> str | None:
+    """The MLflow UI page of a run (its direct `#/runs/<id>` route), or None; never with the
+    URL's credentials (`registry.mlflow_ui_url`)."""
+    if not ui_url or not run_id or not ui_url.startswith(("http://", "https://")):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/runs/{run_id}"
+    return f"{without_credentials(ui_url).rstrip('/')}/#/runs/{run_id}"
 
 
 # ----------------------------------------------------------------------------- overview
@@ -89,12 +99,12 @@ def current_aliases(db: Database, model_name: str) -> dict[str, dict[str, Any]]:
     return {r["alias"]: _plain(r) for r in rows}
 
 
-def overview(db: Database, model_name: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+def overview(db: Database, model_name: str, *, mlflow_ui_url: str | None = None) -> dict[str, Any]:
     """Champion and challenger (version, promotion, gate decision and scores, MLflow run),
     the alias history and the champion's dataset version; `hint` says what to run when empty."""
     aliases = current_aliases(db, model_name)
     for entry in aliases.values():
-        entry["mlflow_run_url"] = mlflow_run_url(tracking_uri, entry.get("run_id"))
+        entry["mlflow_run_url"] = mlflow_run_url(mlflow_ui_url, entry.get("run_id"))
     history = db.query(
         "SELECT alias, from_version, to_version, actor, reason, moved_at FROM alias_history"
         " WHERE model_name = %s ORDER BY id DESC LIMIT %s",
@@ -453,15 +463,29 @@ def thumbnail_path(cache_dir: str | Path, record: ImageRecord, size: int) -> Pat
 
 
 def render_thumbnail(data: bytes, size: int) -> bytes:
-    """A JPEG at most `size` pixels on its longer side (aspect kept, EXIF orientation applied)."""
+    """A JPEG at most `size` pixels on its longer side (aspect kept, EXIF orientation applied).
+
+    Made small before anything else: a JPEG is decoded at a reduced scale (`draft`), and
+    neither the colour conversion nor the rotation ever copies the full-size picture (a
+    7000 x 7000 JPEG of 800 KB took 570 MB and a second the other way round).
+
+    Raises:
+        NoThumbnail: not an image format the catalog accepts, or its bytes do not decode.
+    """
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as img:
-        img.seek(0)
-        small = ImageOps.exif_transpose(img.convert("RGB"))
-        small.thumbnail((size, size), Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        small.save(buf, format="JPEG", quality=85)
+    try:
+        with Image.open(io.BytesIO(data), formats=catalog.ALLOWED_FORMATS) as img:
+            img.seek(0)
+            img.draft("RGB", (size, size))
+            # Palette and 1-bit pictures resample only by nearest neighbour: colours first.
+            picture = img.convert("RGBA") if img.mode in ("P", "PA", "1") else img
+            picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+            small = ImageOps.exif_transpose(picture.convert("RGB"))
+            buf = io.BytesIO()
+            small.save(buf, format="JPEG", quality=85)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise NoThumbnail(f"no thumbnail: the image does not decode ({exc})") from exc
     return buf.getvalue()
 
 
@@ -484,6 +508,14 @@ def thumbnail(
         return path.read_bytes(), tag
     except FileNotFoundError:
         pass
+    refused = path.with_suffix(".none")  # why this content has none: not fetched again
+    if refused.exists():
+        raise NoThumbnail(refused.read_text())
+    if record.size is not None and record.size > THUMBNAIL_MAX_BYTES:
+        raise NoThumbnail(
+            f"no thumbnail: image {image_id} is {record.size / 2**20:.0f} MiB"
+            f" (thumbnails are made of images up to {THUMBNAIL_MAX_BYTES // 2**20} MiB)"
+        )
     store: ObjectStore = store_for(record.bucket)
     try:  # only the catalogued content (If-Match), in one request
         original = store.get_bytes(record.object_key, if_match=record.etag)
@@ -493,7 +525,12 @@ def thumbnail(
         raise NotCatalogued(
             f"image {image_id} changed or vanished since it was catalogued; rescan the bucket"
         ) from exc
-    data = render_thumbnail(original, size)
+    with _RENDERING:  # a page asks for dozens at once; each may decode megapixels
+        try:
+            data = render_thumbnail(original, size)
+        except NoThumbnail as exc:
+            write_atomically(refused, str(exc).encode())
+            raise
     write_atomically(path, data)
     log.debug("thumbnail of image %s at %spx cached in %s", image_id, size, path)
     return data, tag

@@ -657,9 +657,21 @@ def evaluate(
     if not metrics["n_images"]:
         log.warning("%s v%s has no labelled predictions to evaluate", model_name, version)
         return result
-    write_evaluation(db, model_name, version, metrics)
+    if stored_confusion(db, model_name, version) == metrics["confusion"]:
+        # The nightly run of an unchanged bucket: no rewrite, no point more in MLflow's history.
+        log.info(
+            "evaluation of %s v%s unchanged (%d images, accuracy %.4f): nothing written",
+            model_name,
+            version,
+            metrics["n_images"],
+            metrics["accuracy"],
+        )
+        return result
+    # MLflow first: rows in MySQL mean MLflow has the metrics too (a retry after a failed
+    # MLflow call finds the rows unwritten, and logs again).
     if log_to_mlflow:
         _log_to_mlflow(model_name, str(version), metrics)
+    write_evaluation(db, model_name, version, metrics)
     log.info(
         "evaluated %s v%s on %d images: accuracy %.4f, macro-F1 %.4f",
         model_name,
@@ -694,6 +706,24 @@ def labelled_pairs(
         (*member_args, model_name, version),
     )
     return [(r["true_label"], r["predicted_label"]) for r in rows]
+
+
+def stored_confusion(
+    db: Database, model_name: str, version: int
+) -> dict[tuple[str, str], int] | None:
+    """The confusion counts of `version`'s stored evaluation, or None without one. Equal counts
+    mean the same metrics: they are computed from them."""
+    if not db.query(
+        "SELECT 1 FROM evaluations WHERE model_name = %s AND model_version = %s",
+        (model_name, version),
+    ):
+        return None
+    rows = db.query(
+        "SELECT true_label, predicted_label, n FROM confusion_matrix"
+        " WHERE model_name = %s AND model_version = %s",
+        (model_name, version),
+    )
+    return {(r["true_label"], r["predicted_label"]): int(r["n"]) for r in rows}
 
 
 def write_evaluation(db: Database, model_name: str, version: int, metrics: dict[str, Any]) -> None:

@@ -229,8 +229,9 @@ def skip_or_reuse(
 ) -> dict[str, Any] | None:
     """The result of a run that needs no training, or None to train.
 
-    Skipped when the champion was trained on `dataset_version` (unless `force_retrain`);
-    reused when `run_key` already registered a version (a retry after registration).
+    Skipped when the champion or another version was trained on `dataset_version` (unless
+    `force_retrain`); reused when `run_key` already registered a version (a retry after
+    registration).
     """
     if not force_retrain and registry.champion_dataset_version(model_name) == dataset_version:
         champion = registry.resolve_model_version(model_name, registry.CHAMPION)
@@ -243,7 +244,18 @@ def skip_or_reuse(
         }
     existing = registry.find_version_by_run_key(model_name, run_key, dataset_version)
     if not existing:
-        return None
+        trained = (
+            None if force_retrain else registry.version_trained_on(db, model_name, dataset_version)
+        )
+        if trained is None:
+            return None
+        log.info("dataset %s already trained: v%s; skipping", dataset_version, trained)
+        return {
+            "skipped": True,
+            "reason": f"dataset already trained: v{trained} (force_retrain trains it again)",
+            "dataset_version": dataset_version,
+            "trained_version": trained,
+        }
     # A crash between registering and settling may have left a duplicate behind.
     existing = registry.settle_registration(model_name, run_key, existing, dataset_version)
     mv = registry.mlflow_client().get_model_version(model_name, existing)
@@ -522,7 +534,9 @@ def load_data(
     info = catalog.get_dataset(db, dataset_version)
     label_map: dict[str, int] = info["label_map"]
     train_records = catalog.dataset_images(db, dataset_version, ["train"])
-    val_records = catalog.dataset_images(db, dataset_version, ["val"])
+    val_records = _of_trained_labels(
+        catalog.dataset_images(db, dataset_version, ["val"]), label_map, dataset_version
+    )
     if not train_records:
         raise ValueError(f"dataset {dataset_version} has no train images")
     if not val_records:
@@ -580,6 +594,21 @@ def load_data(
         "missing": len(failures),
         "cache": cache,
     }
+
+
+def _of_trained_labels(
+    records: list[ImageRecord], label_map: dict[str, int], dataset_version: str
+) -> list[ImageRecord]:
+    """`records` of the labels the model is trained on: val images of a label with no train
+    image (accepted with `allow_unseen_labels`) have no class to be scored against."""
+    unseen = sorted({r.label for r in records if r.label not in label_map})
+    if unseen:
+        log.warning(
+            "dataset %s: val images of labels with no train image %s are left out of validation",
+            dataset_version,
+            unseen,
+        )
+    return [r for r in records if r.label in label_map]
 
 
 def build_loaders(
@@ -1213,6 +1242,43 @@ def _reject_undecodable(db, store, cache: ImageCache, groups) -> int:
     return len(rejections)
 
 
+# A picture of more classes is unreadable and costly: 300 labels took 32 s and 5.9 GB to draw.
+CONFUSION_FIGURE_MAX_LABELS = 60
+
+
+def confusion_figure(cm: np.ndarray, labels: Sequence[str]):
+    """The confusion matrix as a matplotlib figure (at most 30 inches square), or None above
+    CONFUSION_FIGURE_MAX_LABELS labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    if n > CONFUSION_FIGURE_MAX_LABELS:
+        return None
+    size = min(30.0, max(4.0, 0.45 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=90)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i, j in zip(*np.nonzero(cm), strict=True):
+        ax.text(
+            j,
+            i,
+            str(cm[i, j]),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if cm[i, j] > cm.max() / 2 else "black",
+        )
+    ax.set_title("validation confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
 def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list[str]) -> None:
     """Confusion matrix and learning curves (PNG), per-class precision/recall/F1 (CSV, JSON)."""
     import matplotlib
@@ -1240,29 +1306,16 @@ def _log_reports(history: list[dict], pairs: list[tuple[int, int]], labels: list
     )
     mlflow.log_metric("val_macro_f1", metrics["macro_f1"])
 
-    size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=90)
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            if cm[i, j]:
-                ax.text(
-                    j,
-                    i,
-                    str(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black",
-                )
-    ax.set_title("validation confusion matrix")
-    fig.tight_layout()
-    mlflow.log_figure(fig, "confusion_matrix.png")
-    plt.close(fig)
+    fig = confusion_figure(cm, labels)
+    if fig is None:
+        log.info(
+            "no confusion_matrix.png for %d labels (over %d): val_evaluation.json holds the matrix",
+            n,
+            CONFUSION_FIGURE_MAX_LABELS,
+        )
+    else:
+        mlflow.log_figure(fig, "confusion_matrix.png")
+        plt.close(fig)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
@@ -1320,6 +1373,7 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
     should_train, why = training_decision(
         dataset,
         champion_dataset_version=registry.champion_dataset_version(settings.model_name),
+        trained_version=registry.version_trained_on(db, settings.model_name, version),
         min_images_per_label=catalog.min_images_per_label(db, dataset, args.min_images_per_label),
         allow_unseen_labels=args.allow_unseen_labels,
         force_retrain=args.force_retrain,

@@ -96,6 +96,7 @@ def training_decision(
     dataset: dict[str, Any],
     *,
     champion_dataset_version: str | None,
+    trained_version: str | None = None,
     min_images_per_label: int | None = None,
     allow_unseen_labels: bool = False,
     score_only: bool = False,
@@ -106,7 +107,8 @@ def training_decision(
 
     Runs that never train (score_only, rollback_to) don't look at the dataset; otherwise an
     untrainable dataset raises `Refusal` naming every problem, even when training would be
-    skipped, so a bad bucket is reported the night it appears.
+    skipped, so a bad bucket is reported the night it appears. `trained_version`: a version
+    already trained on this dataset (`registry.version_trained_on`): not trained again.
     """
     if score_only:
         return False, "score_only: no training"
@@ -127,6 +129,12 @@ def training_decision(
         return False, (
             f"dataset {dataset['dataset_version']} unchanged since the champion was trained:"
             " skipping training"
+        )
+    if trained_version is not None:
+        return False, (
+            f"dataset {dataset['dataset_version']} already trained: v{trained_version} was"
+            " trained on its train and val images (the gate decided on it): skipping training;"
+            " force_retrain trains again"
         )
     if champion_dataset_version is None:
         return True, "no champion yet"

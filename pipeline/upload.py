@@ -40,10 +40,19 @@ def _same_content(store: ObjectStore, there, path: Path) -> bool:
     return hashlib.sha256(data).digest() == hashlib.sha256(path.read_bytes()).digest()
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # a name the file system gave as bytes carries surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def upload_tree(
     store: ObjectStore, local_dir: str | Path, prefix: str, *, workers: int = 16
 ) -> dict[str, int]:
-    """Upload every file under `local_dir` to `<prefix>/<relative path>`; returns counts.
+    """Upload every file under `local_dir` to `<prefix>/<relative path>`; returns counts (and
+    `not_utf8`: files left out because their names are no UTF-8, which an S3 key must be).
 
     One LIST of the prefix tells what is there: a file whose size and MD5 match the
     object's (single-part) ETag is skipped, so re-running uploads nothing. No HEAD per file.
@@ -57,7 +66,16 @@ def upload_tree(
     prefix = prefix.strip("/")
     start = f"{prefix}/" if prefix else ""
     existing = {o.key: o for o in store.iter_objects(start)}
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files, unnamable = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        (files if _utf8(path.relative_to(root).as_posix()) else unnamable).append(path)
+    if unnamable:
+        log.warning(
+            "%d files are left out: their names are not UTF-8 (S3 keys are), e.g. %s;"
+            " rename them (convmv -f latin1 -t utf8) and upload again",
+            len(unnamable),
+            ascii(str(unnamable[0].relative_to(root))),
+        )
     t0 = time.monotonic()
 
     def one(path: Path) -> bool:
@@ -73,7 +91,12 @@ def upload_tree(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         uploaded = sum(pool.map(one, files))
     elapsed = time.monotonic() - t0
-    result = {"files": len(files), "uploaded": uploaded, "skipped": len(files) - uploaded}
+    result = {
+        "files": len(files) + len(unnamable),
+        "uploaded": uploaded,
+        "skipped": len(files) - uploaded,
+        "not_utf8": [ascii(str(p.relative_to(root))) for p in unnamable],
+    }
     log.info(
         "upload of %s to s3://%s/%s: %d uploaded, %d skipped in %.1fs (%.0f files/s)",
         root,
@@ -101,4 +124,7 @@ def cli_upload(args: argparse.Namespace, settings: Any) -> int:
         f"s3://{store.bucket}/{prefix.strip('/')}: {result['uploaded']} uploaded, "
         f"{result['skipped']} skipped (already there), {result['files']} files"
     )
+    if result["not_utf8"]:
+        print(f"not uploaded, names not UTF-8 (rename them): {', '.join(result['not_utf8'])}")
+        return 1
     return 0

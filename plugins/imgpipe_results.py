@@ -15,7 +15,6 @@ the database are touched only when a request arrives.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -124,11 +123,9 @@ def static(name: str) -> FileResponse:
 @app.get("/api/overview")
 def get_overview(model_name: ModelName = None) -> dict[str, Any]:
     """Champion and challenger, alias history, dataset version, MLflow run links."""
-    from pipeline import results
+    from pipeline import registry, results
 
-    return results.overview(
-        _database(), _model(model_name), tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
-    )
+    return results.overview(_database(), _model(model_name), mlflow_ui_url=registry.mlflow_ui_url())
 
 
 @app.get("/api/accuracy")

@@ -429,6 +429,29 @@ def test_thumbnails_are_bounded_jpegs_of_catalogued_images_cached_on_disk(client
     assert client.get(f"{BASE}/api/images/{key}/thumbnail").status_code in (404, 422)
 
 
+def test_an_image_that_does_not_decode_gets_a_404_once_and_no_fetch_again(client, scored):
+    row = scored.db.query(
+        "SELECT id, object_key, etag FROM images WHERE status = 'ok' ORDER BY id LIMIT 1 OFFSET 1"
+    )[0]
+    url = f"{BASE}/api/images/{row['id']}/thumbnail"
+    original = scored.store.get_bytes(row["object_key"])
+    # As a scan leaves an object over 8 MiB, which it checks by its header only: catalogued
+    # under its ETag, its pixels never decoded.
+    etag = scored.store.put_bytes(row["object_key"], original[:64])
+    scored.db.execute("UPDATE images SET etag = %s WHERE id = %s", (etag, row["id"]))
+    try:
+        first = client.get(url, params={"size": 128})
+        assert first.status_code == 404 and "does not decode" in first.text
+        # Known now: the next view answers the same without reading the object (gone here).
+        scored.store.delete(row["object_key"])
+        again = client.get(url, params={"size": 128})
+        assert again.status_code == 404 and again.json() == first.json()
+    finally:
+        scored.store.put_bytes(row["object_key"], original)
+        scored.db.execute("UPDATE images SET etag = %s WHERE id = %s", (row["etag"], row["id"]))
+    assert client.get(url, params={"size": 128}).status_code == 200
+
+
 def test_a_rejected_image_gets_no_thumbnail(client, scored):
     row = scored.db.query("SELECT id FROM images WHERE status = 'ok' ORDER BY id DESC LIMIT 1")[0]
     assert client.get(f"{BASE}/api/images/{row['id']}/thumbnail").status_code == 200

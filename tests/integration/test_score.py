@@ -565,6 +565,15 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_
     assert metrics["test_accuracy"] == pytest.approx(5 / 8)
     assert metrics["test_macro_f1"] == pytest.approx(11 / 18, abs=1e-6)
 
+    # Nothing changed (a nightly run of an unchanged bucket): nothing rewritten, no MLflow
+    # point more.
+    written = db.query("SELECT evaluated_at FROM evaluations")
+    points = len(client.get_metric_history(mv.run_id, "test_accuracy"))
+    same = score.evaluate(db, model_name=name, model_version=version)
+    assert same == result
+    assert db.query("SELECT evaluated_at FROM evaluations") == written
+    assert len(client.get_metric_history(mv.run_id, "test_accuracy")) == points
+
     # Re-evaluation replaces the version's rows: fix one mistake, a off-diagonal cell disappears.
     _insert(db, [_prediction_row(ids[2], name, version, "a", "a")])
     again = score.evaluate(db, model_name=name, model_version=version)
@@ -572,6 +581,7 @@ def test_evaluation_matches_a_hand_computed_confusion_matrix(db, digits, mlflow_
     cells = db.query("SELECT true_label, predicted_label, n FROM confusion_matrix")
     assert ("a", "b") not in {(c["true_label"], c["predicted_label"]) for c in cells}
     assert len(db.query("SELECT * FROM evaluations")) == 1
+    assert len(client.get_metric_history(mv.run_id, "test_accuracy")) == points + 1
 
     text = report.format_report(report.load_evaluation(db, name, version))
     assert "accuracy     0.7500  (6/8)" in text

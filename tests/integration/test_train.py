@@ -216,6 +216,61 @@ def test_gate_promotes_the_first_model_then_keeps_the_champion_against_a_worse_o
     )
 
 
+def test_a_dataset_whose_version_the_gate_kept_out_is_not_trained_again(
+    trainer, db, store, dataset, mlflow_names, tmp_cache, tmp_path
+):
+    """The champion trained on an older dataset; the new dataset's version was kept out. The
+    next nightly run finds nothing new to train (before: it trained, registered and gated the
+    same data every night), nor does one after a change to test images only."""
+    from pipeline.train_plan import training_decision
+
+    first = trainer("nightly-1")
+    assert _gate(db, store, mlflow_names, first["model_version"], tmp_cache)["decision"] == (
+        "promoted"
+    )
+    render_digits(tmp_path / "redrawn", size=40, per_label=6, inbox=0)
+    upload_tree(store, tmp_path / "redrawn", "ds")
+    changed = catalog.scan(db, store, "ds", val_percent=30)["dataset_version"]
+    second = trainer("nightly-2", on=changed)
+    assert second["skipped"] is False
+    kept_out = _gate(db, store, mlflow_names, second["model_version"], tmp_cache, min_accuracy=1.0)
+    assert kept_out["decision"] == "challenger"
+
+    name = mlflow_names["model_name"]
+    assert registry.version_trained_on(db, name, changed) == second["model_version"]
+    should_train, why = training_decision(
+        catalog.get_dataset(db, changed),
+        champion_dataset_version=registry.champion_dataset_version(name),
+        trained_version=registry.version_trained_on(db, name, changed),
+        min_images_per_label=2,
+    )
+    assert not should_train and f"already trained: v{second['model_version']}" in why
+    third = trainer("nightly-3", on=changed)  # `airflow tasks test train_model`, the CLI
+    assert third["skipped"] and third["trained_version"] == second["model_version"]
+    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    assert sorted(int(v.version) for v in versions) == sorted(
+        int(v) for v in (first["model_version"], second["model_version"])
+    )
+    # A new test image: a new dataset version with the same train and val images.
+    extra = next((tmp_path / "redrawn" / "test").iterdir())
+    store.put_bytes(f"ds/test/{extra.name}/extra.png", next(extra.iterdir()).read_bytes())
+    only_test = catalog.scan(db, store, "ds", val_percent=30)["dataset_version"]
+    assert only_test != changed
+    assert registry.version_trained_on(db, name, only_test) == second["model_version"]
+    assert trainer("nightly-3b", on=only_test)["skipped"]
+    # A version recorded before training fingerprints were stored gets one from its members.
+    fingerprint = catalog.get_dataset(db, changed)["training_fingerprint"]
+    db.execute("UPDATE dataset_versions SET training_fingerprint = NULL")
+    assert catalog.training_fingerprint(db, changed) == fingerprint
+    assert registry.version_trained_on(db, name, only_test) == second["model_version"]
+
+    forced = trainer("nightly-4", on=changed, force_retrain=True)
+    assert forced["skipped"] is False and forced["model_version"] not in (
+        first["model_version"],
+        second["model_version"],
+    )
+
+
 def test_a_replayed_promotion_over_a_champion_since_replaced_is_decided_again(
     trainer, db, store, mlflow_names, tmp_cache
 ):
@@ -264,7 +319,8 @@ def test_approval_holds_a_promotion_until_a_person_answers(
     assert registry.alias_version(name, "champion") is None  # nothing promoted yet
     subject, body = registry.approval_request(db, name, first, results_url="/imgpipe-results/")
     assert f"{name} v{first}" in subject
-    for shown in (row(first)["decision_reason"], "none to compare with", "/imgpipe-results/"):
+    reason = registry.markdown_text(row(first)["decision_reason"])
+    for shown in (reason, "none to compare with", "/imgpipe-results/"):
         assert shown in body
     assert f"#/models/{name}/versions/{first}" in body and "/runs/" in body
 
@@ -610,6 +666,44 @@ def test_a_stray_label_refuses_training_or_is_excluded_with_a_warning_in_mlflow(
     )
     run = MlflowClient().get_run(result["run_id"])
     assert json.loads(run.data.tags["excluded_labels"]) == {"stray folder": 1}
+
+
+def test_a_val_label_with_no_train_image_is_left_out_of_validation(
+    db, store, tmp_path, mlflow_names, tmp_cache
+):
+    """`allow_unseen_labels` accepts a label only under val/; training validates on the labels
+    it trains (a KeyError of the label map before) and registers its model."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.train_plan import training_decision
+
+    render_digits(tmp_path / "digits", size=32, per_label=6, inbox=0)
+    upload_tree(store, tmp_path / "digits", "ds")
+    labels = sorted(p.name for p in (tmp_path / "digits" / "train").iterdir())
+    for i, label in enumerate([*labels, "fox"]):
+        buf = io.BytesIO()
+        Image.effect_noise((32, 32), 20 + i).convert("RGB").save(buf, format="PNG")
+        store.put_bytes(f"ds/val/{label}/v{i}.png", buf.getvalue())
+    summary = catalog.scan(db, store, "ds")
+    assert summary["unseen_labels"] == ["fox"]
+    info = catalog.get_dataset(db, summary["dataset_version"])
+    assert training_decision(info, champion_dataset_version=None, allow_unseen_labels=True)[0]
+    result = train.train_model(
+        db,
+        store,
+        summary["dataset_version"],
+        TINY,
+        model_name=mlflow_names["model_name"],
+        run_key="manual__val-only-label",
+        cache_dir=tmp_cache,
+        checkpoint_store=train.LocalCheckpointStore(tmp_path / "ckpt"),
+        experiment=mlflow_names["experiment"],
+    )
+    params = MlflowClient().get_run(result["run_id"]).data.params
+    assert (params["n_val"], params["n_classes"]) == (str(len(labels)), str(len(labels)))
+    assert result["model_version"]
 
 
 def _tiny_training(lr: float) -> train.Training:

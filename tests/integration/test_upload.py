@@ -38,11 +38,11 @@ def test_upload_skips_unchanged_files_and_scan_accepts_the_result(tmp_path, stor
 
     store.put_bytes = recorded
     first = upload.upload_tree(store, local, "sets/digits", workers=4)
-    assert first == {"files": 32, "uploaded": 32, "skipped": 0}
+    assert first == {"files": 32, "uploaded": 32, "skipped": 0, "not_utf8": []}
     assert len(puts) == 32
 
     again = upload.upload_tree(store, local, "sets/digits/", workers=4)
-    assert again == {"files": 32, "uploaded": 0, "skipped": 32}
+    assert again == {"files": 32, "uploaded": 0, "skipped": 32, "not_utf8": []}
     assert len(puts) == 32
 
     changed = (
@@ -60,6 +60,22 @@ def test_upload_skips_unchanged_files_and_scan_accepts_the_result(tmp_path, stor
     summary = catalog.scan(db, store, "sets/digits", val_percent=0)
     assert summary["ok"] == 32 and summary["rejected"] == 0
     assert summary["counts"]["train"]["seven"] == 2 and summary["inbox"] == 2
+
+
+def test_files_whose_names_are_not_utf8_are_left_out_and_listed(tmp_path, store):
+    """A Latin-1 name from an old archive: the other files are uploaded, this one is named."""
+    import os
+
+    local = tmp_path / "tree"
+    (local / "train" / "cat").mkdir(parents=True)
+    (local / "train" / "cat" / "ok.png").write_bytes(b"fine")
+    latin1 = os.fsencode(local / "train" / "cat") + b"/caf\xe9.png"
+    with open(latin1, "wb") as f:
+        f.write(b"data")
+    result = upload.upload_tree(store, local, "names", workers=2)
+    assert (result["files"], result["uploaded"]) == (2, 1)
+    assert result["not_utf8"] == [ascii("train/cat/caf\udce9.png")]
+    assert [o.key for o in store.iter_objects("names/")] == ["names/train/cat/ok.png"]
 
 
 def test_objects_whose_etag_is_no_md5_are_compared_not_rewritten(tmp_path, store):
@@ -86,7 +102,7 @@ def test_objects_whose_etag_is_no_md5_are_compared_not_rewritten(tmp_path, store
     assert before.endswith("-2")
 
     result = upload.upload_tree(store, local, "parts", workers=2)
-    assert result == {"files": 2, "uploaded": 1, "skipped": 1}
+    assert result == {"files": 2, "uploaded": 1, "skipped": 1, "not_utf8": []}
     assert store.head("parts/train/a/big.png").etag == before
     assert store.get_bytes("parts/train/a/other.png") == big
 

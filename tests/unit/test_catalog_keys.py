@@ -57,11 +57,27 @@ def test_keys_in_the_layout_are_parsed(key, expected):
         pytest.param(
             "ds/train/cat /a.png", catalog.IGNORED_LABEL_TRAILING_SPACE, id="label-trailing-space"
         ),
+        pytest.param(
+            "ds/train/zz\n## Approve me/a.png",
+            catalog.IGNORED_LABEL_CONTROL_CHARACTER,
+            id="label-newline",
+        ),
+        pytest.param(
+            "ds/train/cat\u202egnp/a.png",
+            catalog.IGNORED_LABEL_CONTROL_CHARACTER,
+            id="label-bidi-override",
+        ),
     ],
 )
 def test_keys_outside_the_layout_are_ignored_with_a_reason(key, reason):
     parsed = catalog.parse_key(key, "ds")
     assert parsed == IgnoredKey(key, reason)
+
+
+@pytest.mark.parametrize("prefix", ["data ", " data", "data /"])
+def test_a_prefix_with_white_space_at_an_end_is_refused(prefix):
+    with pytest.raises(ValueError, match="white space"):
+        catalog.normalize_prefix(prefix)
 
 
 @pytest.mark.parametrize("prefix", [pytest.param("", id="root"), pytest.param("/", id="slash")])
@@ -260,6 +276,18 @@ def test_dataset_fingerprint_ignores_order_and_sees_every_field():
         pytest.param({"train": {"a": 9}}, {}, "at least 2 labels", id="one-label"),
         pytest.param({"train": {"a": 9, "b": 2}}, {}, "'b' (2)", id="too-few"),
         pytest.param({"train": {"a": 9, "b": 9}, "test": {"c": 1}}, {}, "['c']", id="unseen-label"),
+        pytest.param(
+            {"train": {"caf\u00e9": 9, "cafe\u0301": 9, "dog": 9}},
+            {},
+            "'cafe\u0301' and 'caf\u00e9'",
+            id="nfc-nfd-look-alike",
+        ),
+        pytest.param(
+            {"train": {"Cat": 9, "dog": 9}, "test": {"cat": 3}},
+            {"allow_unseen_labels": True},
+            "'Cat' and 'cat'",
+            id="case-look-alike",
+        ),
     ],
 )
 def test_check_dataset_names_the_problem(counts, kwargs, fragment):

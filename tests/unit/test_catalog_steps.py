@@ -341,3 +341,26 @@ def test_check_unreadable_refuses_mass_access_denials_but_not_archived_objects()
     # Under the fraction they are quarantined: no refusal.
     rows = rows_of(ok, row("train/a/1.png"), row("train/a/2.png"), denied[0])
     catalog.check_unreadable(rows, set(rows), max_fraction=0.5, where="s3://b/ds")
+
+
+def test_exclude_drops_a_label_with_no_train_image_and_keeps_a_test_only_label():
+    """A small label whose only images were carved into val (or are under val/ alone) has no
+    train image: `exclude` drops it too. A label only in test stays, an unseen label."""
+    rows = _members(("train", "a"), ("train", "a"), ("val", "a"), ("val", "fox"), ("test", "owl"))
+    config = catalog.ScanConfig(small_label_policy="exclude", min_images_per_label=2)
+    version = catalog.build_dataset_version("b", rows, config)
+    assert version.excluded_labels == {"fox": 0}
+    assert version.counts == {"train": {"a": 2}, "val": {"a": 1}, "test": {"owl": 1}}
+
+
+def test_the_training_fingerprint_sees_train_and_val_only():
+    base = _members(("train", "a"), ("train", "b"), ("val", "a"), ("test", "b"))
+    more_test = [*base, row("test/a/9.png")]
+    moved_to_val = [*base[:1], {**base[1], "subset": "val"}, *base[2:]]
+    config = catalog.ScanConfig()
+    one, two, three = (
+        catalog.build_dataset_version("b", r, config) for r in (base, more_test, moved_to_val)
+    )
+    assert one.dataset_version != two.dataset_version
+    assert one.training_fingerprint == two.training_fingerprint
+    assert three.training_fingerprint != one.training_fingerprint

@@ -27,6 +27,11 @@ def _animated_gif() -> bytes:
     return _save(_BASE.convert("P"), "GIF", save_all=True, append_images=[second])
 
 
+def _animated_webp() -> bytes:
+    second = Image.new("RGB", _BASE.size, (255, 0, 0))
+    return _save(_BASE, "WEBP", lossless=True, save_all=True, append_images=[second])
+
+
 def _sixteen_bit(fmt: str) -> bytes:
     return _save(Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)), fmt)
 
@@ -41,6 +46,7 @@ CASES = [
     pytest.param(lambda: _save(_BASE.convert("LA"), "PNG"), "PNG", id="png-gray-alpha"),
     pytest.param(lambda: _sixteen_bit("PNG"), "PNG", id="png-16-bit"),
     pytest.param(lambda: _save(_BASE, "WEBP", lossless=True), "WEBP", id="webp"),
+    pytest.param(_animated_webp, "WEBP", id="webp-animated-first-frame"),
     pytest.param(lambda: _save(_BASE, "BMP"), "BMP", id="bmp"),
     pytest.param(lambda: _save(_BASE.convert("P"), "GIF"), "GIF", id="gif"),
     pytest.param(_animated_gif, "GIF", id="gif-animated-first-frame"),

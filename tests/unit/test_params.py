@@ -86,6 +86,7 @@ def test_integral_float_is_accepted_for_integers():
         pytest.param({"model_name": "m\n"}, "model_name='m\\n'", id="name-newline"),
         pytest.param({"prefix": "data/"}, "prefix='data/'", id="prefix-slash"),
         pytest.param({"prefix": "/"}, "prefix='/'", id="prefix-only-slash"),
+        pytest.param({"prefix": "data "}, "prefix='data '", id="prefix-trailing-space"),
     ],
 )
 def test_bad_values_are_refused_with_the_reason(conf, message):

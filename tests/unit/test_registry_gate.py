@@ -240,3 +240,29 @@ def test_the_gate_refuses_when_the_champion_trained_on_every_image_it_could_comp
     catalog.members[("d", "train")] = [1, 3]  # test images trained on too (another prefix layout)
     with pytest.raises(registry.Refusal, match="champion v4 was trained on every val and test"):
         registry.gate_images(None, catalog, {"dataset_version": "d"}, champion, "4")
+
+
+HOSTILE = [
+    "gate: new label zz ![](https:evil.example?beacon) [checklist](https:evil.example)",
+    "label `x` | forged cell | <img src=x onerror=alert(1)> **bold** _it_ ~~del~~ # h",
+    "run \\[escaped\\] and a trailing backslash \\",
+    "two\n\n## Verified by ML platform: safe to approve",
+]
+
+
+@pytest.mark.parametrize(
+    "value", [pytest.param(v, id=f"hostile-{i}") for i, v in enumerate(HOSTILE)]
+)
+def test_markdown_text_shows_a_value_as_written_in_the_reviewers_table(value):
+    """What `approval_request` puts in its table cells: CommonMark + tables, as the Airflow
+    UI's Markdown renders it, finds no link, image, HTML, heading or extra cell in it."""
+    from markdown_it import MarkdownIt
+
+    document = f"| | |\n|---|---|\n| gate | {registry.markdown_text(value)} |\n"
+    tokens = MarkdownIt("commonmark").enable("table").enable("strikethrough").parse(document)
+    cells = [t for t in tokens if t.type == "inline"]
+    assert len(cells) == 4  # header (2) and one row (2): no forged cell
+    kinds = {child.type for t in cells for child in t.children or []}
+    assert kinds <= {"text", "softbreak"}, kinds
+    shown = "".join(child.content for child in cells[-1].children)
+    assert shown == " ".join(value.split())

@@ -81,6 +81,12 @@ def test_page_query_orders_by_the_index_and_reads_one_row_more():
         pytest.param(None, "abc", None, id="no-uri"),
         pytest.param("http://h:5000", None, None, id="no-run"),
         pytest.param("databricks", "abc", None, id="not-a-web-ui"),
+        pytest.param(
+            "https://admin:s3cret@mlflow.internal:5000",
+            "abc",
+            "https://mlflow.internal:5000/#/runs/abc",
+            id="no-credentials",
+        ),
     ],
 )
 def test_mlflow_run_url(uri, run_id, expected):
@@ -103,6 +109,54 @@ def test_thumbnail_is_a_jpeg_within_the_bound_keeping_aspect(mode, size, bound):
         assert thumb.format == "JPEG"
         assert max(thumb.size) == min(bound, max(size))
         assert abs(thumb.size[0] / thumb.size[1] - size[0] / size[1]) < 0.1
+
+
+def test_bytes_that_do_not_decode_get_no_thumbnail():
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    for data in (
+        b"not an image",
+        png.getvalue()[:60],
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+    ):
+        with pytest.raises(results.NoThumbnail, match="does not decode"):
+            results.render_thumbnail(data, 64)
+
+
+MEASURE_THUMBNAIL = """
+import resource, sys
+from pathlib import Path
+from PIL import Image
+from pipeline import results
+data = Path(sys.argv[1]).read_bytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+thumb = results.render_thumbnail(data, 128)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+Path(sys.argv[2]).write_bytes(thumb)
+print((after - before) // 1024)
+"""
+
+
+def test_a_large_jpeg_thumbnail_never_decodes_the_full_picture(tmp_path):
+    """A 7200 x 3600 JPEG rotated by EXIF (orientation 6): the full picture is 78 MB of RGB;
+    rendered at a reduced scale, the renderer's peak memory grows by a fraction of that."""
+    import subprocess
+    import sys
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    source = tmp_path / "large.jpg"
+    Image.new("RGB", (7200, 3600), (200, 30, 30)).save(source, format="JPEG", exif=exif)
+    out = tmp_path / "thumb.jpg"
+    grown = subprocess.run(
+        [sys.executable, "-c", MEASURE_THUMBNAIL, str(source), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert int(grown) < 30, f"peak memory grew by {grown} MB"
+    with Image.open(out) as thumb:
+        assert thumb.size == (64, 128)  # rotated: portrait
 
 
 def test_thumbnail_cache_path_changes_with_the_objects_etag_and_the_size(tmp_path):

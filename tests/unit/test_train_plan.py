@@ -111,6 +111,18 @@ def _dataset_info(train=None, test=None, version="dv1"):
             id="forced",
         ),
         pytest.param(
+            {"champion_dataset_version": "dv0", "trained_version": "7"},
+            False,
+            "already trained: v7",
+            id="kept-out-version-of-this-dataset",
+        ),
+        pytest.param(
+            {"champion_dataset_version": "dv0", "trained_version": "7", "force_retrain": True},
+            True,
+            "force_retrain",
+            id="kept-out-forced",
+        ),
+        pytest.param(
             {"champion_dataset_version": None, "score_only": True}, False, "score_only", id="score"
         ),
         pytest.param(

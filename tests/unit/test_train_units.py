@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -320,3 +321,25 @@ def test_epoch_row_is_the_history_line_and_its_metrics():
         "images_per_s": 100.0,
         "lr": 0.01,
     }
+
+
+@pytest.mark.parametrize(
+    ("n_labels", "drawn"),
+    [
+        pytest.param(10, True, id="ten"),
+        pytest.param(train.CONFUSION_FIGURE_MAX_LABELS, True, id="at-the-cap"),
+        pytest.param(300, False, id="hundreds"),
+    ],
+)
+def test_the_confusion_figure_stays_bounded_whatever_the_labels(n_labels, drawn):
+    """300 labels took 32 s and 5.9 GB to draw (1500: out of memory), and training could never
+    register its model: above the cap no picture is drawn (the JSON keeps the matrix)."""
+    import matplotlib.pyplot as plt
+
+    labels = [f"label-{i:04d}" for i in range(n_labels)]
+    cm = np.ones((n_labels, n_labels), dtype=int)
+    fig = train.confusion_figure(cm, labels)
+    assert (fig is not None) is drawn
+    if fig is not None:
+        assert max(fig.get_size_inches()) <= 30
+        plt.close(fig)
