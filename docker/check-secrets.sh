@@ -10,6 +10,7 @@ SECRETS=(
     MINIO_ROOT_USER MINIO_ROOT_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
     MYSQL_PASSWORD AIRFLOW_POSTGRES_PASSWORD AIRFLOW_JWT_SECRET AIRFLOW_SECRET_KEY
     AIRFLOW_FERNET_KEY AIRFLOW_ADMIN_PASSWORD MLFLOW_TRACKING_PASSWORD
+    MLFLOW_FLASK_SERVER_SECRET_KEY
 )
 # Interpolated into the JSON of AIRFLOW_CONN_IMGPIPE_S3 / AIRFLOW_CONN_IMGPIPE_MYSQL.
 IN_JSON=(AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY MYSQL_USER MYSQL_PASSWORD MYSQL_DATABASE)
@@ -47,13 +48,22 @@ if [ ${#root_password} -lt 8 ] || [ ${#pipeline_secret} -lt 8 ]; then
     problems+=("MINIO_ROOT_PASSWORD and AWS_SECRET_ACCESS_KEY need 8 characters or more (MinIO)")
 fi
 
+mlflow_password="${MLFLOW_TRACKING_PASSWORD-}"
+if [ ${#mlflow_password} -lt 12 ]; then
+    problems+=("MLFLOW_TRACKING_PASSWORD needs 12 characters or more (MLflow refuses a shorter admin password)")
+fi
+mlflow_key="${MLFLOW_FLASK_SERVER_SECRET_KEY-}"
+if [ ${#mlflow_key} -lt 32 ]; then
+    problems+=("MLFLOW_FLASK_SERVER_SECRET_KEY needs 32 characters or more")
+fi
+
 if [ ${#problems[@]} -gt 0 ]; then
     echo "[check-secrets] refusing to start; fix these in .env:" >&2
     for problem in "${problems[@]}"; do
         echo "  - $problem" >&2
     done
     echo "[check-secrets] a Fernet key: python -c \"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())\"" >&2
-    echo "[check-secrets] other secrets: openssl rand -hex 24" >&2
+    echo "[check-secrets] other secrets: openssl rand -hex 32" >&2
     exit 1
 fi
 echo "[check-secrets] ok: no placeholder, Fernet key set, pipeline MinIO user is not root"

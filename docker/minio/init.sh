@@ -42,8 +42,12 @@ cat >"$policy" <<JSON
 JSON
 mc admin policy create root imgpipe-pipeline "$policy"
 mc admin user add root "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY"
-if ! mc admin user info root "$AWS_ACCESS_KEY_ID" | grep -q imgpipe-pipeline; then
-    mc admin policy attach root imgpipe-pipeline --user "$AWS_ACCESS_KEY_ID"
-fi
+# The mc image (ubi-micro) has no grep: the shell matches. Attaching a policy twice fails
+# ("already in effect"), and this one-shot job runs again on every `up`.
+user_info=$(mc admin user info root "$AWS_ACCESS_KEY_ID")
+case "$user_info" in
+    *imgpipe-pipeline*) ;;
+    *) mc admin policy attach root imgpipe-pipeline --user "$AWS_ACCESS_KEY_ID" ;;
+esac
 rm -f "$policy"
 echo "[minio-init] buckets $S3_BUCKET $MLFLOW_ARTIFACT_BUCKET $work_bucket; user $AWS_ACCESS_KEY_ID limited to them"

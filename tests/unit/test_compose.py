@@ -501,6 +501,16 @@ def test_check_secrets_refuses_every_placeholder_of_env_example(
             "AIRFLOW_POSTGRES_PASSWORD may hold only",
             id="url-char-in-postgres-url",
         ),
+        pytest.param(
+            {"MLFLOW_TRACKING_PASSWORD": "short-pw-11"},
+            "MLFLOW_TRACKING_PASSWORD needs 12 characters",
+            id="mlflow-refuses-short-passwords",
+        ),
+        pytest.param(
+            {"MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 31},
+            "MLFLOW_FLASK_SERVER_SECRET_KEY needs 32 characters",
+            id="short-mlflow-secret-key",
+        ),
     ],
 )
 def test_check_secrets_refuses(
