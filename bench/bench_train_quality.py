@@ -179,6 +179,7 @@ def run_pipeline(
         cache_dir=cache_dir,
         checkpoint_store=probe,
         experiment=model_name,
+        force_retrain=True,  # every configuration trains on the same dataset version
     )
     seconds = time.perf_counter() - started
     metrics = client.get_run(result["run_id"]).data.metrics

@@ -183,9 +183,9 @@ def image_classification():
         should_train, why = train_plan.training_decision(
             info,
             champion_dataset_version=registry.champion_dataset_version(rt.model_name(params)),
-            trained_version=registry.version_trained_on(
-                db, rt.model_name(params), info["dataset_version"]
-            ),
+            trained_version=None
+            if params["score_only"] or params["rollback_to"] is not None or params["force_retrain"]
+            else registry.version_trained_on(db, rt.model_name(params), info["dataset_version"]),
             **decision,
         )
         if should_train:  # before hours of training: another dataset's champion stays

@@ -456,19 +456,20 @@ def check_dataset(
         )
     look_alike = look_alike_labels({label for subset in counts.values() for label in subset})
     if look_alike:
-        pairs = "; ".join(" and ".join(repr(label) for label in group) for group in look_alike)
+        pairs = "; ".join(" and ".join(ascii(label) for label in group) for group in look_alike)
         problems.append(
-            f"labels that differ only in letter case or Unicode normalization: {pairs} (one"
-            " class in two folders, e.g. 'café' typed on two systems): rename the folders to one"
+            f"labels that differ only in Unicode normalization: {pairs} (one class in two"
+            " folders, e.g. 'café' typed on two systems): rename the folders to one"
         )
     return problems
 
 
 def look_alike_labels(labels: Iterable[str]) -> list[list[str]]:
-    """Groups of two or more labels equal once Unicode-normalized (NFC) and case-folded."""
+    """Groups of two or more labels that are one text in two Unicode forms (NFC): they look
+    the same. Case is not folded: `A` and `a` may well be two classes (letters)."""
     groups: dict[str, list[str]] = {}
     for label in sorted(labels):
-        groups.setdefault(unicodedata.normalize("NFC", label).casefold(), []).append(label)
+        groups.setdefault(unicodedata.normalize("NFC", label), []).append(label)
     return [group for group in groups.values() if len(group) > 1]
 
 

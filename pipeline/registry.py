@@ -215,11 +215,15 @@ def champion_dataset_version(model_name: str) -> str | None:
 def version_trained_on(db: Database, model_name: str, dataset_version: str) -> str | None:
     """The newest registered version of the model (still in MLflow) trained on the train and
     val images of `dataset_version` (its own, or a version's that differs only in test): a run
-    on it has nothing new to train, whatever the gate said (champion, kept out, rolled back)."""
+    on it has nothing new to train, whatever the gate said (champion, kept out, rolled back).
+
+    Only a version this pipeline's training registered counts (`provenance_problem`), and only
+    while MLflow's version is the one recorded (a model deleted and made again numbers its
+    versions from 1 again): another experiment's or a person's version never stops training."""
     from pipeline import catalog
 
     rows = db.query(
-        "SELECT mv.model_version FROM model_versions mv"
+        "SELECT mv.model_version, mv.run_id, mv.dataset_version FROM model_versions mv"
         " LEFT JOIN dataset_versions d ON d.dataset_version = mv.dataset_version"
         " WHERE mv.model_name = %s AND (mv.dataset_version = %s OR d.training_fingerprint = %s)"
         " ORDER BY mv.model_version DESC",
@@ -232,7 +236,12 @@ def version_trained_on(db: Database, model_name: str, dataset_version: str) -> s
             lambda v=version: mlflow_client().get_model_version(model_name, v),
             missing=None,
         )
-        if found is not None:
+        if (
+            found is not None
+            and found.run_id == row["run_id"]
+            and dict(found.tags).get("dataset_version") == row["dataset_version"]
+            and provenance_problem(model_name, found) is None
+        ):
             return version
     return None
 

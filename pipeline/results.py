@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline import catalog, report
 from pipeline.db import Database
-from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, s3_error_code
+from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, ServiceUnavailable, s3_error_code
 from pipeline.files import write_atomically
 from pipeline.preflight import without_credentials
 from pipeline.records import ImageRecord
@@ -41,6 +41,7 @@ THUMBNAIL_SIZES = (64, 128, 256)
 THUMBNAIL_MAX_BYTES = 32 * 2**20  # larger objects are not fetched for a thumbnail
 # Thumbnails rendered at once by this process (the API server's request threads share it).
 _RENDERING = threading.BoundedSemaphore(2)
+RENDER_WAIT_S = 10.0
 HISTORY_ROWS = 20
 DRIFT_ROWS = 40
 NEXT_STEP = (
@@ -462,6 +463,23 @@ def thumbnail_path(cache_dir: str | Path, record: ImageRecord, size: int) -> Pat
     return Path(cache_dir) / "thumbnails" / digest[:2] / f"{digest}.jpg"
 
 
+_RESAMPLED_AS_IS = frozenset({"RGB", "RGBA", "L", "LA", "CMYK", "YCbCr"})
+# Part of the name of a refusal remembered on disk: a renderer that decodes more forgets them.
+THUMBNAIL_RENDERER = "2"
+
+
+def _on_white(picture):
+    """RGB `picture`, transparent parts shown on white (as an image viewer shows them)."""
+    from PIL import Image
+
+    if picture.mode not in ("RGBA", "LA"):
+        return picture.convert("RGB")
+    rgba = picture.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
 def render_thumbnail(data: bytes, size: int) -> bytes:
     """A JPEG at most `size` pixels on its longer side (aspect kept, EXIF orientation applied).
 
@@ -478,10 +496,11 @@ def render_thumbnail(data: bytes, size: int) -> bytes:
         with Image.open(io.BytesIO(data), formats=catalog.ALLOWED_FORMATS) as img:
             img.seek(0)
             img.draft("RGB", (size, size))
-            # Palette and 1-bit pictures resample only by nearest neighbour: colours first.
-            picture = img.convert("RGBA") if img.mode in ("P", "PA", "1") else img
+            # Modes LANCZOS resamples as they are; others (palette and 1-bit: nearest neighbour
+            # only; 16-bit and float: not at all) get their colours first, at full size.
+            picture = img if img.mode in _RESAMPLED_AS_IS else img.convert("RGBA")
             picture.thumbnail((size, size), Image.Resampling.LANCZOS)
-            small = ImageOps.exif_transpose(picture.convert("RGB"))
+            small = ImageOps.exif_transpose(_on_white(picture))
             buf = io.BytesIO()
             small.save(buf, format="JPEG", quality=85)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -508,7 +527,8 @@ def thumbnail(
         return path.read_bytes(), tag
     except FileNotFoundError:
         pass
-    refused = path.with_suffix(".none")  # why this content has none: not fetched again
+    # Why this content has none: not fetched again (by this renderer).
+    refused = path.with_suffix(f".r{THUMBNAIL_RENDERER}.none")
     if refused.exists():
         raise NoThumbnail(refused.read_text())
     if record.size is not None and record.size > THUMBNAIL_MAX_BYTES:
@@ -525,12 +545,17 @@ def thumbnail(
         raise NotCatalogued(
             f"image {image_id} changed or vanished since it was catalogued; rescan the bucket"
         ) from exc
-    with _RENDERING:  # a page asks for dozens at once; each may decode megapixels
-        try:
-            data = render_thumbnail(original, size)
-        except NoThumbnail as exc:
-            write_atomically(refused, str(exc).encode())
-            raise
+    # A page asks for dozens at once, each may decode megapixels: two at a time, and a request
+    # that waits long gives its API-server thread back (503) rather than holding it.
+    if not _RENDERING.acquire(timeout=RENDER_WAIT_S):
+        raise ServiceUnavailable("thumbnails", "this API server", "busy rendering; try again")
+    try:
+        data = render_thumbnail(original, size)
+    except NoThumbnail as exc:
+        write_atomically(refused, str(exc).encode())
+        raise
+    finally:
+        _RENDERING.release()
     write_atomically(path, data)
     log.debug("thumbnail of image %s at %spx cached in %s", image_id, size, path)
     return data, tag

@@ -247,6 +247,19 @@ def test_a_dataset_whose_version_the_gate_kept_out_is_not_trained_again(
     assert not should_train and f"already trained: v{second['model_version']}" in why
     third = trainer("nightly-3", on=changed)  # `airflow tasks test train_model`, the CLI
     assert third["skipped"] and third["trained_version"] == second["model_version"]
+    # A recorded version that is not MLflow's version of that number any more (the model was
+    # deleted and made again: numbers start at 1 again) stops no training.
+    key = (name, int(second["model_version"]))
+    db.execute(
+        "UPDATE model_versions SET run_id = 'another-run' WHERE model_name = %s"
+        " AND model_version = %s",
+        key,
+    )
+    assert registry.version_trained_on(db, name, changed) is None
+    db.execute(
+        "UPDATE model_versions SET run_id = %s WHERE model_name = %s AND model_version = %s",
+        (second["run_id"], *key),
+    )
     versions = MlflowClient().search_model_versions(f"name='{name}'")
     assert sorted(int(v.version) for v in versions) == sorted(
         int(v) for v in (first["model_version"], second["model_version"])

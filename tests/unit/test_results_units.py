@@ -100,6 +100,8 @@ def test_mlflow_run_url(uri, run_id, expected):
         pytest.param("L", (50, 300), 64, id="tall-grey"),
         pytest.param("RGBA", (20, 20), 256, id="small-alpha-not-enlarged"),
         pytest.param("P", (400, 400), 256, id="palette"),
+        pytest.param("I;16", (300, 100), 64, id="sixteen-bit-grey"),
+        pytest.param("1", (90, 30), 64, id="one-bit"),
     ],
 )
 def test_thumbnail_is_a_jpeg_within_the_bound_keeping_aspect(mode, size, bound):
@@ -109,6 +111,16 @@ def test_thumbnail_is_a_jpeg_within_the_bound_keeping_aspect(mode, size, bound):
         assert thumb.format == "JPEG"
         assert max(thumb.size) == min(bound, max(size))
         assert abs(thumb.size[0] / thumb.size[1] - size[0] / size[1]) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_parts_of_a_thumbnail_are_white(mode):
+    """As a viewer shows them (black before: the hidden colour under full transparency)."""
+    buf = io.BytesIO()
+    clear = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    (clear if mode == "RGBA" else clear.convert(mode)).save(buf, format="PNG")
+    with Image.open(io.BytesIO(results.render_thumbnail(buf.getvalue(), 64))) as thumb:
+        assert min(thumb.convert("L").getdata()) >= 250
 
 
 def test_bytes_that_do_not_decode_get_no_thumbnail():
