@@ -682,7 +682,7 @@ def test_a_stray_label_refuses_training_or_is_excluded_with_a_warning_in_mlflow(
 
 
 def test_a_val_label_with_no_train_image_is_left_out_of_validation(
-    db, store, tmp_path, mlflow_names, tmp_cache
+    trainer, db, store, dataset, tmp_path
 ):
     """`allow_unseen_labels` accepts a label only under val/; training validates on the labels
     it trains (a KeyError of the label map before) and registers its model."""
@@ -692,9 +692,7 @@ def test_a_val_label_with_no_train_image_is_left_out_of_validation(
 
     from pipeline.train_plan import training_decision
 
-    render_digits(tmp_path / "digits", size=32, per_label=6, inbox=0)
-    upload_tree(store, tmp_path / "digits", "ds")
-    labels = sorted(p.name for p in (tmp_path / "digits" / "train").iterdir())
+    labels = sorted(p.name for p in (tmp_path / "digits" / "train").iterdir())  # `dataset`'s
     for i, label in enumerate([*labels, "fox"]):
         buf = io.BytesIO()
         Image.effect_noise((32, 32), 20 + i).convert("RGB").save(buf, format="PNG")
@@ -703,17 +701,7 @@ def test_a_val_label_with_no_train_image_is_left_out_of_validation(
     assert summary["unseen_labels"] == ["fox"]
     info = catalog.get_dataset(db, summary["dataset_version"])
     assert training_decision(info, champion_dataset_version=None, allow_unseen_labels=True)[0]
-    result = train.train_model(
-        db,
-        store,
-        summary["dataset_version"],
-        TINY,
-        model_name=mlflow_names["model_name"],
-        run_key="manual__val-only-label",
-        cache_dir=tmp_cache,
-        checkpoint_store=train.LocalCheckpointStore(tmp_path / "ckpt"),
-        experiment=mlflow_names["experiment"],
-    )
+    result = trainer("manual__val-only-label", on=summary["dataset_version"])
     params = MlflowClient().get_run(result["run_id"]).data.params
     assert (params["n_val"], params["n_classes"]) == (str(len(labels)), str(len(labels)))
     assert result["model_version"]
