@@ -83,11 +83,20 @@ def _schedule():
 
 
 def _xcom(context, task_id: str):
-    """An upstream task's XCom in this run, or None (e.g. under `airflow tasks test`)."""
-    try:
-        return context["ti"].xcom_pull(task_ids=task_id)
-    except Exception:  # noqa: BLE001 - absent upstream means: read durable state instead
-        return None
+    """An upstream task's XCom in this run, or None (e.g. under `airflow tasks test`). An error
+    reading it fails the task (Airflow retries it): a guess from durable state could gate,
+    score or check another version than this run's."""
+    return context["ti"].xcom_pull(task_ids=task_id)
+
+
+def _dataset(context, db, params: dict) -> dict:
+    """The dataset version this run scanned (`catalog.get_dataset` row); alone, the latest."""
+    from pipeline import catalog
+
+    scanned = _xcom(context, "scan_images") or {}
+    return catalog.resolve_dataset(
+        db, params["bucket"], params["prefix"], scanned.get("dataset_version")
+    )
 
 
 @dag(
@@ -168,32 +177,16 @@ def image_classification():
         """Refuse bad datasets; return whether training should run (False skips train_model)."""
         import imgpipe_runtime as rt
 
-        from pipeline import catalog, registry, train_plan
+        from pipeline import train_plan
 
         params = rt.run_params(context)
-        scanned = _xcom(context, "scan_images")
         db = rt.database()
-        info = catalog.resolve_dataset(
-            db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
+        should_train, why = train_plan.decide_training(
+            db,
+            _dataset(context, db, params),
+            rt.model_name(params),
+            **{k: params[k] for k in train_plan.DECISION_PARAMS},
         )
-        decision = {k: params[k] for k in train_plan.DECISION_PARAMS}
-        decision["min_images_per_label"] = catalog.min_images_per_label(
-            db, info, params["min_images_per_label"]
-        )
-        should_train, why = train_plan.training_decision(
-            info,
-            champion_dataset_version=registry.champion_dataset_version(rt.model_name(params)),
-            trained_version=None
-            if params["score_only"] or params["rollback_to"] is not None or params["force_retrain"]
-            else registry.version_trained_on(db, rt.model_name(params), info["dataset_version"]),
-            **decision,
-        )
-        if should_train:  # before hours of training: another dataset's champion stays
-            registry.check_label_scope(
-                rt.model_name(params),
-                info["label_map"],
-                allow_label_change=params["allow_label_change"],
-            )
         rt.log.info("%s: %s", "training" if should_train else "no training", why)
         return should_train
 
@@ -207,19 +200,15 @@ def image_classification():
         """Train ResNet18 on the dataset version; checkpoints per epoch; registers a version."""
         import imgpipe_runtime as rt
 
-        from pipeline import catalog, train
+        from pipeline import train
         from pipeline.train_plan import TrainParams, params_from_run
 
         params = rt.run_params(context)
         db, store = rt.database(), rt.object_store(params["bucket"])
-        scanned = _xcom(context, "scan_images")
-        version = catalog.resolve_dataset(
-            db, params["bucket"], params["prefix"], (scanned or {}).get("dataset_version")
-        )["dataset_version"]
         return train.train_model(
             db,
             store,
-            version,
+            _dataset(context, db, params)["dataset_version"],
             TrainParams.from_dict(params_from_run(params)),
             model_name=rt.model_name(params),
             run_key=rt.run_key(context),
@@ -252,12 +241,20 @@ def image_classification():
             )
         if params["score_only"]:
             raise AirflowSkipException("score_only: no gate")
-        # Alone (`airflow tasks test`) there is no XCom: the version this run registered is
-        # found in MLflow by its run_key tag, else the newest version the gate never decided on.
+        # Without train_model's result (training skipped, or the gate run alone with `airflow
+        # tasks test`) the version to gate is found in MySQL and MLflow.
         name = rt.model_name(params)
+        skipped = _xcom(context, "check_dataset") is False
         trained = _xcom(context, "train_model") or {
-            "model_version": registry.find_version_by_run_key(name, rt.run_key(context))
-            or registry.newest_ungated_version(db, name, retry_refused=params["allow_label_change"])
+            "model_version": registry.version_to_gate(
+                db,
+                name,
+                run_key=rt.run_key(context),
+                dataset_version=_dataset(context, db, params)["dataset_version"]
+                if skipped
+                else None,
+                retry_refused=params["allow_label_change"],
+            )
         }
         if trained.get("skipped") or not trained.get("model_version"):
             raise AirflowSkipException("no new model version in this run")

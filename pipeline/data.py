@@ -45,7 +45,7 @@ from torchvision.transforms.v2 import functional as F
 from pipeline.catalog import REJECT_CHANGED_OBJECT, REJECT_MISSING_OBJECT
 from pipeline.config import CACHE_MAX_GB_ENV, cache_max_bytes
 from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, is_out_of_memory, s3_error_code
-from pipeline.files import write_atomically
+from pipeline.files import read_own_file, write_atomically
 from pipeline.records import ImageRecord
 
 if TYPE_CHECKING:
@@ -550,7 +550,7 @@ class ImageCache:
         """
         path = self.path(record)
         try:
-            data = read_cached(path)
+            data = read_cached(path, record.size)
             if record.size is None or len(data) == record.size:
                 return data
             log.warning(
@@ -686,12 +686,11 @@ class ImageCache:
         return failures
 
 
-def read_cached(path: Path) -> bytes:
-    """A cached copy's bytes, marking it used (so `ImageCache.trim` keeps it while it is read)."""
-    with open(path, "rb") as file:
-        data = file.read()
-        used = os.fstat(file.fileno()).st_mtime
-    _mark_used(path, used)
+def read_cached(path: Path, max_bytes: int | None = None) -> bytes:
+    """A cached copy's bytes, marking it used (so `ImageCache.trim` keeps it while it is read).
+    Only a regular file of at most `max_bytes` is a copy (`read_own_file`)."""
+    data, found = read_own_file(path, max_bytes)
+    _mark_used(path, found.st_mtime)
     return data
 
 

@@ -455,14 +455,44 @@ def newest_ungated_version(
     )
     by_age = sorted(found, key=lambda v: int(v.version), reverse=True)
     newest = next(own_versions(model_name, by_age), None)
-    if newest is None:
+    if newest is None or not is_undecided(db, model_name, newest.version, retry_refused):
         return None
-    decided = db.query(
+    return str(newest.version)
+
+
+def is_undecided(db: Database, model_name: str, version: str | int, retry_refused: bool) -> bool:
+    """Whether the gate never decided on `version` (a refusal counts unless `retry_refused`)."""
+    return not db.query(
         "SELECT 1 FROM model_versions WHERE model_name = %s AND model_version = %s"
         " AND decision IS NOT NULL AND (decision <> 'refused' OR %s = 0)",
-        (model_name, int(newest.version), int(retry_refused)),
+        (model_name, int(version), int(retry_refused)),
     )
-    return None if decided else str(newest.version)
+
+
+def version_to_gate(
+    db: Database,
+    model_name: str,
+    *,
+    run_key: str,
+    dataset_version: str | None,
+    retry_refused: bool = False,
+) -> str | None:
+    """The version a gate without its run's training result decides on, or None.
+
+    A run that skipped training (`dataset_version`: the one it checked) gates the version trained
+    on that dataset if the gate never decided on it (the run that trained it failed before its
+    gate did: nothing else would ever gate it); a version registered for another dataset waits
+    for a person. A gate run alone (`airflow tasks test`, no `dataset_version`) gates the version
+    registered under `run_key`, else the newest the gate never decided on.
+    """
+    if dataset_version is not None:
+        trained = version_trained_on(db, model_name, dataset_version)
+        if trained is not None and is_undecided(db, model_name, trained, retry_refused):
+            return trained
+        return None
+    return find_version_by_run_key(model_name, run_key) or newest_ungated_version(
+        db, model_name, retry_refused=retry_refused
+    )
 
 
 @dataclass(frozen=True)
@@ -1362,7 +1392,7 @@ def review(
         if outcome == APPROVED and superseded is not None:
             log.warning("the approval of v%s is not applied again: %s", version, superseded)
             result["decision"], result["reason"] = "challenger", superseded
-        elif outcome == APPROVED:
+        elif outcome == APPROVED and row["decision"] == "promoted":
             _move(
                 db,
                 lock,
@@ -1387,24 +1417,32 @@ def _write_review(
     comment: str,
 ) -> dict[str, Any]:
     """The answer into the version's row (decision, reason, reviewer, comment); its new row.
-    An approval notes a champion that moved since the gate compared with it."""
+
+    An approval promotes only over the champion the gate compared with (the person saw that
+    comparison): when the champion moved while the question waited (a person's promote or
+    rollback), the version stays challenger and the reason says to gate it again."""
     reason = review_reason(outcome, reviewer, comment, row["decision_reason"] or "")
     champion_now = alias_version(model_name, CHAMPION)
     gated_against = str(row["champion_version"]) if row["champion_version"] else None
-    if outcome == APPROVED and champion_now != gated_against:
+    promoted = outcome == APPROVED and champion_now == gated_against
+    if outcome == APPROVED and not promoted:
         log.warning(
-            "champion moved while v%s awaited approval (v%s at the gate, v%s now)",
+            "champion moved while v%s awaited approval (v%s at the gate, v%s now): not promoted",
             version,
             gated_against,
             champion_now,
         )
-        reason += f"; champion was v{gated_against} at the gate, v{champion_now} at approval"
+        reason = (
+            f"champion was v{gated_against} at the gate, v{champion_now} at approval: not"
+            f" promoted over a version it was not compared with (gate it again by name:"
+            f" promote --model-version {version}); {reason}"
+        )
     db.execute(
         "UPDATE model_versions SET decision = %s, decision_reason = %s, review = %s,"
         " reviewer = %s, review_comment = %s, reviewed_at = %s"
         " WHERE model_name = %s AND model_version = %s",
         (
-            "promoted" if outcome == APPROVED else "challenger",
+            "promoted" if promoted else "challenger",
             reason[:512],
             outcome,
             (reviewer or None) and reviewer[:255],

@@ -24,7 +24,7 @@ from typing import Any
 from pipeline import catalog, report
 from pipeline.db import Database
 from pipeline.errors import S3_CHANGED_CODES, S3_MISSING_CODES, ServiceUnavailable, s3_error_code
-from pipeline.files import write_atomically
+from pipeline.files import read_own_file, write_atomically
 from pipeline.preflight import without_credentials
 from pipeline.records import ImageRecord
 from pipeline.store import ObjectStore
@@ -463,6 +463,8 @@ def thumbnail_path(cache_dir: str | Path, record: ImageRecord, size: int) -> Pat
     return Path(cache_dir) / "thumbnails" / digest[:2] / f"{digest}.jpg"
 
 
+# A cached thumbnail is a JPEG of at most 256 px (KiBs): anything bigger is not one.
+THUMBNAIL_FILE_MAX_BYTES = 4 * 2**20
 _RESAMPLED_AS_IS = frozenset({"RGB", "RGBA", "L", "LA", "CMYK", "YCbCr"})
 # Part of the name of a refusal remembered on disk: a renderer that decodes more forgets them.
 THUMBNAIL_RENDERER = "2"
@@ -523,14 +525,18 @@ def thumbnail(
     record = catalogued_image(db, image_id)
     path = thumbnail_path(cache_dir, record, size)
     tag = path.stem[:32]
-    try:
-        return path.read_bytes(), tag
+    try:  # the cache's own files only: never what a symlink planted there points at
+        return read_own_file(path, THUMBNAIL_FILE_MAX_BYTES)[0], tag
     except FileNotFoundError:
         pass
     # Why this content has none: not fetched again (by this renderer).
     refused = path.with_suffix(f".r{THUMBNAIL_RENDERER}.none")
-    if refused.exists():
-        raise NoThumbnail(refused.read_text())
+    try:
+        why = read_own_file(refused, 4096)[0].decode("utf-8", "replace")
+    except FileNotFoundError:
+        pass
+    else:
+        raise NoThumbnail(why)
     if record.size is not None and record.size > THUMBNAIL_MAX_BYTES:
         raise NoThumbnail(
             f"no thumbnail: image {image_id} is {record.size / 2**20:.0f} MiB"

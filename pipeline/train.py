@@ -59,7 +59,7 @@ from pipeline.params import cli_run_key
 from pipeline.records import ImageRecord
 from pipeline.score import compute_metrics
 from pipeline.store import ObjectStore, location_from_args
-from pipeline.train_plan import TrainParams, training_decision
+from pipeline.train_plan import TrainParams, decide_training
 
 log = logging.getLogger(__name__)
 
@@ -1260,8 +1260,10 @@ def confusion_figure(cm: np.ndarray, labels: Sequence[str]):
     size = min(30.0, max(4.0, 0.45 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=90)
-    ax.set_yticks(range(n), labels)
+    # Labels are folder names anyone writing the bucket picks: `$...$` is no math to typeset
+    # (matplotlib failed on `$\\foo$` after the last epoch, and no model was registered).
+    ax.set_xticks(range(n), labels, rotation=90, parse_math=False)
+    ax.set_yticks(range(n), labels, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for i, j in zip(*np.nonzero(cm), strict=True):
@@ -1370,20 +1372,15 @@ def cli_train(args: argparse.Namespace, settings: Any) -> int:
     store, prefix = location_from_args(settings, args)
     dataset = catalog.resolve_dataset(db, store.bucket, prefix, args.dataset_version)
     version = dataset["dataset_version"]
-    should_train, why = training_decision(
+    should_train, why = decide_training(
+        db,
         dataset,
-        champion_dataset_version=registry.champion_dataset_version(settings.model_name),
-        trained_version=registry.version_trained_on(db, settings.model_name, version),
-        min_images_per_label=catalog.min_images_per_label(db, dataset, args.min_images_per_label),
+        settings.model_name,
+        allow_label_change=args.allow_label_change,
+        min_images_per_label=args.min_images_per_label,
         allow_unseen_labels=args.allow_unseen_labels,
         force_retrain=args.force_retrain,
     )
-    # train_model repeats the skip check itself; here the decision refuses untrainable datasets
-    # and, as the DAG's check_dataset, a dataset whose labels are not the champion's.
-    if should_train:
-        registry.check_label_scope(
-            settings.model_name, dataset["label_map"], allow_label_change=args.allow_label_change
-        )
     log.info("training decision: %s (%s)", "train" if should_train else "skip", why)
     params = TrainParams.from_dict({f.name: getattr(args, f.name) for f in fields(TrainParams)})
     run_key = args.run_key or cli_run_key()

@@ -11,7 +11,8 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline import catalog
+from pipeline import catalog, registry
+from pipeline.db import Database
 from pipeline.errors import Refusal
 from pipeline.params import CLASS_WEIGHTINGS, LR_SCHEDULES, OPTIMIZERS
 from pipeline.store import add_location_arguments
@@ -82,8 +83,9 @@ def params_from_run(run_params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in run_params.items() if k in names and v is not None}
 
 
-# Run params `training_decision` takes (besides the dataset and the champion's dataset version).
+# Run params `decide_training` takes (besides the dataset and the model name).
 DECISION_PARAMS = (
+    "allow_label_change",
     "min_images_per_label",
     "allow_unseen_labels",
     "score_only",
@@ -139,6 +141,42 @@ def training_decision(
     if champion_dataset_version is None:
         return True, "no champion yet"
     return True, f"dataset changed since the champion ({champion_dataset_version})"
+
+
+def decide_training(
+    db: Database,
+    dataset: dict[str, Any],
+    model_name: str,
+    *,
+    allow_label_change: bool = False,
+    min_images_per_label: int | None = None,
+    **decision: Any,
+) -> tuple[bool, str]:
+    """A run's whole training decision on `dataset`, as the DAG's check_dataset and `python -m
+    pipeline train` make it: `training_decision` with the prefix's minimum per label, the
+    champion's dataset and a version already trained on it; a run that will train is refused
+    before hours of training when its labels are not the champion's (`allow_label_change`).
+    `decision`: the other `DECISION_PARAMS` (`training_decision`'s).
+    """
+    looks_at_models = not (
+        decision.get("score_only")
+        or decision.get("rollback_to") is not None
+        or decision.get("force_retrain")
+    )
+    should_train, why = training_decision(
+        dataset,
+        champion_dataset_version=registry.champion_dataset_version(model_name),
+        trained_version=registry.version_trained_on(db, model_name, dataset["dataset_version"])
+        if looks_at_models
+        else None,
+        min_images_per_label=catalog.min_images_per_label(db, dataset, min_images_per_label),
+        **decision,
+    )
+    if should_train:
+        registry.check_label_scope(
+            model_name, dataset["label_map"], allow_label_change=allow_label_change
+        )
+    return should_train, why
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -435,6 +435,38 @@ def test_a_replayed_approval_does_not_take_the_champion_back_from_a_newer_versio
     assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
 
 
+def test_an_approval_given_after_the_champion_moved_during_the_wait_moves_nothing(
+    db, store, model_name, tmp_path
+):
+    """v2 awaits approval, compared with v1; while the question waits a person promotes v3.
+    The reviewer approved v2 over v1: the answer is kept and v2 stays challenger (before: v2
+    became champion over v3, which it was never compared with); a retry replays that."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
+    cache = tmp_path / "cache"
+    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
+    held = _gate(db, store, model_name, v2, cache, require_approval=True)
+    assert held["decision"] == registry.AWAITING_APPROVAL
+    assert _gate(db, store, model_name, v3, cache, explicit=True)["decision"] == "promoted"
+    moves = len(_history(db, model_name))
+
+    for _ in range(2):  # the answer, then a retry of the approval task
+        answered = registry.review(
+            db, model_name, v2, registry.APPROVED, reviewer="bob", actor="pytest"
+        )
+        assert answered["decision"] == "challenger"
+        assert f"champion was v{v1} at the gate, v{v3} at approval" in answered["reason"]
+        assert registry.alias_version(model_name, "champion") == v3
+        assert len(_history(db, model_name)) == moves
+    row = db.query(
+        "SELECT decision, review, reviewer FROM model_versions WHERE model_name = %s"
+        " AND model_version = %s",
+        (model_name, int(v2)),
+    )
+    assert row == [{"decision": "challenger", "review": "approved", "reviewer": "bob"}]
+    assert _sql_aliases(db, model_name) == _mlflow_aliases(model_name)
+
+
 def test_a_person_naming_a_version_has_it_decided_now_with_the_thresholds_given(
     db, store, model_name, tmp_path
 ):

@@ -65,8 +65,13 @@ def test_only_the_pipelines_own_versions_are_gated_unless_a_person_names_one(
     trained, db, store, mlflow_names, tmp_path, caplog
 ):
     name = mlflow_names["model_name"]
-    _, own = trained
+    dataset, own = trained
+    # Never gated (as when its run's gate failed for good): a later run that skips training on
+    # its dataset gates it, as does the gate run alone.
+    assert registry.version_to_gate(db, name, run_key="next", dataset_version=dataset) == own
+    assert registry.version_to_gate(db, name, run_key="alone", dataset_version=None) == own
     assert _gate(db, store, name, own, tmp_path / "c1")["decision"] == "promoted"
+    assert registry.version_to_gate(db, name, run_key="next", dataset_version=dataset) is None
 
     # Logged and registered from a notebook's run in another experiment, with the pipeline's
     # own file format and every tag (a colleague, another job, an attacker with MLflow access).
@@ -94,6 +99,7 @@ def test_only_the_pipelines_own_versions_are_gated_unless_a_person_names_one(
     # The nightly gate's fallback skips them, naming them; a future run does not "reuse" one.
     with caplog.at_level(logging.WARNING, logger="pipeline.registry"):
         assert registry.newest_ungated_version(db, name) is None
+        assert registry.version_to_gate(db, name, run_key="next", dataset_version=dataset) is None
         assert (
             registry.find_version_by_run_key(name, "scheduled__2099-01-01T00:00:00+00:00") is None
         )

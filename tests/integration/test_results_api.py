@@ -452,6 +452,29 @@ def test_an_image_that_does_not_decode_gets_a_404_once_and_no_fetch_again(client
     assert client.get(url, params={"size": 128}).status_code == 200
 
 
+def test_a_symlink_planted_in_the_thumbnail_cache_is_never_served(scored, tmp_path):
+    """Anyone who writes the cache volume and can list the bucket knows a thumbnail's file name:
+    a symlink there to the API server's environment was served to every DAG reader as a JPEG
+    (and one at the remembered-refusal name, as the 404's text). Now both are misses."""
+    from pipeline import results
+
+    secret = tmp_path / "environ"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=hunter2")
+    image_id = scored.db.query(
+        "SELECT id FROM images WHERE status = 'ok' ORDER BY id LIMIT 1 OFFSET 2"
+    )[0]["id"]
+    cache = tmp_path / "cache"
+    path = results.thumbnail_path(cache, results.catalogued_image(scored.db, image_id), 128)
+    path.parent.mkdir(parents=True)
+    for planted in (path, path.with_suffix(f".r{results.THUMBNAIL_RENDERER}.none")):
+        planted.symlink_to(secret)
+    data, _ = results.thumbnail(
+        scored.db, lambda bucket: scored.store, image_id, size=128, cache_dir=cache
+    )
+    assert data.startswith(b"\xff\xd8") and b"hunter2" not in data
+    assert not path.is_symlink() and path.read_bytes() == data  # replaced by its own file
+
+
 def test_a_rejected_image_gets_no_thumbnail(client, scored):
     row = scored.db.query("SELECT id FROM images WHERE status = 'ok' ORDER BY id DESC LIMIT 1")[0]
     assert client.get(f"{BASE}/api/images/{row['id']}/thumbnail").status_code == 200

@@ -222,7 +222,7 @@ def test_a_dataset_whose_version_the_gate_kept_out_is_not_trained_again(
     """The champion trained on an older dataset; the new dataset's version was kept out. The
     next nightly run finds nothing new to train (before: it trained, registered and gated the
     same data every night), nor does one after a change to test images only."""
-    from pipeline.train_plan import training_decision
+    from pipeline.train_plan import decide_training
 
     first = trainer("nightly-1")
     assert _gate(db, store, mlflow_names, first["model_version"], tmp_cache)["decision"] == (
@@ -238,13 +238,10 @@ def test_a_dataset_whose_version_the_gate_kept_out_is_not_trained_again(
 
     name = mlflow_names["model_name"]
     assert registry.version_trained_on(db, name, changed) == second["model_version"]
-    should_train, why = training_decision(
-        catalog.get_dataset(db, changed),
-        champion_dataset_version=registry.champion_dataset_version(name),
-        trained_version=registry.version_trained_on(db, name, changed),
-        min_images_per_label=2,
-    )
+    # The DAG's check_dataset and the CLI decide so.
+    should_train, why = decide_training(db, catalog.get_dataset(db, changed), name)
     assert not should_train and f"already trained: v{second['model_version']}" in why
+    assert decide_training(db, catalog.get_dataset(db, changed), name, force_retrain=True)[0]
     third = trainer("nightly-3", on=changed)  # `airflow tasks test train_model`, the CLI
     assert third["skipped"] and third["trained_version"] == second["model_version"]
     # A recorded version that is not MLflow's version of that number any more (the model was

@@ -121,6 +121,21 @@ def test_clear_shifts_are_flagged_with_their_reason(shift, label_of, confidence,
     assert verdict["mmd_p_value"] > 0
 
 
+def test_the_strictest_p_value_the_form_allows_still_flags_a_clear_shift():
+    """With drift_p_value 0.001 no test could ever fire (its smallest p-value, 1/1001, is above
+    a third of it): the form's minimum is one the permutations can reach."""
+    from pipeline.params import RUN_PARAMS, ParamError, validate_params
+
+    strictest = RUN_PARAMS["drift_p_value"].minimum
+    ref = _reference(150)
+    features = _sample(100, seed=5, dims=16) + 5.0
+    window = _window(ref, features, torch.full((100,), 2), torch.full((100,), 0.3))
+    verdict = drift.compare(ref, *window, Thresholds(p_value=strictest))
+    assert verdict["drifted"] is True, verdict
+    with pytest.raises(ParamError, match="drift_p_value=0.001 is below the minimum"):
+        validate_params({"drift_p_value": 0.001})
+
+
 @pytest.mark.parametrize("n", [0, 1, 29], ids=["empty", "one", "below-min"])
 def test_small_window_says_not_enough_images(n):
     ref = _reference(50)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pipeline.config import ConfigError, cache_max_bytes
-from pipeline.data import CACHE_MIN_AGE_S, ImageCache
+from pipeline.data import CACHE_MIN_AGE_S, ImageCache, read_cached
 from pipeline.records import ImageRecord
 
 HOUR = 3600
@@ -120,3 +120,25 @@ def test_training_reads_mark_copies_used_so_a_long_training_keeps_them(tmp_path)
     assert target == 0 and image.shape == (3, 8, 8)
     cache.trim()
     assert path.exists()
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "too-big"])
+def test_only_the_caches_own_file_at_a_copys_path_is_read(tmp_path, planted):
+    """Whoever else writes a shared cache directory: a symlink there (to a secret, or out of the
+    cache), a FIFO (a read that never ends) or a huge file is a miss, fetched again, never read."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 1000)
+    record = _record(1)
+    path = ImageCache(tmp_path / "cache").path(record)
+    path.parent.mkdir(parents=True)
+    if planted == "symlink":
+        path.symlink_to(secret)
+    elif planted == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"b" * 10_000)
+    with pytest.raises(FileNotFoundError):
+        read_cached(path, record.size)
+    path.unlink()
+    path.write_bytes(b"c" * 1000)
+    assert read_cached(path, record.size) == b"c" * 1000

@@ -323,6 +323,20 @@ def test_epoch_row_is_the_history_line_and_its_metrics():
     }
 
 
+def test_the_confusion_figure_draws_labels_that_look_like_math():
+    """Folder names such as `$\\foo$` or `$5-$10` failed matplotlib's math parser after the
+    last epoch: training never registered its model, on every retry."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    labels = ["$\\foo$", "$5-$10", "50%_$x^2$"]
+    fig = train.confusion_figure(np.eye(3, dtype=int), labels)
+    fig.savefig(io.BytesIO(), format="png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == labels
+    plt.close(fig)
+
+
 @pytest.mark.parametrize(
     ("n_labels", "drawn"),
     [
