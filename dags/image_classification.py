@@ -82,11 +82,14 @@ def _schedule():
     raise ValueError(f"PIPELINE_SCHEDULE_ON={on!r}; expected one of: {', '.join(SCHEDULE_ON)}")
 
 
-def _xcom(context, task_id: str):
+SHOULD_TRAIN = "should_train"  # check_dataset's decision, as an XCom of its own
+
+
+def _xcom(context, task_id: str, key: str = "return_value"):
     """An upstream task's XCom in this run, or None (e.g. under `airflow tasks test`). An error
     reading it fails the task (Airflow retries it): a guess from durable state could gate,
     score or check another version than this run's."""
-    return context["ti"].xcom_pull(task_ids=task_id)
+    return context["ti"].xcom_pull(task_ids=task_id, key=key)
 
 
 def _dataset(context, db, params: dict) -> dict:
@@ -188,6 +191,8 @@ def image_classification():
             **{k: params[k] for k in train_plan.DECISION_PARAMS},
         )
         rt.log.info("%s: %s", "training" if should_train else "no training", why)
+        # A False return is not stored (the short circuit raises to skip): the gate reads this.
+        context["ti"].xcom_push(key=SHOULD_TRAIN, value=should_train)
         return should_train
 
     # PIPELINE_TRAIN_QUEUE=gpu routes training to a GPU-tagged Celery worker (docs/docker.md).
@@ -244,7 +249,7 @@ def image_classification():
         # Without train_model's result (training skipped, or the gate run alone with `airflow
         # tasks test`) the version to gate is found in MySQL and MLflow.
         name = rt.model_name(params)
-        skipped = _xcom(context, "check_dataset") is False
+        skipped = _xcom(context, "check_dataset", key=SHOULD_TRAIN) is False
         trained = _xcom(context, "train_model") or {
             "model_version": registry.version_to_gate(
                 db,

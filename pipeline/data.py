@@ -710,6 +710,13 @@ def _used_since(path: str, used: float) -> bool:
 
 
 def _cache_files(root: Path) -> Iterator[os.DirEntry]:
+    """The cached copies under `root`, never through a symlink: `images/` replaced by a link to
+    another folder (by anyone who writes the cache volume) would have trim delete files there."""
+    if root.is_symlink():
+        log.warning(
+            "cache %s is a symlink: not trimmed (trim deletes only in its own folder)", root
+        )
+        return
     try:
         shards = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:

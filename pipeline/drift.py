@@ -34,6 +34,7 @@ two-sample test of Gretton et al. (JMLR 2012) with a permutation p-value, as ali
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -218,25 +219,46 @@ def build_reference(
     )
 
 
-def read_reference(model_dir: Path, *, expected_sha256: str | None, what: str):
+def read_reference(
+    model_dir: Path,
+    *,
+    expected_sha256: str | None,
+    what: str,
+    labels: Sequence[str] | None = None,
+):
     """The reference in a downloaded model; None when the version has none (registered
-    before drift references); `Refusal` when the file differs from its registered digest."""
-    from safetensors.torch import load_file
+    before drift references: no digest tag). `Refusal` when the version was registered with one
+    and its file is missing or differs from its digest, or its labels are not the version's
+    `labels` (index order): a reference that cannot be trusted never silently turns drift off.
+    """
+    from safetensors.torch import load
 
     from pipeline import model_files
 
+    if not expected_sha256:
+        return None
     path = model_files.find_file(model_dir, REFERENCE_FILE)
     meta_path = model_files.find_file(model_dir, REFERENCE_META_FILE)
-    if path is None or meta_path is None or not expected_sha256:
-        return None
-    actual = model_files.file_sha256(path)
+    if path is None or meta_path is None:
+        raise Refusal(
+            f"{what} was registered with a drift reference, but {REFERENCE_FILE} or"
+            f" {REFERENCE_META_FILE} is missing from its copy in {model_dir}: delete that folder"
+            " to download the version again"
+        )
+    data = path.read_bytes()  # hashed and loaded from the same bytes
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise Refusal(
             f"{what}: {REFERENCE_FILE} has SHA-256 {actual[:16]}…, registered as"
             f" {expected_sha256[:16]}…: the file was altered after registration; not used"
         )
-    tensors = load_file(str(path), device="cpu")
+    tensors = load(data)
     meta = json.loads(meta_path.read_text())
+    if labels is not None and tuple(meta.get("labels", ())) != tuple(labels):
+        raise Refusal(
+            f"{what}: {REFERENCE_META_FILE} names other labels than the version's: altered after"
+            " registration; not used"
+        )
     return DriftReference(
         tensors["pca_mean"],
         tensors["pca_components"],
@@ -258,8 +280,12 @@ def load_reference(model_name: str, model_version: str | int, *, cache_dir: str 
     if not (local / "MLmodel").exists():
         registry.load_model(model_name, version, cache_dir=cache_dir)
     tags = registry.version_tags(model_name, version)
+    label_map = json.loads(tags.get("label_map", "{}"))
     return read_reference(
-        local, expected_sha256=tags.get(REFERENCE_SHA_TAG), what=f"{model_name} v{version}"
+        local,
+        expected_sha256=tags.get(REFERENCE_SHA_TAG),
+        what=f"{model_name} v{version}",
+        labels=sorted(label_map, key=label_map.get) if label_map else None,
     )
 
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from pipeline.data import MEAN, STD
@@ -86,10 +86,11 @@ def read_weights(model_dir: Path, *, expected_sha256: str | None, what: str) -> 
             " this pipeline's training (or by a release before weights files); retrain, or"
             " promote one that was"
         )
-    actual = file_sha256(weights)
+    data = weights.read_bytes()  # hashed and loaded from the same bytes: no swap in between
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise Refusal(
             f"{what}: {WEIGHTS_FILE} has SHA-256 {actual[:16]}…, registered as"
             f" {expected_sha256[:16]}…: the file was altered after registration; not used"
         )
-    return load_file(str(weights), device="cpu")
+    return load(data)

@@ -1424,7 +1424,8 @@ def _write_review(
     reason = review_reason(outcome, reviewer, comment, row["decision_reason"] or "")
     champion_now = alias_version(model_name, CHAMPION)
     gated_against = str(row["champion_version"]) if row["champion_version"] else None
-    promoted = outcome == APPROVED and champion_now == gated_against
+    # (None at the gate and the version itself now: it was champion already when gated.)
+    promoted = outcome == APPROVED and champion_now in (gated_against, version)
     if outcome == APPROVED and not promoted:
         log.warning(
             "champion moved while v%s awaited approval (v%s at the gate, v%s now): not promoted",

@@ -487,7 +487,13 @@ def drift_projector(loaded, precision: str, device, *, cache_dir):
     if precision == "int8":
         log.info("int8 scoring: no drift embeddings for %s", loaded.model_version)
         return None
-    reference = drift.load_reference(loaded.model_name, loaded.model_version, cache_dir=cache_dir)
+    try:
+        reference = drift.load_reference(
+            loaded.model_name, loaded.model_version, cache_dir=cache_dir
+        )
+    except Refusal as exc:  # predictions still written: the drift check reports the refusal
+        log.error("no drift embeddings for this scoring: %s", exc)
+        return None
     if reference is None:
         log.info("%s v%s has no drift reference", loaded.model_name, loaded.model_version)
         return None

@@ -17,6 +17,7 @@ registration returns the version it already made. One attempt of a `run_key` tra
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -52,7 +53,7 @@ from pipeline.data import (
     make_loader,
     to_model_input,
 )
-from pipeline.db import Database, HeldLock, named_lock
+from pipeline.db import Database, HeldLock, named_lock, utc_now
 from pipeline.errors import Refusal
 from pipeline.model import build_model, freeze_backbone, pick_device, training_autocast
 from pipeline.params import cli_run_key
@@ -149,6 +150,7 @@ def train_and_register(
     the MLflow run, register. Checkpoints and the registration happen only while `lock` holds."""
     import mlflow
 
+    checkpoint_store = RecordedCheckpoints(checkpoint_store, db)
     seed_everything(params.seed)
     device = pick_device()
     data = load_data(
@@ -336,6 +338,71 @@ class LocalCheckpointStore:
 
     def describe(self, name: str) -> str:
         return str(self.root / name)
+
+
+class RecordedCheckpoints:
+    """A checkpoint store (`S3CheckpointStore`, `LocalCheckpointStore`) whose loads must match
+    a digest recorded in MySQL when the pipeline saved there (table `checkpoints`).
+
+    The work bucket is MLflow's artifact bucket by default, which MLflow's users can write
+    through its artifact proxy: a checkpoint put there by anyone else (their weights at the
+    last epoch: registered as the pipeline's, with a digest of their own) is refused with a
+    warning naming it, and training starts over; its first save replaces it. The digest of a
+    save being uploaded is accepted too: a save killed or failed mid-upload resumes from
+    whichever of the two the store holds, not from nothing.
+    """
+
+    def __init__(self, store, db: Database) -> None:
+        self.store, self.db = store, db
+
+    def _key(self, name: str) -> tuple[str, str]:
+        location = self.describe(name)
+        return location, hashlib.sha256(location.encode()).hexdigest()
+
+    def load(self, name: str) -> bytes | None:
+        data = self.store.load(name)
+        if data is None:
+            return None
+        location, key = self._key(name)
+        rows = self.db.query(
+            "SELECT sha256, pending_sha256 FROM checkpoints WHERE location_sha256 = %s", (key,)
+        )
+        digest = hashlib.sha256(data).hexdigest()
+        if not rows or digest not in (rows[0]["sha256"], rows[0]["pending_sha256"]):
+            log.warning(
+                "checkpoint %s refused: not one this pipeline saved there (its SHA-256 %s is not"
+                " the one recorded in MySQL); starting over",
+                location,
+                digest[:12],
+            )
+            return None
+        return data
+
+    def save(self, name: str, data: bytes) -> None:
+        """Record the digest as pending, upload, then record it as saved: whatever fails in
+        between, the store holds bytes of one of the two recorded digests."""
+        location, key = self._key(name)
+        digest = hashlib.sha256(data).hexdigest()
+        self.db.execute(
+            "INSERT INTO checkpoints (location_sha256, location, sha256, pending_sha256,"
+            " size_bytes, saved_at) VALUES (%s, %s, NULL, %s, %s, %s) ON DUPLICATE KEY UPDATE"
+            " pending_sha256 = VALUES(pending_sha256), size_bytes = VALUES(size_bytes),"
+            " saved_at = VALUES(saved_at)",
+            (key, location[:2048], digest, len(data), utc_now()),
+        )
+        self.store.save(name, data)
+        self.db.execute(
+            "UPDATE checkpoints SET sha256 = %s, pending_sha256 = NULL"
+            " WHERE location_sha256 = %s AND pending_sha256 = %s",
+            (digest, key, digest),
+        )
+
+    def delete(self, name: str) -> None:
+        self.store.delete(name)
+        self.db.execute("DELETE FROM checkpoints WHERE location_sha256 = %s", (self._key(name)[1],))
+
+    def describe(self, name: str) -> str:
+        return self.store.describe(name)
 
 
 def checkpoint_name(model_name: str, run_key: str) -> str:
@@ -594,6 +661,39 @@ def load_data(
         "missing": len(failures),
         "cache": cache,
     }
+
+
+def reference_loader(
+    db: Database,
+    store: ObjectStore,
+    data: dict[str, Any],
+    params: TrainParams,
+    device: torch.device,
+    val_loader: Iterable,
+    dataset_version: str,
+) -> Iterable:
+    """The images the drift reference is taken from: val, held out from training. With
+    `train_on_val` val was trained on (its confidences in-sample: every held-out image would
+    look drifted), so the test images are, as the gate compares on them."""
+    if not params.train_on_val:
+        return val_loader
+    label_map, cache = data["label_map"], data["cache"]
+    records = _of_trained_labels(
+        catalog.dataset_images(db, dataset_version, ["test"]), label_map, dataset_version
+    )
+    failures = cache.fill(store, records, copy_required=True)
+    kept = [r for r in records if r.image_id not in failures]
+    log.info("drift reference: %d test images (train_on_val trains on val)", len(kept))
+    test_set = ImageDataset(
+        [cache.path(r) for r in kept],
+        [label_map[r.label] for r in kept],
+        EvalPreset(params.image_size),
+        encoded=device.type == "cuda",
+    )
+    loader = make_loader(
+        test_set, batch_size=params.batch_size * 2, shuffle=False, num_workers=0, seed=params.seed
+    )
+    return DeviceBatches(loader, params.image_size, device) if device.type == "cuda" else loader
 
 
 def _of_trained_labels(
@@ -1092,7 +1192,7 @@ def finish_run(
     _log_reports(progress.history, final["pairs"], data["labels"])
     reference = drift.build_reference(
         model,
-        val_loader,
+        reference_loader(db, store, data, params, training.device, val_loader, dataset_version),
         training.device,
         labels=data["labels"],
         autocast_dtype=training.autocast_dtype,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import catalog, registry, score, train
+from pipeline import catalog, drift, registry, score, train
 from pipeline.demo_data import render_digits
 from pipeline.model import Prediction
 from pipeline.train_plan import TrainParams
@@ -239,9 +239,10 @@ def test_a_dataset_whose_version_the_gate_kept_out_is_not_trained_again(
     name = mlflow_names["model_name"]
     assert registry.version_trained_on(db, name, changed) == second["model_version"]
     # The DAG's check_dataset and the CLI decide so.
-    should_train, why = decide_training(db, catalog.get_dataset(db, changed), name)
+    info = catalog.get_dataset(db, changed)
+    should_train, why = decide_training(db, info, name, min_images_per_label=2)
     assert not should_train and f"already trained: v{second['model_version']}" in why
-    assert decide_training(db, catalog.get_dataset(db, changed), name, force_retrain=True)[0]
+    assert decide_training(db, info, name, min_images_per_label=2, force_retrain=True)[0]
     third = trainer("nightly-3", on=changed)  # `airflow tasks test train_model`, the CLI
     assert third["skipped"] and third["trained_version"] == second["model_version"]
     # A recorded version that is not MLflow's version of that number any more (the model was
@@ -416,6 +417,11 @@ def test_train_on_val_trains_on_every_image_and_the_gate_compares_on_test(
     assert int(run.data.params["n_train"]) == n["train"] + n["val"]
     name = mlflow_names["model_name"]
     assert registry.version_tags(name, result["model_version"])["gate_split"] == "test"
+    # The drift reference is held out too: taken from test, not from the val images trained on
+    # (their in-sample confidences made every held-out image look drifted).
+    reference = drift.load_reference(name, result["model_version"], cache_dir=tmp_cache)
+    assert n["test"] != n["val"]
+    assert reference.meta["n_fit"] + reference.meta["n_reference"] == n["test"]
 
     decision = _gate(db, store, mlflow_names, result["model_version"], tmp_cache)
     assert decision["decision"] == "promoted"

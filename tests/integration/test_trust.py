@@ -146,3 +146,35 @@ def test_a_real_checkpoint_still_round_trips_through_the_work_bucket(work_store,
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.ones(2))
     assert loaded["identity"] == state["identity"]
     assert "refused" not in caplog.text
+
+
+def test_a_checkpoint_someone_else_saved_in_the_work_bucket_is_never_resumed(
+    db, work_store, caplog
+):
+    """MLflow's users can write its artifact bucket (the default work bucket) through the
+    artifact proxy. A valid checkpoint of their own at the training's key (their weights, the
+    last epoch) was resumed, then registered as the pipeline's: only bytes whose digest the
+    pipeline recorded in MySQL when it saved are resumed now."""
+    s3 = train.S3CheckpointStore(work_store, image_bucket="images")
+    checkpoints = train.RecordedCheckpoints(s3, db)
+    name = "m/manual__run/last.pt"
+    state = {"epoch": 1, "model": {"w": torch.ones(2)}, "identity": {"dataset_version": "dv"}}
+    train.save_checkpoint(checkpoints, name, state)
+    assert train.load_checkpoint(checkpoints, name)["epoch"] == 1
+
+    planted = {**state, "epoch": 3, "model": {"w": torch.full((2,), 7.0)}}
+    train.save_checkpoint(s3, name, planted)  # straight to the bucket, as another writer would
+    assert train.load_checkpoint(s3, name)["epoch"] == 3  # a plain reader would take it
+    assert train.load_checkpoint(checkpoints, name) is None
+    assert f"checkpoint {s3.describe(name)} refused: not one this pipeline saved" in caplog.text
+
+    # The pipeline's own saves resume; an older one of its own put back is refused too.
+    train.save_checkpoint(checkpoints, name, {**state, "epoch": 2})
+    assert train.load_checkpoint(checkpoints, name)["epoch"] == 2
+    train.save_checkpoint(checkpoints, name, {**state, "epoch": 3})
+    assert train.load_checkpoint(checkpoints, name)["epoch"] == 3
+    train.save_checkpoint(s3, name, {**state, "epoch": 2})
+    assert train.load_checkpoint(checkpoints, name) is None
+    checkpoints.delete(name)
+    assert db.query("SELECT COUNT(*) AS n FROM checkpoints")[0]["n"] == 0
+    assert train.load_checkpoint(checkpoints, name) is None

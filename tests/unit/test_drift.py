@@ -62,6 +62,28 @@ def test_altered_reference_is_refused(tmp_path):
     assert files["drift"].exists()
 
 
+def test_a_missing_or_relabelled_reference_of_a_version_registered_with_one_is_refused(tmp_path):
+    """Deleting the reference file (or rewriting its labels, which the digest does not cover)
+    turned the version's drift checks off without a word: "no reference", or every prediction
+    dropped as of an unknown label, hence no drift."""
+    import json
+
+    from pipeline import model_files
+    from pipeline.errors import Refusal
+
+    files = _reference(50).write(tmp_path)
+    digest = model_files.file_sha256(files["drift"])
+    assert drift.read_reference(tmp_path, expected_sha256=digest, what="m v1", labels=LABELS)
+    meta_path = next(p for p in files.values() if p.suffix == ".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(meta | {"labels": ["zzz", "yyy", "xxx"]}))
+    with pytest.raises(Refusal, match="names other labels than the version's"):
+        drift.read_reference(tmp_path, expected_sha256=digest, what="m v1", labels=LABELS)
+    files["drift"].unlink()
+    with pytest.raises(Refusal, match="registered with a drift reference, but"):
+        drift.read_reference(tmp_path, expected_sha256=digest, what="m v1", labels=LABELS)
+
+
 def test_same_distribution_is_rarely_flagged():
     """20 fresh windows from the reference's distribution at drift_p_value 0.05: about one
     false alarm is expected; more than three would contradict the documented rate."""

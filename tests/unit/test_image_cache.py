@@ -142,3 +142,20 @@ def test_only_the_caches_own_file_at_a_copys_path_is_read(tmp_path, planted):
     path.unlink()
     path.write_bytes(b"c" * 1000)
     assert read_cached(path, record.size) == b"c" * 1000
+
+
+def test_trim_deletes_nothing_through_a_symlinked_images_folder(tmp_path, caplog):
+    """`images/` replaced by a link to another folder (anyone who writes the cache volume): trim
+    deleted that folder's old files as if they were copies."""
+    victim = tmp_path / "elsewhere" / "ab"
+    victim.mkdir(parents=True)
+    kept = victim / "important.db"
+    kept.write_bytes(b"x" * 5000)
+    old = time.time() - 30 * HOUR
+    os.utime(kept, (old, old))
+    cache = ImageCache(tmp_path / "cache", max_bytes=1000)
+    cache.root.parent.mkdir(parents=True)
+    cache.root.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert cache.trim()["deleted"] == 0
+    assert kept.exists()
+    assert "is a symlink: not trimmed" in caplog.text
