@@ -690,10 +690,7 @@ def reference_loader(
         EvalPreset(params.image_size),
         encoded=device.type == "cuda",
     )
-    loader = make_loader(
-        test_set, batch_size=params.batch_size * 2, shuffle=False, num_workers=0, seed=params.seed
-    )
-    return DeviceBatches(loader, params.image_size, device) if device.type == "cuda" else loader
+    return eval_loader(test_set, params, device, num_workers=0)
 
 
 def _of_trained_labels(
@@ -729,18 +726,23 @@ def build_loaders(
         num_workers=num_workers,
         seed=params.seed + epoch,
     )
-    val_loader = make_loader(
-        data["val_set"],
+    if device.type == "cuda":
+        # Decoded by nvJPEG and resized on the GPU one batch ahead of the step.
+        train_loader = DeviceBatches(train_loader, data["train_set"].preset.source_size, device)
+    return train_loader, eval_loader(data["val_set"], params, device, num_workers=num_workers)
+
+
+def eval_loader(dataset, params: TrainParams, device: torch.device, *, num_workers: int):
+    """Batches of `dataset` in order, twice the training batch (val, the drift reference's
+    images); on a GPU decoded and resized there."""
+    loader = make_loader(
+        dataset,
         batch_size=params.batch_size * 2,
         shuffle=False,
         num_workers=num_workers,
         seed=params.seed,
     )
-    if device.type == "cuda":
-        # Decoded by nvJPEG and resized on the GPU one batch ahead of the step.
-        train_loader = DeviceBatches(train_loader, data["train_set"].preset.source_size, device)
-        val_loader = DeviceBatches(val_loader, params.image_size, device)
-    return train_loader, val_loader
+    return DeviceBatches(loader, params.image_size, device) if device.type == "cuda" else loader
 
 
 # ----------------------------------------------------------------------------- model

@@ -405,6 +405,17 @@ def test_a_rolled_back_version_is_not_promoted_again_by_a_replayed_gate_or_appro
 # ----------------------------------------------------------------------------- 11
 
 
+def _v2_awaiting_approval_over_v1(db, store, model_name, tmp_path):
+    """Three registered versions: v1 champion, v2 awaiting approval over it; (v1, v2, v3, cache)."""
+    dataset = _dataset(db, store, tmp_path, "ds")
+    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
+    cache = tmp_path / "cache"
+    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
+    held = _gate(db, store, model_name, v2, cache, require_approval=True)
+    assert held["decision"] == registry.AWAITING_APPROVAL
+    return v1, v2, v3, cache
+
+
 def test_a_replayed_approval_does_not_take_the_champion_back_from_a_newer_version(
     db, store, model_name, tmp_path
 ):
@@ -412,12 +423,7 @@ def test_a_replayed_approval_does_not_take_the_champion_back_from_a_newer_versio
     or a person). v2's run is cleared: its gate and its approval run again. The approval was
     of v2 over v1, not over v3: neither replay moves the champion (before: both took it back
     to v2, over a version it was never compared with)."""
-    dataset = _dataset(db, store, tmp_path, "ds")
-    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
-    cache = tmp_path / "cache"
-    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
-    held = _gate(db, store, model_name, v2, cache, require_approval=True)
-    assert held["decision"] == registry.AWAITING_APPROVAL
+    v1, v2, v3, cache = _v2_awaiting_approval_over_v1(db, store, model_name, tmp_path)
     registry.review(db, model_name, v2, registry.APPROVED, reviewer="bob", actor="pytest")
     assert registry.alias_version(model_name, "champion") == v2
     assert _gate(db, store, model_name, v3, cache)["decision"] == "promoted"
@@ -441,12 +447,7 @@ def test_an_approval_given_after_the_champion_moved_during_the_wait_moves_nothin
     """v2 awaits approval, compared with v1; while the question waits a person promotes v3.
     The reviewer approved v2 over v1: the answer is kept and v2 stays challenger (before: v2
     became champion over v3, which it was never compared with); a retry replays that."""
-    dataset = _dataset(db, store, tmp_path, "ds")
-    v1, v2, v3 = (_register(db, model_name, dataset, f"run-{i}") for i in (1, 2, 3))
-    cache = tmp_path / "cache"
-    assert _gate(db, store, model_name, v1, cache)["decision"] == "promoted"
-    held = _gate(db, store, model_name, v2, cache, require_approval=True)
-    assert held["decision"] == registry.AWAITING_APPROVAL
+    v1, v2, v3, cache = _v2_awaiting_approval_over_v1(db, store, model_name, tmp_path)
     assert _gate(db, store, model_name, v3, cache, explicit=True)["decision"] == "promoted"
     moves = len(_history(db, model_name))
 
